@@ -1,0 +1,91 @@
+// fastmtl._C: build information (pybind11) and every op schema (TORCH_LIBRARY), in one place.
+//
+// Backends register implementations in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(fastmtl, CPU, m)) and
+// csrc/cuda/<op>_glue.cpp (TORCH_LIBRARY_IMPL(fastmtl, CUDA, m)). Fake (meta) kernels and autograd live in
+// fastmtl/ops/.
+//
+// ---------------------------------------------------------------------------------------------------------
+// LSTM, one layer (both directions when bidirectional):
+//   input   (T, B, I) time-major, contiguous
+//   lengths int64 (B,) on the CPU, non-increasing, each in [1, T]; None means every sequence has length T.
+//           The caller sorts the batch once (fastmtl.nn.LSTM does) so the sequences still running at step t
+//           are always a prefix of the batch.
+//   hx, cx  (D, B, H), D = 2 if bidirectional else 1
+//   weights per direction, in torch.nn.LSTM order: w_ih (4H, I), w_hh (4H, H)[, b_ih (4H), b_hh (4H)];
+//           len(weights) is 2*D (no bias) or 4*D (bias). Gate order i, f, g, o as torch.nn.LSTM.
+//   output  (T, B, D*H); positions t >= lengths[b] are zero.
+//   hy, cy  (D, B, H): the state at each sequence's last real token (forward direction) or at t = 0 (reverse).
+//   reserve (D, T, B, 5H) when need_reserve (activated gates i, f, g, o and the cell state c_t per step),
+//           else an empty tensor of shape (0,). Only lstm_layer_backward reads it.
+// ---------------------------------------------------------------------------------------------------------
+// Multi-task heads + losses:
+//   hidden   (B, T, D) batch-first; lengths int64 (B,) on hidden's device (any order), None = all T.
+//   per task k: weight (C_k, D), bias (C_k) or None, target int64 (B,) [sequence] or (B, T) [token],
+//           class weight (C_k) or None; levels[k]: 0 sequence, 1 token; poolings[k] (sequence tasks):
+//           0 last, 1 first, 2 mean, 3 max, 4 last_first (first D/2 features from the last real token, the other
+//           D/2 from the first: the forward/backward halves of a bidirectional encoder).
+//   task_weights (K,) floating, hidden's device: lambda_k.
+//   total = sum_k lambda_k * L_k, L_k = F.cross_entropy semantics (mean over non-ignored items, class weights,
+//           label smoothing); a task with every item ignored has L_k = 0.
+//   When compute_grad, grad_hidden / grad_weights / grad_biases are d total / d (hidden, W_k, b_k) (lambdas
+//   included); otherwise they are empty. grad_biases[k] is empty for a task without bias.
+// ---------------------------------------------------------------------------------------------------------
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef FASTMTL_TORCH_VERSION
+#define FASTMTL_TORCH_VERSION "unknown"
+#endif
+#ifndef FASTMTL_BUILD_FLAGS
+#define FASTMTL_BUILD_FLAGS ""
+#endif
+
+TORCH_LIBRARY(fastmtl, m) {
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor? lengths, Tensor hx, Tensor cx, Tensor[] weights, "
+      "bool bidirectional, bool need_reserve) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor? lengths, "
+      "Tensor hx, Tensor cx, Tensor[] weights, bool bidirectional, Tensor output, Tensor reserve) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+  m.def(
+      "multitask_loss(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, Tensor[] targets, "
+      "Tensor?[] class_weights, Tensor task_weights, int[] levels, int[] poolings, int[] ignore_indices, "
+      "float[] label_smoothings, bool compute_grad) "
+      "-> (Tensor total, Tensor losses, Tensor grad_hidden, Tensor[] grad_weights, Tensor[] grad_biases)");
+  m.def(
+      "multitask_predict(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, int[] levels, "
+      "int[] poolings) -> Tensor[]");
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["torch_version"] = FASTMTL_TORCH_VERSION;
+#ifdef FASTMTL_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["flags"] = FASTMTL_BUILD_FLAGS;
+#if defined(_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["compiler"] =
+#if defined(__clang__)
+      std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+      std::string("gcc ") + __VERSION__;
+#else
+      std::string("unknown");
+#endif
+  return d;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastmtl native extension: fused LSTM and multi-task head kernels";
+  m.def("build_info", &build_info, "How this extension was built (torch version, CUDA, flags).");
+}
