@@ -1,0 +1,31 @@
+"""Build truth: the extension reports how it was built, and that matches what this environment expects."""
+import os
+
+import torch
+
+import fastmtl
+
+
+def test_build_info_fields():
+    info = fastmtl.build_info()
+    for key in ("torch_version", "cuda", "cuda_version", "flags", "compiler", "openmp"):
+        assert key in info, key
+    assert info["torch_version"] == torch.__version__
+
+
+def test_cuda_kernels_match_expectation():
+    # CI sets FASTMTL_EXPECT_CUDA=0 (no GPU machine); a CUDA machine sets 1. Without it: a CUDA build exactly
+    # when this torch has CUDA (the setup.py default when nvcc exists).
+    expect = os.environ.get("FASTMTL_EXPECT_CUDA")
+    info = fastmtl.build_info()
+    if expect is not None:
+        assert info["cuda"] == (expect == "1")
+    elif torch.version.cuda is None:
+        assert info["cuda"] is False
+    if info["cuda"]:
+        assert info["cuda_version"] == torch.version.cuda
+
+
+def test_ops_registered():
+    for name in ("lstm_layer_forward", "lstm_layer_backward", "multitask_loss", "multitask_predict"):
+        assert hasattr(torch.ops.fastmtl, name), name
