@@ -29,7 +29,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // Runtime-dispatched clones of the hot row loop: the extension is compiled for baseline x86-64, the clones let
 // GCC vectorise the float row pass with AVX2/AVX-512 where the CPU has them.
-#define FASTMTL_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define FASTMTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTMTL_CLONES
 #endif
@@ -52,7 +52,13 @@ constexpr int64_t kConcatMaxClasses = 4096;
 FASTMTL_ALWAYS_INLINE float exp_approx(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) with the 1.5 * 2^23 trick (no floor: GCC vectorises this without -ffast-math).
+  const float magic = 12582912.0f;
+  const float nm = x * 1.44269504088896341f + magic;
+  const float n = nm - magic;
+  int32_t ni;
+  std::memcpy(&ni, &nm, sizeof(ni));
+  ni -= 0x4B400000;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500E-4f;
@@ -62,7 +68,7 @@ FASTMTL_ALWAYS_INLINE float exp_approx(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  const uint32_t bits = uint32_t(ni + 127) << 23;
   float s;
   std::memcpy(&s, &bits, sizeof(s));
   return p * s;
@@ -577,7 +583,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> los
   std::vector<Source> S = build_sources<T>(P);
   Tensor gH;
   if (compute_grad) {
-    gH = at::zeros({B, Tn, D}, P.H.options());
+    // The token rows cover every position when there is no padding: their first GEMM writes all of grad_hidden.
+    const bool covered = !S[0].tasks.empty() && P.full && B * Tn > 0;
+    gH = covered ? at::empty({B, Tn, D}, P.H.options()) : at::zeros({B, Tn, D}, P.H.options());
     for (int i = 0; i < 6; ++i) {
       Source& s = S[i];
       if (s.tasks.empty()) continue;

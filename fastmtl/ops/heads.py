@@ -56,11 +56,22 @@ def _setup_context(ctx, inputs, output):
     ctx.has_cw = [c is not None for c in class_weights]
     ctx.attrs = (list(levels), list(poolings), list(ignore_indices), list(label_smoothings))
     ctx.compute_grad = compute_grad
+    ctx.consumed = False
     ctx.has_lengths = lengths is not None
     saved = [hidden, lengths if lengths is not None else hidden.new_empty((0,)), task_weights, losses, gh]
     saved += list(weights) + [b for b in biases if b is not None] + list(targets)
     saved += [c for c in class_weights if c is not None] + list(gw) + list(gb)
     ctx.save_for_backward(*saved)
+
+
+def _is_one(g):
+    # Only a cheap host check in eager mode on the CPU; compiled graphs and GPUs always scale.
+    if torch.compiler.is_compiling() or g.device.type != "cpu" or g.numel() != 1:
+        return False
+    try:
+        return float(g) == 1.0
+    except Exception:  # traced (fake/functional) tensors have no value
+        return False
 
 
 def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
@@ -92,12 +103,21 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
     grad_weights = [None] * K
     grad_biases = [None] * K
     if ctx.compute_grad and (g_total is not None or g_losses is not None):
-        if g_losses is None:
+        if g_losses is None and not ctx.consumed and _is_one(g_total):
+            # loss.backward(): hand the precomputed gradients over as they are (no copy). They may be
+            # accumulated into in place afterwards, so a second backward (retain_graph) recomputes instead.
+            ctx.consumed = True
+            grad_hidden = gh
+            grad_weights = list(gw)
+            grad_biases = [g if hb else None for g, hb in zip(gb, ctx.has_bias)]
+        elif g_losses is None and not ctx.consumed:
             s = g_total.to(gh.dtype)
             grad_hidden = gh * s
             grad_weights = [g * s for g in gw]
             grad_biases = [g * s if hb else None for g, hb in zip(gb, ctx.has_bias)]
         else:
+            if g_losses is None:
+                g_losses = torch.zeros_like(losses)
             lam = task_weights.detach().to(torch.float64)
             lam_eff = g_losses.to(torch.float64)
             if g_total is not None:
