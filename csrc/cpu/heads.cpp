@@ -649,6 +649,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
     at::TensorList targets, const OptTensorList& class_weights, const Tensor& task_weights, at::IntArrayRef levels,
     at::IntArrayRef poolings, at::IntArrayRef ignore_indices, at::ArrayRef<double> label_smoothings,
     bool compute_grad) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   Parsed P = parse_common(hidden, lengths, weights, biases, levels, poolings);
   const int64_t K = P.K, B = P.B, Tn = P.Tn;
   FASTMTL_CHECK_VALUE(int64_t(targets.size()) == K, "targets has ", targets.size(), " entries, expected ", K,
@@ -772,6 +773,7 @@ std::vector<Tensor> predict_impl(Parsed& P) {
 std::vector<Tensor> multitask_predict_cpu(const Tensor& hidden, const std::optional<Tensor>& lengths,
                                           at::TensorList weights, const OptTensorList& biases, at::IntArrayRef levels,
                                           at::IntArrayRef poolings) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   Parsed P = parse_common(hidden, lengths, weights, biases, levels, poolings);
   if (P.cdtype == at::kDouble) return predict_impl<double>(P);
   return predict_impl<float>(P);

@@ -168,7 +168,8 @@ def multitask_predict(hidden, weights, levels, *, biases=None, lengths=None, poo
     K, weights, biases, level_codes, pool_codes, lengths = _common(hidden, weights, levels, biases, poolings,
                                                                    lengths)
     if output == "labels":
-        return list(torch.ops.fastmtl.multitask_predict(hidden, lengths, weights, biases, level_codes, pool_codes))
+        with torch.no_grad():  # labels are not differentiable
+            return list(torch.ops.fastmtl.multitask_predict(hidden, lengths, weights, biases, level_codes, pool_codes))
     if output not in ("logits", "log_probs"):
         raise ValueError("fastmtl: output must be 'labels', 'logits' or 'log_probs', got %r" % (output,))
     out = []
