@@ -103,6 +103,7 @@ def add_arguments(p):
     p.add_argument("--lengths", default="variable,full", help="variable and/or full")
     p.add_argument("--rounds", type=int, default=3, help="multiplies the number of timed calls")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
 
 
 def run(args):
@@ -112,6 +113,9 @@ def run(args):
     lengths_modes = getattr(args, "lengths", "variable,full").split(",")
     rounds = 1 if quick else getattr(args, "rounds", 3)
     memory = not getattr(args, "no_memory", False)
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
     peak_rate = gemm_gflops(device)
     rows = []
     for case in cases:
@@ -130,11 +134,12 @@ def run(args):
                 "fastmtl_p25_p75_ms": "%.1f-%.1f" % (stats["fastmtl"]["p25_ms"], stats["fastmtl"]["p75_ms"]),
                 "reference_p25_p75_ms": "%.1f-%.1f" % (stats["reference"]["p25_ms"], stats["reference"]["p75_ms"]),
                 "fastmtl_gflops": _gemm_flops(case, lengths) / (ms["fastmtl"] / 1e3) / 1e9,
-                "gemm_peak_gflops": peak_rate, "load_avg": load,
+                "gemm_peak_gflops": peak_rate, "load_avg": load, "threads": torch.get_num_threads(),
             }
             if memory:
                 mem = {p: peak_memory_mb("fastmtl.bench.heads", "make_workload",
-                                         dict(case=case, provider=p, lengths=lengths, device=device), device=device)
+                                         dict(case=case, provider=p, lengths=lengths, device=device), device=device,
+                                         threads=threads)
                        for p in fns}
                 row.update(fastmtl_peak_mb=mem["fastmtl"], reference_peak_mb=mem["reference"],
                            # RSS growth below ~1 MiB is within the allocator's cached pages: no ratio
@@ -149,4 +154,4 @@ def run(args):
 
 _COLUMNS = ["case", "tasks", "lengths", "fastmtl_ms", "reference_ms", "speedup", "fastmtl_p25_p75_ms",
             "reference_p25_p75_ms", "fastmtl_gflops",
-            "gemm_peak_gflops", "load_avg", "fastmtl_peak_mb", "reference_peak_mb", "memory_ratio"]
+            "gemm_peak_gflops", "load_avg", "threads", "fastmtl_peak_mb", "reference_peak_mb", "memory_ratio"]
