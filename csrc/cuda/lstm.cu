@@ -36,11 +36,14 @@ __device__ __forceinline__ void fwd_one(const FwdStepArgs& a, int b, int j) {
     return;
   }
   const T* xp = static_cast<const T*>(a.xproj) + (int64_t)b * a.xproj_ld + j;
-  const T* rc = static_cast<const T*>(a.rec) + (int64_t)b * 4 * H + j;
-  const A zi = ld(xp) + ld(rc);
-  const A zf = ld(xp + H) + ld(rc + H);
-  const A zg = ld(xp + 2 * H) + ld(rc + 2 * H);
-  const A zo = ld(xp + 3 * H) + ld(rc + 3 * H);
+  A zi = ld(xp), zf = ld(xp + H), zg = ld(xp + 2 * H), zo = ld(xp + 3 * H);
+  if (a.rec) {
+    const T* rc = static_cast<const T*>(a.rec) + (int64_t)b * 4 * H + j;
+    zi += ld(rc);
+    zf += ld(rc + H);
+    zg += ld(rc + 2 * H);
+    zo += ld(rc + 3 * H);
+  }
   const A ig = sigmoid_(zi), fg = sigmoid_(zf), gg = tanh_(zg), og = sigmoid_(zo);
   A* cs = static_cast<A*>(a.c_state) + (int64_t)b * H + j;
   const A c = fg * (*cs) + ig * gg;
