@@ -2,9 +2,10 @@
 // stream, GEMMs through ATen (cuBLAS), the per-step loop, and TORCH_LIBRARY_IMPL(fastmtl, CUDA, m).
 //
 // Contract: csrc/fastmtl.cpp (lstm_layer_forward / lstm_layer_backward). Kernels: csrc/cuda/lstm.cu (standard
-// path) and csrc/cuda/lstm_persistent.cu (persistent forward); launchers declared in fastmtl/cuda_lstm.h.
+// path) and csrc/cuda/lstm_persistent.cu (persistent forward and backward); launchers in fastmtl/cuda_lstm.h.
 //
-// Path selection (forward; backward always takes the standard path, it reads the same reserve):
+// Path selection (forward and backward decide separately with the same rule; both read/write the same reserve,
+// dgates and hprev layouts, so any combination is consistent):
 //   persistent  when the dtype is bfloat16 or float16, or float32 with TF32 allowed for RNNs
 //               (torch.backends.cudnn.allow_tf32, the cuDNN default), and B <= 64, H % 8 == 0, and the W_hh
 //               slices fit in shared memory on a grid the occupancy calculator guarantees co-resident
@@ -159,6 +160,32 @@ std::string forced_path() {
   return s;
 }
 
+// Decides the path for one op call; throws when FASTMTL_LSTM_CUDA_PATH=persistent cannot be honoured.
+bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, bool backward,
+                       fc::PersistentPlan* plan) {
+  const std::string force = forced_path();
+  if (force == "standard") return false;
+  const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+  check_launch(fc::lstm_persistent_plan(kdt, static_cast<int>(L.B), static_cast<int>(L.H), static_cast<int>(L.D),
+                                        tf32, input.device().index(), backward, plan),
+               "fastmtl LSTM persistent plan");
+  FASTMTL_CHECK(plan->ok || force != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but the persistent ",
+                (backward ? "backward" : "forward"), " kernel cannot run this layer (B=", L.B, ", H=", L.H,
+                ", dtype ", input.scalar_type(), "): ", plan->reason);
+  return plan->ok;
+}
+
+// Per-step batch sizes on the device for the persistent kernels (undefined when every sequence has length T).
+// Pinned host buffer + non_blocking copy: no host synchronisation; the caching host allocator keeps the buffer
+// alive until the copy has run.
+at::Tensor batch_sizes_on_device(const Layer& L, const at::Tensor& input) {
+  if (L.full) return at::Tensor();
+  at::Tensor host = at::empty({L.T}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int* p = host.data_ptr<int>();
+  for (int64_t t = 0; t < L.T; ++t) p[t] = static_cast<int>(L.bs[static_cast<size_t>(t)]);
+  return host.to(input.device(), /*non_blocking=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList weights, bool bidirectional, bool need_reserve) {
@@ -194,31 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   const int64_t ldx = D * G;
 
   // Path selection (see the header comment and csrc/cuda/README.md).
-  const std::string force = forced_path();
-  bool persistent = false;
   fc::PersistentPlan plan;
-  if (force != "standard") {
-    const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
-    check_launch(fc::lstm_persistent_plan(kdt, static_cast<int>(B), static_cast<int>(H), static_cast<int>(D), tf32,
-                                          input.device().index(), &plan),
-                 "fastmtl LSTM persistent plan");
-    persistent = plan.ok;
-    FASTMTL_CHECK(persistent || force != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but the persistent ",
-                  "kernel cannot run this layer (B=", B, ", H=", H, ", dtype ", input.scalar_type(), "): ",
-                  plan.reason);
-  }
-
-  if (persistent) {
+  if (choose_persistent(L, input, kdt, /*backward=*/false, &plan)) {
     at::Tensor hbuf = at::empty({D, 2, B, H}, opts);
     hbuf.select(1, 0).copy_(hx_c);
     at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
-    at::Tensor bs_dev;
-    if (!L.full) {
-      at::Tensor bs_host = at::empty({T}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-      int* p = bs_host.data_ptr<int>();
-      for (int64_t t = 0; t < T; ++t) p[t] = static_cast<int>(L.bs[static_cast<size_t>(t)]);
-      bs_dev = bs_host.to(input.device(), /*non_blocking=*/true);
-    }
+    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
     fc::PersistentFwdArgs a;
     a.xproj = xproj.data_ptr();
     a.whh[0] = L.w_hh[0].data_ptr();
@@ -324,7 +332,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
 
   at::Tensor dG = at::empty({T, B, ldg}, opts);        // gate pre-activation gradients, both directions
   at::Tensor hprev = at::empty({D, T, B, H}, opts);    // h_{t-1} per step (hx at each sequence's first step)
-  for (int64_t d = 0; d < D; ++d) {
+  fc::PersistentPlan plan;
+  const bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan);
+  if (persistent) {
+    at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
+    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
+    fc::PersistentBwdArgs a;
+    a.grad_out = go.data_ptr();
+    a.grad_hy = ghy.data_ptr();
+    a.grad_cy = gcy.data_ptr();
+    a.whh[0] = L.w_hh[0].data_ptr();
+    a.whh[1] = D == 2 ? L.w_hh[1].data_ptr() : nullptr;
+    a.reserve = res.data_ptr();
+    a.out = out_c.data_ptr();
+    a.hx = hx_c.data_ptr();
+    a.cx = cx_c.data_ptr();
+    a.dgates = dG.data_ptr();
+    a.hprev = hprev.data_ptr();
+    a.grad_hx = grad_hx.data_ptr();
+    a.grad_cx = grad_cx.data_ptr();
+    a.batch_sizes = bs_dev.defined() ? bs_dev.data_ptr<int>() : nullptr;
+    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+    a.T = static_cast<int>(T);
+    a.B = static_cast<int>(B);
+    a.H = static_cast<int>(H);
+    a.D = static_cast<int>(D);
+    check_launch(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
+  }
+  for (int64_t d = 0; d < (persistent ? 0 : D); ++d) {
     const at::Tensor& whh = L.w_hh[d];  // (4H, H)
     at::Tensor dc_state = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
     at::Tensor dhrec = at::empty({B, H}, opts);

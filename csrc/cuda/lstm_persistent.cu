@@ -1,4 +1,5 @@
-// CUDA LSTM, persistent forward path: one launch runs every time step of a layer.
+// CUDA LSTM, persistent path: one launch runs every time step of a layer (forward; the backward kernel below
+// mirrors it with W_hh[:, slice] resident instead).
 //
 // Work split. Direction d, hidden units [j0, j0 + hc) belong to one CTA (hc in {4, 8, 16, 32}). The CTA keeps the
 // 4*hc rows {i, f, g, o} x [j0, j0 + hc) of W_hh (all H columns) in shared memory for the whole sequence,
@@ -91,24 +92,38 @@ struct Mma<float> {
   }
 };
 
-// Word r (0..3) of the A fragment of lane (g = lane/4, q = lane%4) for m-tile row `row` and k-step kk.
+// Where A[row][col] lives in W_hh (4H x H, row-major), or false for the zero padding.
+//   forward  (kBwd = false): A = W_hh rows {i,f,g,o} x [j0, j0+hc): row -> gate = row / hc, unit u = row % hc,
+//                            A[row][col] = W_hh[gate*H + j0 + u][col], K = H;
+//   backward (kBwd = true):  A = W_hh[:, j0:j0+hc]^T: A[u][col] = W_hh[col][j0 + u], K = 4H (rows >= hc are padding).
+template <bool kBwd>
+__device__ __forceinline__ bool w_index(int row, int col, int hc, int j0, int H, int64_t& idx) {
+  if (!kBwd) {
+    const int gate = row / hc, u = row % hc;
+    if (j0 + u >= H || col >= H) return false;
+    idx = ((int64_t)gate * H + j0 + u) * H + col;
+    return true;
+  }
+  if (row >= hc || j0 + row >= H || col >= 4 * H) return false;
+  idx = (int64_t)col * H + j0 + row;
+  return true;
+}
+
+// Word r (0..3) of the A fragment of lane (g = lane/4, q = lane%4) for fragment row `row` and k-step kk.
 //   16-bit m16n8k16: a0 = A[g][2q..2q+1], a1 = A[g+8][2q..], a2 = A[g][2q+8..], a3 = A[g+8][2q+8..]
 //   tf32   m16n8k8 : a0 = A[g][q],        a1 = A[g+8][q],     a2 = A[g][q+4],     a3 = A[g+8][q+4]
-// Local row -> W_hh row: gate = row / hc, unit u = row % hc, global row gate*H + j0 + u (zero beyond H).
-template <typename T>
+template <typename T, bool kBwd>
 __device__ __forceinline__ uint32_t a_word(const T* __restrict__ w, int row, int kk, int q, int r, int hc, int j0,
                                            int H) {
-  const int gate = row / hc, u = row % hc;
-  const bool rv = j0 + u < H;
-  const int64_t base = ((int64_t)gate * H + j0 + u) * H;
+  int64_t idx = 0;
   if constexpr (Mma<T>::kEPW == 2) {
     const int col = kk * 16 + 2 * q + ((r & 2) ? 8 : 0);
-    const uint32_t lo = (rv && col < H) ? Mma<T>::bits(w[base + col]) : 0u;
-    const uint32_t hi = (rv && col + 1 < H) ? Mma<T>::bits(w[base + col + 1]) : 0u;
+    const uint32_t lo = w_index<kBwd>(row, col, hc, j0, H, idx) ? Mma<T>::bits(w[idx]) : 0u;
+    const uint32_t hi = w_index<kBwd>(row, col + 1, hc, j0, H, idx) ? Mma<T>::bits(w[idx]) : 0u;
     return lo | (hi << 16);
   } else {
     const int col = kk * 8 + q + ((r & 2) ? 4 : 0);
-    return (rv && col < H) ? to_tf32(w[base + col]) : 0u;
+    return w_index<kBwd>(row, col, hc, j0, H, idx) ? to_tf32(w[idx]) : 0u;
   }
 }
 
@@ -155,15 +170,15 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
 }
 
 // Shared-memory geometry, identical on host and device.
+//   M rows of A (multiple of 16) x K columns, batch padded to Npad; `state_floats` fp32 values per unit and row.
 struct Geo {
-  int hc, M, Mt, NKS, Kwords, nchunks, Ksteps, Npad, red_pitch;
+  int M, Mt, NKS, Kwords, nchunks, Ksteps, Npad, red_pitch;
   size_t w_bytes, h_bytes, red_bytes, c_bytes;
-  __host__ __device__ Geo(int hc_, int H, int B, int epw) {
-    hc = hc_;
-    M = 4 * hc;
+  __host__ __device__ Geo(int M_, int K, int B, int epw, int state_floats) {
+    M = M_;
     Mt = M / 16;
     NKS = kWarps / Mt;
-    Kwords = (H + epw - 1) / epw;
+    Kwords = (K + epw - 1) / epw;
     nchunks = (Kwords + kChunkWords - 1) / kChunkWords;
     Ksteps = nchunks * kStepsPerChunk;
     Npad = (B + 7) & ~7;
@@ -171,10 +186,95 @@ struct Geo {
     w_bytes = (size_t)Mt * Ksteps * 32 * 16;
     h_bytes = (size_t)2 * Npad * kRowWords * 4;
     red_bytes = (size_t)NKS * M * red_pitch * 4;
-    c_bytes = (size_t)hc * Npad * 4;
+    c_bytes = (size_t)state_floats * Npad * 4;
   }
   __host__ __device__ size_t total() const { return w_bytes + h_bytes + red_bytes + c_bytes; }
 };
+// Forward: A = 4*hc rows of W_hh, K = H, state = c. Backward: A = W_hh[:, slice]^T padded to >= 16 rows, K = 4H,
+// state = dc and dh.
+__host__ __device__ inline Geo fwd_geo(int hc, int H, int B, int epw) { return Geo(4 * hc, H, B, epw, hc); }
+__host__ __device__ inline Geo bwd_geo(int hc, int H, int B, int epw) {
+  return Geo(hc < 16 ? 16 : hc, 4 * H, B, epw, 2 * hc);
+}
+
+// Loads the CTA's A operand into shared memory in fragment order: word ((mt * Ksteps + kk) * 32 + lane) * 4 + r.
+template <typename T, bool kBwd>
+__device__ __forceinline__ void load_weights(const Geo& geo, uint4* wfrag, const T* w, int hc, int j0, int H) {
+  uint32_t* wf = reinterpret_cast<uint32_t*>(wfrag);
+  const int n = geo.Mt * geo.Ksteps * 32 * 4;
+  for (int idx = threadIdx.x; idx < n; idx += kThreads) {
+    const int r = idx & 3, ln = (idx >> 2) & 31, frag = idx >> 7;
+    const int kk = frag % geo.Ksteps, mt = frag / geo.Ksteps;
+    const int row = mt * 16 + (ln >> 2) + ((r & 1) ? 8 : 0);
+    wf[idx] = a_word<T, kBwd>(w, row, kk, ln & 3, r, hc, j0, H);
+  }
+}
+
+// red[(ks * M + m) * RP + n] = partial (over this warp's k-split) of sum_k A[m][k] * src[n][k] for n < 8*ceil(bt/8).
+// src rows are `src_ld` elements apart (16-byte aligned rows), K = geo.Kwords words. Staged through shared memory
+// in 128-word chunks, two deep, with cp.async.cg (L2: sees other CTAs' writes made before the grid barrier).
+// Ends with every warp's partials written; the caller synchronises before reading red.
+template <typename T>
+__device__ __forceinline__ void recurrent_mma(const Geo& geo, const uint4* wfrag, uint32_t* hst, float* red,
+                                              const T* src, int64_t src_ld, int B, int bt) {
+  const int nt_act = (bt + 7) >> 3;
+  if (nt_act <= 0) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int mt = warp % geo.Mt, ks = warp / geo.Mt;
+  const int rows = nt_act * 8;
+  float acc[kMaxNTiles][4];
+#pragma unroll
+  for (int nt = 0; nt < kMaxNTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  auto issue = [&](int c, int stage) {
+    uint32_t* dst0 = hst + (size_t)stage * geo.Npad * kRowWords;
+    const int n = rows * (kChunkWords / 4);
+    for (int idx = tid; idx < n; idx += kThreads) {
+      const int row = idx / (kChunkWords / 4), gr = idx % (kChunkWords / 4);
+      const int word = c * kChunkWords + gr * 4;
+      const bool valid = row < B && word < geo.Kwords;
+      const char* p = reinterpret_cast<const char*>(src) +
+                      (valid ? ((int64_t)row * src_ld * (int64_t)sizeof(T) + (int64_t)word * 4) : 0);
+      cp_async16(dst0 + row * kRowWords + gr * 4, p, valid ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  issue(0, 0);
+  for (int c = 0; c < geo.nchunks; ++c) {
+    if (c + 1 < geo.nchunks) {
+      issue(c + 1, (c + 1) & 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint32_t* hs = hst + (size_t)(c & 1) * geo.Npad * kRowWords;
+    for (int kl = ks; kl < kStepsPerChunk; kl += geo.NKS) {
+      const uint4 a = wfrag[(mt * geo.Ksteps + c * kStepsPerChunk + kl) * 32 + lane];
+#pragma unroll
+      for (int nt = 0; nt < kMaxNTiles; ++nt) {
+        if (nt < nt_act) {
+          const uint32_t* hp = hs + (nt * 8 + g) * kRowWords + kl * kKStepWords + q;
+          Mma<T>::mma(acc[nt], a, Mma<T>::b_word(hp[0]), Mma<T>::b_word(hp[4]));
+        }
+      }
+    }
+    __syncthreads();
+  }
+  const int M = geo.M, RP = geo.red_pitch;
+  const int r0 = mt * 16 + g;
+#pragma unroll
+  for (int nt = 0; nt < kMaxNTiles; ++nt) {
+    if (nt < nt_act) {
+      const int n0 = nt * 8 + 2 * q;
+      red[(ks * M + r0) * RP + n0] = acc[nt][0];
+      red[(ks * M + r0) * RP + n0 + 1] = acc[nt][1];
+      red[(ks * M + r0 + 8) * RP + n0] = acc[nt][2];
+      red[(ks * M + r0 + 8) * RP + n0 + 1] = acc[nt][3];
+    }
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -182,30 +282,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = p.H, B = p.B, steps = p.T, D = p.D;
-  const Geo geo(hc, H, B, Mma<T>::kEPW);
+  const Geo geo = fwd_geo(hc, H, B, Mma<T>::kEPW);
   const int dir = dir0 + static_cast<int>(blockIdx.x) / ctas_per_dir;
   const int j0 = (static_cast<int>(blockIdx.x) % ctas_per_dir) * hc;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, q = lane & 3;
-  const int M = geo.M, Mt = geo.Mt, NKS = geo.NKS, Npad = geo.Npad, RP = geo.red_pitch;
+  const int tid = threadIdx.x;
+  const int M = geo.M, NKS = geo.NKS, Npad = geo.Npad, RP = geo.red_pitch;
 
   uint4* wfrag = reinterpret_cast<uint4*>(smem);
   uint32_t* hst = reinterpret_cast<uint32_t*>(smem + geo.w_bytes);
   float* red = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes);
   float* cst = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes + geo.red_bytes);
 
-  // W_hh slice -> shared memory in fragment order: word ((mt * Ksteps + kk) * 32 + lane) * 4 + r.
-  {
-    const T* w = static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]);
-    uint32_t* wf = reinterpret_cast<uint32_t*>(wfrag);
-    const int n = Mt * geo.Ksteps * 32 * 4;
-    for (int idx = tid; idx < n; idx += kThreads) {
-      const int r = idx & 3, ln = (idx >> 2) & 31, frag = idx >> 7;
-      const int kk = frag % geo.Ksteps, mt = frag / geo.Ksteps;
-      const int row = mt * 16 + (ln >> 2) + ((r & 1) ? 8 : 0);
-      wf[idx] = a_word<T>(w, row, kk, ln & 3, r, hc, j0, H);
-    }
-  }
+  load_weights<T, false>(geo, wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
   // Cell state of the slice (element e = b * hc + u).
   const T* cx = static_cast<const T*>(p.cx) + (int64_t)dir * B * H;
   for (int e = tid; e < hc * Npad; e += kThreads) {
@@ -219,7 +307,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* out = static_cast<T*>(p.out);
   T* reserve = static_cast<T*>(p.reserve);
   const int64_t G = 4 * (int64_t)H;
-  const int mt = warp % Mt, ks = warp / Mt;
   unsigned int barrier_target = 0;
 
   for (int s = 0; s < steps; ++s) {
@@ -227,62 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int bt = p.batch_sizes ? __ldg(p.batch_sizes + t) : B;
     const T* hcur = hbuf + (int64_t)(s & 1) * B * H;
     T* hnxt = hbuf + (int64_t)((s & 1) ^ 1) * B * H;
-    const int nt_act = (bt + 7) >> 3;
-    const int rows = nt_act * 8;
 
-    float acc[kMaxNTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kMaxNTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-
-    if (nt_act > 0) {
-      auto issue = [&](int c, int stage) {
-        uint32_t* dst0 = hst + (size_t)stage * Npad * kRowWords;
-        const int n = rows * (kChunkWords / 4);
-        for (int idx = tid; idx < n; idx += kThreads) {
-          const int row = idx / (kChunkWords / 4), gr = idx % (kChunkWords / 4);
-          const int word = c * kChunkWords + gr * 4;
-          const bool valid = row < B && word < geo.Kwords;
-          const char* src = reinterpret_cast<const char*>(hcur) +
-                            (valid ? ((int64_t)row * H * (int64_t)sizeof(T) + (int64_t)word * 4) : 0);
-          cp_async16(dst0 + row * kRowWords + gr * 4, src, valid ? 16 : 0);
-        }
-        cp_async_commit();
-      };
-      issue(0, 0);
-      for (int c = 0; c < geo.nchunks; ++c) {
-        if (c + 1 < geo.nchunks) {
-          issue(c + 1, (c + 1) & 1);
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        __syncthreads();
-        const uint32_t* hs = hst + (size_t)(c & 1) * Npad * kRowWords;
-        for (int kl = ks; kl < kStepsPerChunk; kl += NKS) {
-          const uint4 a = wfrag[(mt * geo.Ksteps + c * kStepsPerChunk + kl) * 32 + lane];
-#pragma unroll
-          for (int nt = 0; nt < kMaxNTiles; ++nt) {
-            if (nt < nt_act) {
-              const uint32_t* hp = hs + (nt * 8 + g) * kRowWords + kl * kKStepWords + q;
-              Mma<T>::mma(acc[nt], a, Mma<T>::b_word(hp[0]), Mma<T>::b_word(hp[4]));
-            }
-          }
-        }
-        __syncthreads();
-      }
-      // Partial sums of this warp's k-split: red[(ks * M + row) * RP + n].
-      const int r0 = mt * 16 + g;
-#pragma unroll
-      for (int nt = 0; nt < kMaxNTiles; ++nt) {
-        if (nt < nt_act) {
-          const int n0 = nt * 8 + 2 * q;
-          red[(ks * M + r0) * RP + n0] = acc[nt][0];
-          red[(ks * M + r0) * RP + n0 + 1] = acc[nt][1];
-          red[(ks * M + r0 + 8) * RP + n0] = acc[nt][2];
-          red[(ks * M + r0 + 8) * RP + n0 + 1] = acc[nt][3];
-        }
-      }
-    }
+    recurrent_mma<T>(geo, wfrag, hst, red, hcur, H, B, bt);
     __syncthreads();
 
     // Gate/cell update for the slice.
@@ -341,38 +374,162 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// Persistent backward: per processed step (reverse of the forward order of the direction)
+//   1. elementwise for the slice: dh = dy + dh_rec (kept in shared memory from the previous step; grad_hy at a
+//      row's last step), dc likewise; gate pre-activation gradients dG_t written to global (also the input of the
+//      weight-gradient GEMMs), h_{t-1} to hprev, grad_hx/grad_cx for rows whose first step was the previous one;
+//   2. grid barrier (dG_t of every slice is now visible);
+//   3. dh_rec for the slice = dG_t (B x 4H) . W_hh[:, slice] on the tensor cores, kept in shared memory (fp32).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_bwd_kernel(PersistentBwdArgs p, int hc, int ctas_per_dir, int dir0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int H = p.H, B = p.B, steps = p.T, D = p.D;
+  const Geo geo = bwd_geo(hc, H, B, Mma<T>::kEPW);
+  const int dir = dir0 + static_cast<int>(blockIdx.x) / ctas_per_dir;
+  const int j0 = (static_cast<int>(blockIdx.x) % ctas_per_dir) * hc;
+  const int tid = threadIdx.x;
+  const int M = geo.M, NKS = geo.NKS, Npad = geo.Npad, RP = geo.red_pitch;
+
+  uint4* wfrag = reinterpret_cast<uint4*>(smem);
+  uint32_t* hst = reinterpret_cast<uint32_t*>(smem + geo.w_bytes);
+  float* red = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes);
+  float* dcs = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes + geo.red_bytes);
+  float* dhs = dcs + hc * Npad;
+
+  load_weights<T, true>(geo, wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
+  __syncthreads();
+
+  const int64_t G = 4 * (int64_t)H, ldg = (int64_t)D * G, ldo = (int64_t)D * H;
+  const int64_t dBH = (int64_t)dir * B * H;
+  const T* go = static_cast<const T*>(p.grad_out);
+  const T* ghy = static_cast<const T*>(p.grad_hy) + dBH;
+  const T* gcy = static_cast<const T*>(p.grad_cy) + dBH;
+  const T* res = static_cast<const T*>(p.reserve);
+  const T* out = static_cast<const T*>(p.out);
+  const T* hx = static_cast<const T*>(p.hx) + dBH;
+  const T* cx = static_cast<const T*>(p.cx) + dBH;
+  T* dgates = static_cast<T*>(p.dgates);
+  T* hprev = static_cast<T*>(p.hprev);
+  T* ghx = static_cast<T*>(p.grad_hx) + dBH;
+  T* gcx = static_cast<T*>(p.grad_cx) + dBH;
+  unsigned int barrier_target = 0;
+  int n_prev = 0;
+
+  for (int s = 0; s < steps; ++s) {
+    const int t = dir == 0 ? steps - 1 - s : s;
+    const int tp = dir == 0 ? t - 1 : t + 1;  // previous step in the forward order
+    const int bt = p.batch_sizes ? __ldg(p.batch_sizes + t) : B;
+    const int n_cprev = (tp >= 0 && tp < steps) ? (p.batch_sizes ? __ldg(p.batch_sizes + tp) : B) : 0;
+
+    for (int e = tid; e < hc * B; e += kThreads) {
+      const int b = e / hc, u = e % hc, j = j0 + u;
+      if (j >= H) continue;
+      const int64_t bh = (int64_t)b * H + j;
+      T* dg = dgates + ((int64_t)t * B + b) * ldg + (int64_t)dir * G + j;
+      T* hp = hprev + (((int64_t)dir * steps + t) * B + b) * H + j;
+      if (b < bt) {
+        const T* r = res + (((int64_t)dir * steps + t) * B + b) * 5 * H + j;
+        const float ig = Num<T>::load(r[0]), fg = Num<T>::load(r[H]), gg = Num<T>::load(r[2 * H]),
+                    og = Num<T>::load(r[3 * H]), c = Num<T>::load(r[4 * (int64_t)H]);
+        float c_prev;
+        T h_prev;
+        if (b < n_cprev) {
+          c_prev = Num<T>::load(res[(((int64_t)dir * steps + tp) * B + b) * 5 * H + 4 * H + j]);
+          h_prev = out[((int64_t)tp * B + b) * ldo + (int64_t)dir * H + j];
+        } else {
+          c_prev = Num<T>::load(cx[bh]);
+          h_prev = hx[bh];
+        }
+        float dh = Num<T>::load(go[((int64_t)t * B + b) * ldo + (int64_t)dir * H + j]);
+        float dc;
+        if (b < n_prev) {
+          dh += dhs[e];
+          dc = dcs[e];
+        } else {
+          dh += Num<T>::load(ghy[bh]);
+          dc = Num<T>::load(gcy[bh]);
+        }
+        const float tc = tanh_(c);
+        const float d_o = dh * tc;
+        dc += dh * og * (1.f - tc * tc);
+        const float d_i = dc * gg, d_g = dc * ig, d_f = dc * c_prev;
+        dcs[e] = dc * fg;
+        dg[0] = Num<T>::store(d_i * ig * (1.f - ig));
+        dg[H] = Num<T>::store(d_f * fg * (1.f - fg));
+        dg[2 * H] = Num<T>::store(d_g * (1.f - gg * gg));
+        dg[3 * H] = Num<T>::store(d_o * og * (1.f - og));
+        *hp = h_prev;
+      } else {
+        if (b < n_prev) {  // this row's first forward step was the previously processed one
+          ghx[bh] = Num<T>::store(dhs[e]);
+          gcx[bh] = Num<T>::store(dcs[e]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dg[(int64_t)k * H] = Num<T>::store(0.f);
+        *hp = Num<T>::store(0.f);
+      }
+    }
+    barrier_target += gridDim.x;
+    grid_barrier(p.barrier, barrier_target);
+
+    recurrent_mma<T>(geo, wfrag, hst, red, dgates + (int64_t)t * B * ldg + (int64_t)dir * G, ldg, B, bt);
+    __syncthreads();
+    for (int e = tid; e < hc * B; e += kThreads) {
+      const int b = e / hc, u = e % hc;
+      if (b < bt) {
+        float v = 0.f;
+        for (int kss = 0; kss < NKS; ++kss) v += red[(kss * M + u) * RP + b];
+        dhs[e] = v;
+      }
+    }
+    __syncthreads();
+    n_prev = bt;
+  }
+  for (int e = tid; e < hc * B; e += kThreads) {
+    const int b = e / hc, j = j0 + e % hc;
+    if (j >= H || b >= n_prev) continue;
+    ghx[(int64_t)b * H + j] = Num<T>::store(dhs[e]);
+    gcx[(int64_t)b * H + j] = Num<T>::store(dcs[e]);
+  }
+#endif
+}
+
 struct DeviceInfo {
   bool init = false;
   int sms = 0, smem_optin = 0, major = 0;
 };
 std::mutex g_mutex;
 DeviceInfo g_info[64];
-bool g_attr_set[64][3];
+bool g_attr_set[64][6];
 
-int type_index(DType dt) { return dt == DType::kFloat32 ? 0 : dt == DType::kBFloat16 ? 1 : 2; }
+int kernel_index(DType dt, bool bwd) {
+  return (dt == DType::kFloat32 ? 0 : dt == DType::kBFloat16 ? 1 : 2) + (bwd ? 3 : 0);
+}
 
 template <typename T>
-const void* kernel_ptr() {
-  return reinterpret_cast<const void*>(&persistent_fwd_kernel<T>);
+const void* kernel_ptr(bool bwd) {
+  return bwd ? reinterpret_cast<const void*>(&persistent_bwd_kernel<T>)
+             : reinterpret_cast<const void*>(&persistent_fwd_kernel<T>);
 }
-const void* kernel_for(DType dt) {
+const void* kernel_for(DType dt, bool bwd) {
   switch (dt) {
-    case DType::kFloat32: return kernel_ptr<float>();
-    case DType::kBFloat16: return kernel_ptr<__nv_bfloat16>();
-    case DType::kFloat16: return kernel_ptr<__half>();
+    case DType::kFloat32: return kernel_ptr<float>(bwd);
+    case DType::kBFloat16: return kernel_ptr<__nv_bfloat16>(bwd);
+    case DType::kFloat16: return kernel_ptr<__half>(bwd);
     default: return nullptr;
   }
 }
 
-template <typename T>
-const char* launch(const PersistentFwdArgs& a, const PersistentPlan& plan, cudaStream_t s) {
+template <typename T, typename Args, typename Kernel>
+const char* launch(Kernel kernel, const Args& a, const PersistentPlan& plan, cudaStream_t s) {
   const int launches = a.D / plan.dirs_per_launch;
   for (int l = 0; l < launches; ++l) {
-    PersistentFwdArgs pa = a;
+    Args pa = a;
     pa.barrier = a.barrier + l;
-    const int dir0 = l * plan.dirs_per_launch;
-    persistent_fwd_kernel<T><<<plan.ctas_per_dir * plan.dirs_per_launch, kThreads, plan.smem_bytes, s>>>(
-        pa, plan.hc, plan.ctas_per_dir, dir0);
+    kernel<<<plan.ctas_per_dir * plan.dirs_per_launch, kThreads, plan.smem_bytes, s>>>(
+        pa, plan.hc, plan.ctas_per_dir, l * plan.dirs_per_launch);
     if (const char* e = detail::last_error()) return e;
   }
   return nullptr;
@@ -380,7 +537,8 @@ const char* launch(const PersistentFwdArgs& a, const PersistentPlan& plan, cudaS
 
 }  // namespace
 
-const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, PersistentPlan* plan) {
+const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, bool backward,
+                                 PersistentPlan* plan) {
   *plan = PersistentPlan{};
   if (dt == DType::kFloat64) {
     plan->reason = "float64 always takes the standard path";
@@ -402,7 +560,7 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     plan->reason = "unsupported device index or direction count";
     return nullptr;
   }
-  const void* fn = kernel_for(dt);
+  const void* fn = kernel_for(dt, backward);
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceInfo& info = g_info[device];
   if (!info.init) {
@@ -416,7 +574,7 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     plan->reason = "the persistent kernel needs compute capability 8.0 or newer (mma bf16/tf32, cp.async)";
     return nullptr;
   }
-  bool& attr = g_attr_set[device][type_index(dt)];
+  bool& attr = g_attr_set[device][kernel_index(dt, backward)];
   if (!attr) {
     cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -427,7 +585,7 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
   for (int oi = 0; oi < (D == 2 ? 2 : 1); ++oi) {
     const int dirs = dir_options[oi];
     for (int hc = 4; hc <= 32; hc *= 2) {
-      const Geo geo(hc, H, B, epw);
+      const Geo geo = backward ? bwd_geo(hc, H, B, epw) : fwd_geo(hc, H, B, epw);
       const int ctas = (H + hc - 1) / hc;
       const size_t smem = geo.total();
       if (smem > static_cast<size_t>(info.smem_optin)) continue;
@@ -451,9 +609,21 @@ const char* lstm_persistent_fwd(DType dt, const PersistentFwdArgs& a, const Pers
   if (!plan.ok) return "fastmtl: lstm_persistent_fwd called without a valid plan";
   if (a.T <= 0 || a.B <= 0) return nullptr;
   switch (dt) {
-    case DType::kFloat32: return launch<float>(a, plan, s);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(a, plan, s);
-    case DType::kFloat16: return launch<__half>(a, plan, s);
+    case DType::kFloat32: return launch<float>(persistent_fwd_kernel<float>, a, plan, s);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(persistent_fwd_kernel<__nv_bfloat16>, a, plan, s);
+    case DType::kFloat16: return launch<__half>(persistent_fwd_kernel<__half>, a, plan, s);
+    default: break;
+  }
+  return "fastmtl: the persistent LSTM kernel supports float32 (tf32), bfloat16 and float16";
+}
+
+const char* lstm_persistent_bwd(DType dt, const PersistentBwdArgs& a, const PersistentPlan& plan, cudaStream_t s) {
+  if (!plan.ok) return "fastmtl: lstm_persistent_bwd called without a valid plan";
+  if (a.T <= 0 || a.B <= 0) return nullptr;
+  switch (dt) {
+    case DType::kFloat32: return launch<float>(persistent_bwd_kernel<float>, a, plan, s);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(persistent_bwd_kernel<__nv_bfloat16>, a, plan, s);
+    case DType::kFloat16: return launch<__half>(persistent_bwd_kernel<__half>, a, plan, s);
     default: break;
   }
   return "fastmtl: the persistent LSTM kernel supports float32 (tf32), bfloat16 and float16";

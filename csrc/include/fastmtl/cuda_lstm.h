@@ -87,7 +87,9 @@ struct PersistentPlan {
 };
 // Decides whether the persistent path applies (see the rule in csrc/cuda/README.md) and sizes it.
 // Never launches anything; queries device attributes and the occupancy calculator (cached per device).
-const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, PersistentPlan* plan);
+// `backward` sizes the backward kernel (its shared memory differs) instead of the forward one.
+const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, bool backward,
+                                 PersistentPlan* plan);
 
 struct PersistentFwdArgs {
   const void* xproj;        // (T, B, D*4H) with biases; direction d at column d*4H
@@ -103,6 +105,30 @@ struct PersistentFwdArgs {
   int T, B, H, D;
 };
 const char* lstm_persistent_fwd(DType dt, const PersistentFwdArgs& a, const PersistentPlan& plan,
+                                cudaStream_t stream);
+
+// Persistent backward (same split: CTA = direction x hidden-unit slice, W_hh[:, slice] resident in shared memory):
+// per step the gate gradients of the slice, a grid barrier, then dh_{t-1} for the slice = dG_t . W_hh[:, slice] on
+// the tensor cores (kept in shared memory in fp32). Writes dgates and hprev exactly as the standard backward, so
+// the glue computes the weight and input gradients with the same large GEMMs afterwards.
+struct PersistentBwdArgs {
+  const void* grad_out;     // (T, B, D*H)
+  const void* grad_hy;      // (D, B, H)
+  const void* grad_cy;      // (D, B, H)
+  const void* whh[2];       // (4H, H) per direction
+  const void* reserve;      // (D, T, B, 5H)
+  const void* out;          // (T, B, D*H) forward output
+  const void* hx;           // (D, B, H)
+  const void* cx;           // (D, B, H)
+  void* dgates;             // (T, B, D*4H)
+  void* hprev;              // (D, T, B, H)
+  void* grad_hx;            // (D, B, H)
+  void* grad_cx;            // (D, B, H)
+  const int* batch_sizes;   // (T,) device int32, or nullptr (all B)
+  unsigned int* barrier;    // zeroed counters, one per launch
+  int T, B, H, D;
+};
+const char* lstm_persistent_bwd(DType dt, const PersistentBwdArgs& a, const PersistentPlan& plan,
                                 cudaStream_t stream);
 
 }  // namespace cuda
