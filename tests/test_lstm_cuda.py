@@ -175,10 +175,13 @@ def test_low_precision_vs_cudnn(dtype, B, D, varlen):
     with tf32(True):  # float32: TF32 on both sides (cuDNN's default for RNNs)
         got = run_op(case, D, "cuda", dtype)
         theirs = cudnn_run(case, D, dtype)
+    # float32 runs TF32 (~3e-4 relative per product): cuDNN may keep some of its GEMMs in full float32, so the
+    # float32 bound has a TF32 floor; bf16/fp16 follow the plain 2x rule.
+    floor = 2e-3 if dtype == torch.float32 else 1e-6
     for name, a, t, r in zip(names_for(len(case[4])), got, theirs, ref):
         assert a.dtype == dtype, name
         e_ours, e_torch = rel_err(a, r), rel_err(t, r)
-        assert e_ours <= 2.0 * e_torch + 1e-6, "%s: fastmtl error %.3g > 2 x torch.nn.LSTM error %.3g" % (
+        assert e_ours <= max(2.0 * e_torch, floor), "%s: fastmtl error %.3g > 2 x torch.nn.LSTM error %.3g" % (
             name, e_ours, e_torch)
 
 

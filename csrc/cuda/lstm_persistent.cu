@@ -16,7 +16,9 @@
 //   4. grid-wide barrier (monotonic atomic counter, one per launch, zeroed by the glue).
 // The grid is sized so that every CTA is co-resident (occupancy calculator x SM count), which the hand-rolled
 // barrier needs; lstm_persistent_plan refuses shapes where that cannot be guaranteed.
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "lstm_common.cuh"
 
@@ -503,6 +505,9 @@ struct DeviceInfo {
 std::mutex g_mutex;
 DeviceInfo g_info[64];
 bool g_attr_set[64][6];
+// Plans are cached per (device, kernel, B, H, D): after the first call no CUDA API is touched, so a call inside a
+// CUDA-graph capture (global capture mode) makes no occupancy queries.
+std::map<std::tuple<int, int, int, int, int>, PersistentPlan> g_plans;
 
 int kernel_index(DType dt, bool bwd) {
   return (dt == DType::kFloat32 ? 0 : dt == DType::kBFloat16 ? 1 : 2) + (bwd ? 3 : 0);
@@ -562,6 +567,12 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
   }
   const void* fn = kernel_for(dt, backward);
   std::lock_guard<std::mutex> lock(g_mutex);
+  const auto key = std::make_tuple(device, kernel_index(dt, backward), B, H, D);
+  const auto hit = g_plans.find(key);
+  if (hit != g_plans.end()) {
+    *plan = hit->second;
+    return nullptr;
+  }
   DeviceInfo& info = g_info[device];
   if (!info.init) {
     cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
@@ -598,10 +609,12 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
       plan->ctas_per_dir = ctas;
       plan->dirs_per_launch = dirs;
       plan->smem_bytes = smem;
+      g_plans[key] = *plan;
       return nullptr;
     }
   }
   plan->reason = "W_hh does not fit in the shared memory of a co-resident grid for this H and dtype";
+  g_plans[key] = *plan;
   return nullptr;
 }
 
