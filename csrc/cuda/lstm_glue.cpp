@@ -20,7 +20,8 @@
 // torch.backends.cudnn.allow_tf32 like cuDNN's RNNs.
 //
 // No host synchronisation: lengths live on the CPU (the contract), so the per-step batch sizes are computed on the
-// host; with lengths=None nothing is copied at all and the ops can be captured in CUDA graphs.
+// host; with lengths=None nothing is copied at all and the ops can be captured in CUDA graphs. With lengths inside a
+// capture, the standard path is used and the batch sizes are frozen into the graph (warned once).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -160,11 +161,31 @@ std::string forced_path() {
   return s;
 }
 
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
+}
+
+// Variable lengths inside a CUDA-graph capture: the per-step batch sizes are host values, so the graph bakes them
+// in (replays are valid for these lengths only), and the persistent path (which would copy them from a pinned host
+// buffer) is not used.
+void note_capture_with_lengths(const Layer& L, cudaStream_t stream) {
+  if (!L.full && is_capturing(stream)) {
+    TORCH_WARN_ONCE("fastmtl: an LSTM with lengths is being captured in a CUDA graph; the per-step batch sizes ",
+                    "are frozen into the graph, so its replays are valid only for the same lengths");
+  }
+}
+
 // Decides the path for one op call; throws when FASTMTL_LSTM_CUDA_PATH=persistent cannot be honoured.
 bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, bool backward,
-                       fc::PersistentPlan* plan) {
+                       fc::PersistentPlan* plan, cudaStream_t stream) {
   const std::string force = forced_path();
   if (force == "standard") return false;
+  if (!L.full && is_capturing(stream)) {
+    FASTMTL_CHECK(force != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but the persistent kernels do not ",
+                  "take lengths inside a CUDA-graph capture");
+    return false;
+  }
   const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
   check_launch(fc::lstm_persistent_plan(kdt, static_cast<int>(L.B), static_cast<int>(L.H), static_cast<int>(L.D),
                                         tf32, input.device().index(), backward, plan),
@@ -222,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
 
   // Path selection (see the header comment and csrc/cuda/README.md).
   fc::PersistentPlan plan;
-  if (choose_persistent(L, input, kdt, /*backward=*/false, &plan)) {
+  note_capture_with_lengths(L, stream);
+  if (choose_persistent(L, input, kdt, /*backward=*/false, &plan, stream)) {
     at::Tensor hbuf = at::empty({D, 2, B, H}, opts);
     hbuf.select(1, 0).copy_(hx_c);
     at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
@@ -333,7 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   at::Tensor dG = at::empty({T, B, ldg}, opts);        // gate pre-activation gradients, both directions
   at::Tensor hprev = at::empty({D, T, B, H}, opts);    // h_{t-1} per step (hx at each sequence's first step)
   fc::PersistentPlan plan;
-  const bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan);
+  note_capture_with_lengths(L, stream);
+  const bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan, stream);
   if (persistent) {
     at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
     const at::Tensor bs_dev = batch_sizes_on_device(L, input);
