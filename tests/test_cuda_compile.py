@@ -1,7 +1,7 @@
 """Compile checks for the CUDA sources, GPU or not.
 
-Wherever nvcc exists, every csrc/cuda/*.cu is compiled for sm_80 and sm_90 (one nvcc call per file with two
--gencode targets, all files in parallel, warnings are errors), and every launcher declared in
+Wherever nvcc exists, every csrc/cuda/*.cu is compiled for sm_80 and sm_90 with the flags torch's CUDAExtension
+adds (one nvcc call per file with two -gencode targets, all files in parallel, warnings are errors), and every launcher declared in
 csrc/include/fastmtl/cuda_*.h must be defined by the objects (a missing one would otherwise only show up as a
 link error in a CUDA build). Wherever torch's CUDA headers and the CUDA runtime headers exist, every
 csrc/cuda/*_glue.cpp is syntax-checked with the host compiler as a CUDA build would compile it.
@@ -52,6 +52,17 @@ def _rel(p):
     return os.path.relpath(p, ROOT)
 
 
+def _torch_nvcc_flags():
+    """The flags torch's CUDAExtension adds to every nvcc call (no implicit half/bf16 conversions, ...)."""
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+        return list(COMMON_NVCC_FLAGS)
+    except Exception:
+        return ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+
+
 @pytest.fixture(scope="module")
 def nvcc_results():
     """Compile every .cu in parallel once; map file -> (returncode, output, object path)."""
@@ -59,8 +70,8 @@ def nvcc_results():
     procs = {}
     for f in CU_FILES:
         obj = os.path.join(outdir, os.path.basename(f) + ".o")
-        cmd = [NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "--Werror", "all-warnings",
-               "-I" + os.path.join(ROOT, "csrc", "include"), "-c", f, "-o", obj]
+        cmd = [NVCC, "-std=c++17", "-O3", "--Werror", "all-warnings"] + _torch_nvcc_flags() + [
+            "-I" + os.path.join(ROOT, "csrc", "include"), "-c", f, "-o", obj]
         for a in ARCHS:
             cmd += ["-gencode", "arch=compute_%s,code=sm_%s" % (a, a)]
         procs[f] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), cmd, obj)
