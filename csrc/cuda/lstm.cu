@@ -69,10 +69,10 @@ __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
   T* dg = static_cast<T*>(a.dgates) + (int64_t)b * a.dgates_ld + j;
   T* hp = static_cast<T*>(a.hprev) + bh;
   A* dcs = static_cast<A*>(a.dc_state) + bh;
-  const T* dhrec = static_cast<const T*>(a.dhrec);
+  const A* dhrec = static_cast<const A*>(a.dhrec);
   if (b >= a.bt) {
     if (b < a.n_prev) {  // this row's first forward step was the previously processed one
-      static_cast<T*>(a.grad_hx)[bh] = dhrec[bh];
+      st(static_cast<T*>(a.grad_hx) + bh, dhrec[bh]);
       st(static_cast<T*>(a.grad_cx) + bh, *dcs);
     }
 #pragma unroll
@@ -94,7 +94,7 @@ __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
   A dh = ld(static_cast<const T*>(a.grad_out) + (int64_t)b * a.grad_out_ld + j);
   A dc;
   if (b < a.n_prev) {
-    dh += ld(dhrec + bh);
+    dh += dhrec[bh];
     dc = *dcs;
   } else {
     dh += ld(static_cast<const T*>(a.grad_hy) + bh);
@@ -128,13 +128,14 @@ __global__ void __launch_bounds__(kThreads) bwd_step_kernel(BwdStepArgs a) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_finish_kernel(const T* dhrec, const typename Num<T>::acc* dcs,
+__global__ void __launch_bounds__(kThreads) bwd_finish_kernel(const typename Num<T>::acc* dhrec,
+                                                              const typename Num<T>::acc* dcs,
                                                               T* ghx, T* gcx, int n_prev, int H) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= H) return;
   for (int b = blockIdx.y; b < n_prev; b += gridDim.y) {
     const int64_t bh = (int64_t)b * H + j;
-    ghx[bh] = dhrec[bh];
+    st(ghx + bh, dhrec[bh]);
     st(gcx + bh, dcs[bh]);
   }
 }
@@ -160,7 +161,8 @@ const char* bwd_finish_impl(const void* dhrec, const void* dcs, void* ghx, void*
                             cudaStream_t s) {
   if (n_prev <= 0 || H <= 0) return nullptr;
   bwd_finish_kernel<T><<<grid_for(H, n_prev), kThreads, 0, s>>>(
-      static_cast<const T*>(dhrec), static_cast<const typename Num<T>::acc*>(dcs), static_cast<T*>(ghx),
+      static_cast<const typename Num<T>::acc*>(dhrec), static_cast<const typename Num<T>::acc*>(dcs),
+      static_cast<T*>(ghx),
       static_cast<T*>(gcx), n_prev, H);
   return detail::last_error();
 }

@@ -28,6 +28,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -159,6 +160,29 @@ std::string forced_path() {
   FASTMTL_CHECK_VALUE(s == "standard" || s == "persistent", "FASTMTL_LSTM_CUDA_PATH must be auto, standard or ",
                       "persistent, got '", s, "'");
   return s;
+}
+
+// out (fp32 for bf16/fp16 operands, else the operands' dtype) = a @ b. Uses aten::mm.dtype_out (cuBLAS with an
+// fp32 output, no rounding to 16 bits) where this torch supports it for these dtypes; otherwise the product in the
+// operands' dtype, widened. The answer is remembered per dtype.
+void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  static std::atomic<int> supported[2] = {{-1}, {-1}};  // bf16, fp16: -1 unknown, 0 no, 1 yes
+  std::atomic<int>& flag = supported[a.scalar_type() == at::kHalf ? 1 : 0];
+  if (flag.load() != 0) {
+    try {
+      at::mm_out(out, a, b, out.scalar_type());
+      flag.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (flag.load() == 1) throw;  // it worked before: a real error
+      flag.store(0);
+    }
+  }
+  out.copy_(at::mm(a, b));
 }
 
 bool is_capturing(cudaStream_t stream) {
@@ -385,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   for (int64_t d = 0; d < (persistent ? 0 : D); ++d) {
     const at::Tensor& whh = L.w_hh[d];  // (4H, H)
     at::Tensor dc_state = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
-    at::Tensor dhrec = at::empty({B, H}, opts);
+    at::Tensor dhrec = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
     int64_t n_prev = 0;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? T - 1 - s : s;
@@ -418,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
       check_launch(fc::lstm_bwd_step(kdt, a, stream), "fastmtl LSTM backward step kernel");
       if (bt > 0) {
         at::Tensor dh_v = dhrec.narrow(0, 0, bt);
-        at::mm_out(dh_v, dG.select(0, t).narrow(0, 0, bt).narrow(1, d * G, G), whh);
+        mm_acc_out(dh_v, dG.select(0, t).narrow(0, 0, bt).narrow(1, d * G, G), whh);
       }
       n_prev = bt;
     }

@@ -45,7 +45,8 @@ const char* lstm_fwd_step(DType dt, const FwdStepArgs& a, cudaStream_t stream);
 struct BwdStepArgs {
   const void* grad_out;  // rows of H (dy_t)
   int64_t grad_out_ld;
-  const void* dhrec;     // (n_prev, H) contiguous: dG_{prev processed} W_hh
+  const void* dhrec;     // (n_prev, H) contiguous acc_t: dG_{prev processed} W_hh (fp32 for bf16/fp16: dh is
+                         // carried across steps without rounding to 16 bits)
   const void* grad_hy;   // (B, H)
   const void* grad_cy;   // (B, H)
   void* dc_state;        // (B, H) acc_t
@@ -64,7 +65,7 @@ struct BwdStepArgs {
 };
 const char* lstm_bwd_step(DType dt, const BwdStepArgs& a, cudaStream_t stream);
 
-// After the last processed step: grad_hx[b] = dhrec[b], grad_cx[b] = dc_state[b] for b < n_prev.
+// After the last processed step: grad_hx[b] = dhrec[b], grad_cx[b] = dc_state[b] for b < n_prev (both acc_t).
 const char* lstm_bwd_finish(DType dt, const void* dhrec, const void* dc_state, void* grad_hx, void* grad_cx,
                             int n_prev, int H, cudaStream_t stream);
 
