@@ -1,9 +1,9 @@
 """Compile checks for the CUDA sources, GPU or not.
 
-Wherever nvcc exists, every csrc/cuda/*.cu is compiled for sm_80 and sm_90 with the flags torch's CUDAExtension
-adds (one nvcc call per file with two -gencode targets, all files in parallel, warnings are errors), and every launcher declared in
-csrc/include/fastmtl/cuda_*.h must be defined by the objects (a missing one would otherwise only show up as a
-link error in a CUDA build). Wherever torch's CUDA headers and the CUDA runtime headers exist, every
+Wherever nvcc exists, every csrc/cuda/*.cu is compiled for sm_80 and sm_90 with the flags torch's
+CUDAExtension adds (one nvcc call per file with two -gencode targets, all files in parallel, warnings are
+errors), and every launcher declared in csrc/include/fastmtl/cuda_*.h must be defined by the objects (a missing
+one would otherwise only show up as a link error in a CUDA build). Wherever torch's CUDA headers and the CUDA runtime headers exist, every
 csrc/cuda/*_glue.cpp is syntax-checked with the host compiler as a CUDA build would compile it.
 """
 import glob
