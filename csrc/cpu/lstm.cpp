@@ -683,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   auto grad_input = unpack_rows(at::mm(dG, W_ih), s, T, B);
   for (int64_t dir = 0; dir < D; ++dir) {
     auto dG_d = dG.narrow(1, dir * G4, G4);
-    grad_w.push_back(dW_ih.narrow(0, dir * G4, G4).contiguous());
+    grad_w.push_back(D == 1 ? dW_ih : dW_ih.narrow(0, dir * G4, G4).clone());  // no aliasing outputs
     grad_w.push_back(at::mm(dG_d.t(), hprev[dir]));
     if (d.bias) {
       auto db = dG_d.sum(0);

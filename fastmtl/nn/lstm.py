@@ -1,7 +1,8 @@
 """``fastmtl.nn.LSTM``: a drop-in replacement for ``torch.nn.LSTM`` running the fused fastmtl kernels.
 
-It *is* a ``torch.nn.LSTM`` (same constructor, parameter names, shapes, gate order, initialisation and
-state_dict), so weights move freely between the two with ``load_state_dict``. ``forward`` takes what
+It is built by ``torch.nn.RNNBase`` in ``"LSTM"`` mode exactly as ``torch.nn.LSTM`` is (same constructor, parameter
+names, shapes, gate order, initialisation and state_dict; it subclasses RNNBase rather than torch.nn.LSTM because
+torch.compile refuses to trace torch.nn.LSTM instances), so weights move freely between the two with ``load_state_dict``. ``forward`` takes what
 torch.nn.LSTM takes (a batched or unbatched Tensor, or a PackedSequence, and optional ``(h_0, c_0)``) and returns the
 same types and shapes; padded input may also come with ``lengths=`` (the fast path: no packing at all).
 
@@ -18,7 +19,7 @@ from ..functional.lstm import lstm as _lstm
 __all__ = ["LSTM"]
 
 
-class LSTM(torch.nn.LSTM):
+class LSTM(torch.nn.RNNBase):
     """Drop-in ``torch.nn.LSTM`` backed by fastmtl's fused kernels.
 
     Extra keyword of ``forward``: ``lengths`` (1-D integer tensor or list, one entry per sequence, in [1, T]) for
@@ -34,7 +35,7 @@ class LSTM(torch.nn.LSTM):
             raise NotImplementedError(
                 "fastmtl.nn.LSTM does not implement proj_size > 0 (got proj_size=%r); use torch.nn.LSTM for "
                 "projected LSTMs" % (proj_size,))
-        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
+        super().__init__("LSTM", input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, proj_size=0, device=device, dtype=dtype)
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Tensor, Tensor]] = None,
