@@ -18,7 +18,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -43,6 +45,7 @@ struct FwdRows {
   T* out;            // row b: out + b * out_ld
   int64_t out_ld;
   T* reserve;        // row b: reserve + b * 5H (i, f, g, o, c), or nullptr
+  const T* bias;     // 4H combined bias b_ih + b_hh, or nullptr
   int64_t H;
 };
 
@@ -73,7 +76,14 @@ void fwd_rows_scalar(const FwdRows<T>& a, int64_t b0, int64_t b1) {
     T* r = a.reserve ? a.reserve + b * 5 * H : nullptr;
     for (int64_t j = 0; j < H; ++j) {
       T i, f, g, o, c, h;
-      lm::cell_forward<lm::ScalarAct>(G[j], G[H + j], G[2 * H + j], G[3 * H + j], cs[j], i, f, g, o, c, h);
+      T pi = G[j], pf = G[H + j], pg = G[2 * H + j], po = G[3 * H + j];
+      if (a.bias) {
+        pi += a.bias[j];
+        pf += a.bias[H + j];
+        pg += a.bias[2 * H + j];
+        po += a.bias[3 * H + j];
+      }
+      lm::cell_forward<lm::ScalarAct>(pi, pf, pg, po, cs[j], i, f, g, o, c, h);
       cs[j] = c;
       hs[j] = h;
       out[j] = h;
@@ -176,8 +186,14 @@ void fwd_rows_avx2(const FwdRows<T>& a, int64_t b0, int64_t b1) {
         if (full) v.store(p); else v.store(p, cnt);
       };
       V i, f, g, o, c, h;
-      lm::cell_forward<VecAct>(ld(G + j), ld(G + H + j), ld(G + 2 * H + j), ld(G + 3 * H + j), ld(cs + j), i, f,
-                               g, o, c, h);
+      V pi = ld(G + j), pf = ld(G + H + j), pg = ld(G + 2 * H + j), po = ld(G + 3 * H + j);
+      if (a.bias) {
+        pi = pi + ld(a.bias + j);
+        pf = pf + ld(a.bias + H + j);
+        pg = pg + ld(a.bias + 2 * H + j);
+        po = po + ld(a.bias + 3 * H + j);
+      }
+      lm::cell_forward<VecAct>(pi, pf, pg, po, ld(cs + j), i, f, g, o, c, h);
       st(c, cs + j);
       st(h, hs + j);
       st(h, out + j);
@@ -328,10 +344,68 @@ inline bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T al
 
 // Row-major C (m x n, ldc) = A (m x k, lda) @ op(B) + beta * C, op(B) = B^T with B (n x k, ldb) when trans_b,
 // else B (k x n, ldb).
+// oneDNN matmul through ATen (exported by torch's CPU library when built with oneDNN, as the x86-64 wheels are).
+// On this project's machines it runs float32 GEMMs about twice as fast as the BLAS (AVX-512 kernels on CPUs where
+// MKL takes its AVX2 path), and it is what torch.nn.LSTM's oneDNN path uses. Weak, so a torch without it still
+// loads the extension and the BLAS is used instead. FASTMTL_LSTM_GEMM=blas forces the BLAS.
+}  // namespace
+}  // namespace fastmtl
+namespace at {
+namespace native {
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}  // namespace native
+}  // namespace at
+namespace fastmtl {
+namespace {
+
+bool use_dnnl() {
+  static const bool ok = [] {
+    if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN()) return false;
+    const char* env = std::getenv("FASTMTL_LSTM_GEMM");
+    return !(env && std::string(env) == "blas");
+  }();
+  return ok;
+}
+
+// c = beta * c + a @ b for 2-D (possibly strided, last-dim-contiguous) tensors.
+void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
+  if (c.numel() == 0) return;
+  if (a.size(1) == 0) {
+    if (beta == 0.f) c.zero_();
+    return;
+  }
+  if (c.scalar_type() == at::kFloat && use_dnnl()) {
+    at::native::mkldnn_matmul(a, b, c, beta, 1.f);
+    return;
+  }
+  if (beta == 0.f) {
+    at::Tensor out = c;
+    if (c.is_contiguous()) {
+      at::mm_out(out, a, b);
+    } else {
+      c.copy_(at::mm(a, b));
+    }
+  } else {
+    c.addmm_(a, b);
+  }
+}
+
+// Row-major C (m x n, ldc) = A (m x k, lda) @ op(B) + beta * C, op(B) = B^T with B (n x k, ldb) when trans_b,
+// else B (k x n, ldb). The per-step GEMMs: oneDNN for float32, else the BLAS directly.
 template <typename T>
 inline void gemm_rm(bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (std::is_same_v<T, float> && k > 0 && use_dnnl()) {
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    auto Cv = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+    auto Av = at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+    auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
+                      : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
+    at::native::mkldnn_matmul(Av, Bv, Cv, float(beta), 1.f);
+    return;
+  }
   // Column-major view: C^T (n x m) = op(B)^T (n x k) @ A^T (k x m).
   if (k > 0 && fortran_gemm<T>(trans_b ? 'T' : 'N', 'N', n, m, k, T(1), B, ldb, A, lda, beta, C, ldc)) return;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -477,20 +551,6 @@ Dims check_layer_args(const at::Tensor& input, const std::optional<at::Tensor>& 
   return d;
 }
 
-// Weights of both directions stacked: W_ih (D*4H, I) and the combined bias (D*4H) (undefined without bias).
-std::pair<at::Tensor, at::Tensor> stacked_input_weights(at::TensorList weights, const Dims& d, bool want_bias) {
-  const int64_t per = d.bias ? 4 : 2;
-  const bool with_bias = d.bias && want_bias;
-  std::vector<at::Tensor> ws, bs;
-  for (int64_t dir = 0; dir < d.D; ++dir) {
-    ws.push_back(weights[dir * per]);
-    if (with_bias) bs.push_back(weights[dir * per + 2] + weights[dir * per + 3]);
-  }
-  at::Tensor W = d.D == 1 ? weights[0].contiguous() : at::cat(ws, 0);
-  at::Tensor bias = with_bias ? (d.D == 1 ? bs[0] : at::cat(bs, 0)) : at::Tensor();
-  return {W, bias};
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
@@ -498,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
     const at::Tensor& cx, at::TensorList weights, bool bidirectional, bool need_reserve) {
   const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_forward");
-  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, ldg = D * G4;
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, per = d.bias ? 4 : 2;
   auto input = input_.contiguous();
   auto output = at::empty({T, B, D * H}, input.options());
   auto hy = hx.contiguous().clone();
@@ -512,12 +572,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const Steps s = make_steps(len_c, T, B);
-  const int64_t per = d.bias ? 4 : 2;
 
-  auto [W_ih, bias] = stacked_input_weights(weights, d, true);
   auto Xp = pack_rows(input, s);
-  // gx (N, D*4H): the input projection (plus both biases) of every active row, one GEMM.
-  at::Tensor gx = d.bias ? at::addmm(bias, Xp, W_ih.t()) : at::mm(Xp, W_ih.t());
+  // gx (D, N, 4H): the input projection of every active row, one GEMM per direction (the biases are added in the
+  // fused pass). Each direction's block is contiguous, so the per-step GEMMs work on dense row blocks.
+  at::Tensor gx = at::empty({D, s.N, G4}, input.options());
+  at::Tensor bias = d.bias ? at::empty({D, G4}, input.options()) : at::Tensor();
+  for (int64_t dir = 0; dir < D; ++dir) {
+    matmul_into(Xp, weights[dir * per].t(), gx[dir], 0.f);
+    if (d.bias) {
+      at::Tensor bd = bias[dir];
+      at::add_out(bd, weights[dir * per + 2], weights[dir * per + 3]);
+    }
+  }
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
 
@@ -529,6 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     T_* hyp = hy.data_ptr<T_>();
     T_* cyp = cy.data_ptr<T_>();
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
+    const T_* biasp = d.bias ? bias.const_data_ptr<T_>() : nullptr;
     const int64_t grain = row_grain(H);
     for (int64_t step = 0; step < T; ++step) {
       for (int64_t dir = 0; dir < D; ++dir) {
@@ -537,12 +605,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
         T_* out_t = outp + t * B * D * H + dir * H;
         T_* res_t = resp ? resp + (dir * T + t) * B * 5 * H : nullptr;
         if (n > 0) {
-          T_* G = gxp + s.off[t] * ldg + dir * G4;
+          T_* G = gxp + (dir * s.N + s.off[t]) * G4;
           T_* h = hyp + dir * B * H;
           T_* c = cyp + dir * B * H;
           // G += h_prev @ W_hh^T on the active rows (h_prev is the running state).
-          gemm_rm<T_>(true, n, G4, H, h, H, w_hh[dir].const_data_ptr<T_>(), H, T_(1), G, ldg);
-          FwdRows<T_> a{G, ldg, h, c, out_t, D * H, res_t, H};
+          gemm_rm<T_>(true, n, G4, H, h, H, w_hh[dir].const_data_ptr<T_>(), H, T_(1), G, G4);
+          FwdRows<T_> a{G, G4, h, c, out_t, D * H, res_t, biasp ? biasp + dir * G4 : nullptr, H};
           at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
         }
         for (int64_t b = n; b < B; ++b) {  // padded positions: zero output (and a defined reserve)
@@ -563,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
   const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
-  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, ldg = D * G4, I = d.I;
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I;
   const std::vector<int64_t> out_shape{T, B, D * H}, state{D, B, H}, res_shape{D, T, B, 5 * H};
   FASTMTL_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(out_shape),
                       "lstm_layer_backward: grad_output must have shape ", at::IntArrayRef(out_shape), ", got ",
@@ -604,7 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   const Steps s = make_steps(len_c, T, B);
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
-  auto dG = at::empty({s.N, ldg}, input.options());  // packed pre-activation gradients of both directions
+  auto dG = at::empty({D, s.N, G4}, input.options());  // packed pre-activation gradients per direction
   std::vector<at::Tensor> hprev(D);                     // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
   for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = at::empty({s.N, H}, input.options());
 
@@ -643,12 +711,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
         a.gout_ld = D * H;
         a.dh = dhp + dir * B * H;
         a.dc = dcp + dir * B * H;
-        a.dgates = dGp + s.off[t] * ldg + dir * G4;
-        a.dgates_ld = ldg;
+        a.dgates = dGp + (dir * s.N + s.off[t]) * G4;
+        a.dgates_ld = G4;
         a.H = H;
         at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
         // dh_prev (active rows) = dG_t @ W_hh
-        gemm_rm<T_>(false, n, H, G4, a.dgates, ldg, w_hh[dir].const_data_ptr<T_>(), H, T_(0), dhp + dir * B * H,
+        gemm_rm<T_>(false, n, H, G4, a.dgates, G4, w_hh[dir].const_data_ptr<T_>(), H, T_(0), dhp + dir * B * H,
                     H);
       }
     }
@@ -677,21 +745,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   });
 
   // Weight gradients: large GEMMs over all steps.
-  at::Tensor W_ih = stacked_input_weights(weights, d, false).first;
   auto Xp = pack_rows(input, s);
-  auto dW_ih = at::mm(dG.t(), Xp);  // (D*4H, I)
-  auto grad_input = unpack_rows(at::mm(dG, W_ih), s, T, B);
+  auto gin = at::empty({s.N, I}, input.options());
   for (int64_t dir = 0; dir < D; ++dir) {
-    auto dG_d = dG.narrow(1, dir * G4, G4);
-    grad_w.push_back(D == 1 ? dW_ih : dW_ih.narrow(0, dir * G4, G4).clone());  // no aliasing outputs
-    grad_w.push_back(at::mm(dG_d.t(), hprev[dir]));
+    const auto& dG_d = dG[dir];
+    auto dW_ih = at::empty({G4, I}, input.options());
+    matmul_into(dG_d.t(), Xp, dW_ih, 0.f);
+    matmul_into(dG_d, weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
+    auto dW_hh = at::empty({G4, H}, input.options());
+    matmul_into(dG_d.t(), hprev[dir], dW_hh, 0.f);
+    grad_w.push_back(dW_ih);
+    grad_w.push_back(dW_hh);
     if (d.bias) {
       auto db = dG_d.sum(0);
       grad_w.push_back(db);
       grad_w.push_back(db.clone());
     }
   }
-  (void)I;
+  auto grad_input = unpack_rows(gin, s, T, B);
   return {grad_input, dh, dc, grad_w};
 }
 
