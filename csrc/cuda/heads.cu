@@ -468,7 +468,9 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ HeadsTask task;
+  // raw storage: a __shared__ variable must not have a (non-trivial) constructor
+  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
+  HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
   if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blockIdx.x, true);
   __syncthreads();
   const HeadsTask& tk = task;
@@ -616,7 +618,9 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) heads_weight_kernel(HeadsParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ HeadsTask task;
+  // raw storage: a __shared__ variable must not have a (non-trivial) constructor
+  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
+  HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
   if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blockIdx.x, false);
   __syncthreads();
   const HeadsTask& tk = task;
