@@ -97,6 +97,12 @@ def _pool(h, lens, pooling):
     return torch.cat([last[:, : D // 2], first[:, D // 2:]], dim=1)
 
 
+try:  # the project's reference (fastmtl/reference/heads.py), when it is there
+    from fastmtl.reference.heads import multitask_cross_entropy_reference as _project_reference
+except ImportError:  # pragma: no cover
+    _project_reference = None
+
+
 def reference(p, dtype=torch.float64):
     """Linear + pooling + F.cross_entropy per task, summed; autograd in `dtype`. Returns (total, losses, grads)."""
     B, T, D = p["hidden"].shape
@@ -104,6 +110,15 @@ def reference(p, dtype=torch.float64):
     h = p["hidden"].detach().to(dtype).requires_grad_()
     Ws = [w.detach().to(dtype).requires_grad_() for w in p["weights"]]
     bs = [None if b is None else b.detach().to(dtype).requires_grad_() for b in p["biases"]]
+    if _project_reference is not None:
+        total, losses = _project_reference(
+            h, Ws, p["targets"], list(p["levels"]), biases=bs, lengths=p["lengths"], poolings=list(p["poolings"]),
+            task_weights=[p["task_weights"][k].to(dtype) for k in range(len(Ws))],
+            ignore_index=list(p["ignore_indices"]), label_smoothing=list(p["label_smoothings"]),
+            class_weights=[None if c is None else c.to(dtype) for c in p["class_weights"]])
+        total.backward()
+        grads = [h.grad] + [w.grad for w in Ws] + [b.grad for b in bs if b is not None]
+        return total.detach(), losses.detach(), grads
     lens = p["lengths"] if p["lengths"] is not None else torch.full((B,), T, device=dev, dtype=torch.long)
     mask = torch.arange(T, device=dev)[None, :] < lens[:, None]
     total = torch.zeros((), device=dev, dtype=dtype)
@@ -264,8 +279,14 @@ def test_predict(dtype):
         z = F.linear(X, p["weights"][k].float(), p["biases"][k].float())
         top2 = z.topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 1e-2  # ignore near-ties (rounding of the pooled rows)
+        expected = z.argmax(-1)
+        if p["levels"][k] == 1:  # padded positions predict -1
+            pad = torch.arange(T, device=pr.device)[None, :] >= p["lengths"][:, None]
+            expected = expected.masked_fill(pad, -1)
+            clear = clear | pad
+            assert torch.all(pr[pad] == -1)
         assert pr.shape == z.shape[:-1] and pr.dtype == torch.long
-        assert torch.equal(pr[clear], z.argmax(-1)[clear])
+        assert torch.equal(pr[clear], expected[clear])
 
 
 def test_bad_input():

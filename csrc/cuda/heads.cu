@@ -302,7 +302,7 @@ __device__ __forceinline__ int64_t seq_length(const HeadsParams& p, int64_t b) {
 }
 
 // Row states of the 64 rows starting at r0 (threads 0..63). Loss mode: only real positions have X; rows with a
-// target in range that is not ignore_index are valid. Predict mode: every existing row has X.
+// target in range that is not ignore_index are valid. Same in predict mode (padding positions predict -1).
 template <typename T>
 __device__ void setup_rows(const HeadsParams& p, const HeadsTask& tk, RowState* rs, int64_t r0, bool from_stats) {
   const int i = threadIdx.x;
@@ -330,7 +330,7 @@ __device__ void setup_rows(const HeadsParams& p, const HeadsTask& tk, RowState* 
     } else {
       src = static_cast<const T*>(p.pooled) + (tk.pooled_index * p.B + r) * p.D;
     }
-    if (p.predict || pos_ok) st.ptr = src;
+    if (pos_ok) st.ptr = src;  // padding positions take no part (predict gives them -1)
     if (!p.predict && pos_ok) {
       if (from_stats) {
         const int64_t g = tk.row_offset + r;
@@ -556,7 +556,7 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
     RowState& st = sm.rs[threadIdx.x];
     if (r < tk.rows) {
       if (p.predict) {
-        tk.prediction[r] = st.arg;
+        tk.prediction[r] = st.ptr != nullptr ? (int64_t)st.arg : (int64_t)-1;
       } else {
         const int64_t g = tk.row_offset + r;
         float loss = 0.f;

@@ -30,47 +30,55 @@ struct HeadsShape {
   int64_t B, T, D, K;
 };
 
+// The same checks, in the same order and with the same messages, as the CPU op (csrc/cpu/heads.cpp).
 HeadsShape check_heads_args(const Tensor& hidden, const std::optional<Tensor>& lengths, at::TensorList weights,
                             const OptList& biases, at::IntArrayRef levels, at::IntArrayRef poolings) {
-  check_dim(hidden, 3, "hidden");
-  check_floating(hidden, "hidden");
-  FASTMTL_CHECK_VALUE(hidden.is_cuda(), "hidden must be a CUDA tensor here, got device ", hidden.device());
+  FASTMTL_CHECK_VALUE(hidden.dim() == 3, "hidden must have shape (B, T, D) (batch first), got shape ",
+                      shape_str(hidden));
+  const auto dt = hidden.scalar_type();
+  FASTMTL_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                     "hidden must be float32, float64, bfloat16 or float16, got ", dt);
   const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
   const int64_t K = (int64_t)weights.size();
-  FASTMTL_CHECK_VALUE((int64_t)biases.size() == K, "biases must have one entry per task (", K, "), got ",
-                      biases.size());
-  FASTMTL_CHECK_VALUE((int64_t)levels.size() == K, "levels must have one entry per task (", K, "), got ",
-                      levels.size());
-  FASTMTL_CHECK_VALUE((int64_t)poolings.size() == K, "poolings must have one entry per task (", K, "), got ",
-                      poolings.size());
-  if (lengths.has_value()) {
+  FASTMTL_CHECK_VALUE(K >= 1, "at least one task is required (weights is empty)");
+  FASTMTL_CHECK_VALUE((int64_t)biases.size() == K, "biases has ", biases.size(), " entries but weights has ", K,
+                      "; give one (or None) per task");
+  FASTMTL_CHECK_VALUE((int64_t)levels.size() == K, "levels has ", levels.size(), " entries, expected ", K);
+  FASTMTL_CHECK_VALUE((int64_t)poolings.size() == K, "poolings has ", poolings.size(), " entries, expected ", K);
+  FASTMTL_CHECK_VALUE(D >= 1, "hidden must have at least one feature (D >= 1), got shape ", shape_str(hidden));
+  FASTMTL_CHECK_VALUE(B == 0 || T >= 1, "hidden has T = 0 time steps; every sequence needs at least one");
+  if (lengths.has_value() && lengths->defined()) {
     const Tensor& l = *lengths;
-    FASTMTL_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be an int64 tensor, got ", l.scalar_type());
-    check_shape(l, {B}, "lengths");
+    FASTMTL_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be int64 (torch.long), got ", l.scalar_type());
+    FASTMTL_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B, ",), got ",
+                        shape_str(l));
     check_same_device(l, hidden, "lengths", "hidden");
+    // values are validated on the device by the prep kernel (see raise_if_invalid)
   }
   for (int64_t k = 0; k < K; ++k) {
-    const Tensor& w = weights[k];
-    FASTMTL_CHECK_VALUE(w.dim() == 2, "weights[", k, "] must have shape (num_classes, ", D, "), got ",
-                        shape_str(w));
-    FASTMTL_CHECK_VALUE(w.size(1) == D, "weights[", k, "] has hidden size ", w.size(1), " but hidden has ", D,
-                        " features (shape ", shape_str(hidden), ")");
-    FASTMTL_CHECK_VALUE(w.size(0) >= 1, "weights[", k, "] must have at least one class, got shape ", shape_str(w));
-    check_same_dtype(w, hidden, ("weights[" + std::to_string(k) + "]").c_str(), "hidden");
-    check_same_device(w, hidden, ("weights[" + std::to_string(k) + "]").c_str(), "hidden");
-    const std::optional<Tensor> b = biases.get(k);
-    if (b.has_value() && b->defined()) {
-      const std::string name = "biases[" + std::to_string(k) + "]";
-      check_shape(*b, {w.size(0)}, name.c_str());
-      check_same_dtype(*b, hidden, name.c_str(), "hidden");
-      check_same_device(*b, hidden, name.c_str(), "hidden");
+    const Tensor& W = weights[k];
+    FASTMTL_CHECK_VALUE(W.dim() == 2 && W.size(0) >= 1 && W.size(1) == D, "weights[", k, "] (task ", k,
+                        ") must have shape (num_classes, D) with D = hidden.size(2) = ", D, ", got ", shape_str(W));
+    FASTMTL_CHECK_TYPE(W.scalar_type() == dt, "weights[", k, "] (task ", k, ") has dtype ", W.scalar_type(),
+                       " but hidden has dtype ", dt, "; they must match");
+    check_same_device(W, hidden, "weights", "hidden");
+    const std::optional<Tensor> bo = biases.get(k);
+    if (bo.has_value() && bo->defined()) {
+      const Tensor& bb = *bo;
+      FASTMTL_CHECK_VALUE(bb.dim() == 1 && bb.size(0) == W.size(0), "biases[", k, "] (task ", k,
+                          ") must have shape (", W.size(0), ",), got ", shape_str(bb));
+      FASTMTL_CHECK_TYPE(bb.scalar_type() == dt, "biases[", k, "] (task ", k, ") has dtype ", bb.scalar_type(),
+                         " but hidden has dtype ", dt, "; they must match");
+      check_same_device(bb, hidden, "biases", "hidden");
     }
-    FASTMTL_CHECK_VALUE(levels[k] == 0 || levels[k] == 1, "levels[", k,
-                        "] must be 0 (sequence) or 1 (token), got ", levels[k]);
-    FASTMTL_CHECK_VALUE(poolings[k] >= 0 && poolings[k] <= 4, "poolings[", k,
-                        "] must be 0 (last), 1 (first), 2 (mean), 3 (max) or 4 (last_first), got ", poolings[k]);
-    FASTMTL_CHECK_VALUE(!(levels[k] == 0 && T == 0 && B > 0), "task ", k,
-                        " is sequence-level but hidden has no time steps (shape ", shape_str(hidden), ")");
+    FASTMTL_CHECK_VALUE(levels[k] == 0 || levels[k] == 1, "levels[", k, "] must be 0 (sequence) or 1 (token), got ",
+                        levels[k]);
+    if (levels[k] == 0) {
+      FASTMTL_CHECK_VALUE(poolings[k] >= 0 && poolings[k] <= 4, "poolings[", k,
+                          "] must be 0 (last), 1 (first), 2 (mean), 3 (max) or 4 (last_first), got ", poolings[k]);
+      FASTMTL_CHECK_VALUE(poolings[k] != 4 || D % 2 == 0, "task ", k,
+                          " uses pooling last_first, which needs an even hidden size, got D = ", D);
+    }
   }
   return {B, T, D, K};
 }
@@ -78,39 +86,43 @@ HeadsShape check_heads_args(const Tensor& hidden, const std::optional<Tensor>& l
 void check_loss_args(const HeadsShape& s, const Tensor& hidden, at::TensorList weights, at::TensorList targets,
                      const OptList& class_weights, const Tensor& task_weights, at::IntArrayRef levels,
                      at::IntArrayRef ignore_indices, at::ArrayRef<double> label_smoothings) {
-  const int64_t K = s.K;
-  FASTMTL_CHECK_VALUE((int64_t)targets.size() == K, "targets must have one entry per task (", K, "), got ",
-                      targets.size());
-  FASTMTL_CHECK_VALUE((int64_t)class_weights.size() == K, "class_weights must have one entry per task (", K,
-                      "), got ", class_weights.size());
-  FASTMTL_CHECK_VALUE((int64_t)ignore_indices.size() == K, "ignore_indices must have one entry per task (", K,
-                      "), got ", ignore_indices.size());
-  FASTMTL_CHECK_VALUE((int64_t)label_smoothings.size() == K, "label_smoothings must have one entry per task (", K,
-                      "), got ", label_smoothings.size());
-  check_floating(task_weights, "task_weights");
-  check_shape(task_weights, {K}, "task_weights");
+  const int64_t K = s.K, B = s.B, Tn = s.T;
+  FASTMTL_CHECK_VALUE(int64_t(targets.size()) == K, "targets has ", targets.size(), " entries, expected ", K,
+                      " (one per task)");
+  FASTMTL_CHECK_VALUE(int64_t(class_weights.size()) == K, "class_weights has ", class_weights.size(),
+                      " entries, expected ", K, " (one tensor or None per task)");
+  FASTMTL_CHECK_VALUE(int64_t(ignore_indices.size()) == K, "ignore_indices has ", ignore_indices.size(),
+                      " entries, expected ", K);
+  FASTMTL_CHECK_VALUE(int64_t(label_smoothings.size()) == K, "label_smoothings has ", label_smoothings.size(),
+                      " entries, expected ", K);
+  FASTMTL_CHECK_TYPE(at::isFloatingType(task_weights.scalar_type()), "task_weights must be a floating tensor, got ",
+                     task_weights.scalar_type());
+  FASTMTL_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == K, "task_weights must have shape (", K,
+                      ",), got ", shape_str(task_weights));
   check_same_device(task_weights, hidden, "task_weights", "hidden");
   for (int64_t k = 0; k < K; ++k) {
     const Tensor& y = targets[k];
-    const std::string name = "targets[" + std::to_string(k) + "]";
-    FASTMTL_CHECK_TYPE(y.scalar_type() == at::kLong, name, " must be an int64 tensor, got ", y.scalar_type());
+    FASTMTL_CHECK_TYPE(y.scalar_type() == at::kLong, "targets[", k, "] (task ", k,
+                       ") must be int64 (torch.long), got ", y.scalar_type());
+    check_same_device(y, hidden, "targets", "hidden");
     if (levels[k] == 0) {
-      FASTMTL_CHECK_VALUE(y.dim() == 1 && y.size(0) == s.B, name, " (sequence-level task) must have shape (", s.B,
-                          ",), got ", shape_str(y));
+      FASTMTL_CHECK_VALUE(y.dim() == 1 && y.size(0) == B, "targets[", k, "] (task ", k,
+                          ", sequence level) must have shape (B,) = (", B, ",), got ", shape_str(y));
     } else {
-      FASTMTL_CHECK_VALUE(y.dim() == 2 && y.size(0) == s.B && y.size(1) == s.T, name,
-                          " (token-level task) must have shape (", s.B, ", ", s.T, "), got ", shape_str(y));
-    }
-    check_same_device(y, hidden, name.c_str(), "hidden");
-    const std::optional<Tensor> cw = class_weights.get(k);
-    if (cw.has_value() && cw->defined()) {
-      const std::string cname = "class_weights[" + std::to_string(k) + "]";
-      check_floating(*cw, cname.c_str());
-      check_shape(*cw, {weights[k].size(0)}, cname.c_str());
-      check_same_device(*cw, hidden, cname.c_str(), "hidden");
+      FASTMTL_CHECK_VALUE(y.dim() == 2 && y.size(0) == B && y.size(1) == Tn, "targets[", k, "] (task ", k,
+                          ", token level) must have shape (B, T) = (", B, ", ", Tn, "), got ", shape_str(y));
     }
     FASTMTL_CHECK_VALUE(label_smoothings[k] >= 0.0 && label_smoothings[k] <= 1.0, "label_smoothings[", k,
-                        "] must be in [0, 1], got ", label_smoothings[k]);
+                        "] (task ", k, ") must be in [0, 1], got ", label_smoothings[k]);
+    const std::optional<Tensor> cwo = class_weights.get(k);
+    if (cwo.has_value() && cwo->defined()) {
+      const Tensor& cw = *cwo;
+      FASTMTL_CHECK_TYPE(at::isFloatingType(cw.scalar_type()), "class_weights[", k, "] (task ", k,
+                         ") must be a floating tensor, got ", cw.scalar_type());
+      FASTMTL_CHECK_VALUE(cw.dim() == 1 && cw.size(0) == weights[k].size(0), "class_weights[", k, "] (task ", k,
+                          ") must have shape (", weights[k].size(0), ",), got ", shape_str(cw));
+      check_same_device(cw, hidden, "class_weights", "hidden");
+    }
   }
 }
 
@@ -136,15 +148,35 @@ int num_sms(int device) {
   return n;
 }
 
-// Reads the prep kernel's verdict (one host synchronisation) and raises a clear error.
-void raise_if_invalid(const Tensor& err, int64_t T) {
+// Reads the prep kernel's verdict (one host synchronisation) and raises the CPU op's errors.
+void raise_if_invalid(const Tensor& err, int64_t T, at::IntArrayRef levels, at::IntArrayRef ignore_indices,
+                      at::TensorList weights) {
   const Tensor e = err.to(at::kCPU);
   const int64_t* v = e.data_ptr<int64_t>();
-  FASTMTL_CHECK_VALUE(v[0] != 1, "lengths must be in [1, ", T, "] (the number of time steps of hidden), got ",
-                      "lengths[", v[2], "] = ", v[3]);
-  FASTMTL_CHECK_VALUE(v[0] != 2, "targets[", v[1], "] (task ", v[1], ") has class ", v[3], " at flat index ", v[2],
-                      ", outside [0, num_classes) and not ignore_index");
-  FASTMTL_CHECK(v[0] == 0, "internal error: unknown validation code ", v[0]);
+  if (v[0] == 0) return;
+  FASTMTL_CHECK_VALUE(v[0] != 1, "lengths[", v[2], "] = ", v[3],
+                      " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T);
+  if (v[0] == 2) {
+    const int64_t k = v[1], idx = v[2], val = v[3], C = weights[k].size(0);
+    if (levels[k] == 0) {
+      FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", val, " at b=", idx, ", outside [0, ",
+                          C, ") and not ignore_index (", ignore_indices[k], ")");
+    } else {
+      FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", val, " at (b=", idx / T, ", t=",
+                          idx % T, "), outside [0, ", C, ") and not ignore_index (", ignore_indices[k], ")");
+    }
+  }
+  FASTMTL_CHECK(false, "internal error: unknown validation code ", v[0]);
+}
+
+// float64 (composite) paths: validate the lengths with ATen ops (same message as the CPU op).
+void check_lengths_values(const std::optional<Tensor>& lengths, int64_t T) {
+  if (!lengths.has_value() || !lengths->defined() || lengths->numel() == 0) return;
+  const Tensor bad = ((*lengths < 1) | (*lengths > T)).nonzero();
+  if (bad.size(0) == 0) return;
+  const int64_t b = bad[0][0].item<int64_t>();
+  FASTMTL_CHECK_VALUE(false, "lengths[", b, "] = ", (*lengths)[b].item<int64_t>(),
+                      " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T);
 }
 
 // Device pointers of the row lengths (nullptr = all T), kept alive by `holder`.
@@ -170,6 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   if (dtype < 0) {
     FASTMTL_CHECK_TYPE(hidden_in.scalar_type() == at::kDouble,
                        "hidden must be float32, float16, bfloat16 or float64 on CUDA, got ", hidden_in.scalar_type());
+    check_lengths_values(lengths, s.T);
     return composite::loss_composite(hidden_in.contiguous(), lengths, weights, biases, targets, class_weights, task_weights,
                           levels, poolings, ignore_indices, label_smoothings, compute_grad);
   }
@@ -213,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
       grad_biases.push_back(at::empty({0}, o));
     }
   }
-  if (K == 0 || s.B == 0) {
+  if (s.B == 0) {
     if (compute_grad) {
       grad_hidden.zero_();
       for (auto& g : grad_weights) g.zero_();
@@ -243,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
   check_cuda(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
-  raise_if_invalid(err, s.T);
+  raise_if_invalid(err, s.T, levels, ignore_indices, weights);
   check_cuda(cuda::heads_run(p, stream), "fastmtl multitask_loss");
   return {total, losses, grad_hidden, grad_weights, grad_biases};
 }
@@ -259,19 +292,23 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   std::vector<Tensor> preds;
   for (int64_t k = 0; k < K; ++k)
     preds.push_back(levels[k] == 0 ? at::zeros({s.B}, o.dtype(at::kLong)) : at::zeros({s.B, s.T}, o.dtype(at::kLong)));
-  if (K == 0 || s.B == 0) return preds;
+  if (s.B == 0) return preds;
   const int dtype = heads_dtype(hidden.scalar_type());
   if (dtype < 0) {
     FASTMTL_CHECK_TYPE(hidden.scalar_type() == at::kDouble,
                        "hidden must be float32, float16, bfloat16 or float64 on CUDA, got ", hidden.scalar_type());
+    check_lengths_values(lengths, s.T);
     const Tensor len =
         (lengths.has_value() && lengths->defined()) ? *lengths : at::full({s.B}, s.T, o.dtype(at::kLong));
+    const Tensor pos = composite::valid_positions(lengths, s.B, s.T, o);
     for (int64_t k = 0; k < K; ++k) {
       const Tensor X = levels[k] == 0 ? std::get<0>(composite::pool(hidden, len, poolings[k])) : hidden;
       const std::optional<Tensor> b = biases.get(k);
       Tensor z = at::matmul(X, weights[k].t());
       if (b.has_value() && b->defined()) z = z + *b;
-      preds[k].copy_(z.argmax(-1));
+      Tensor pr = z.argmax(-1);
+      if (levels[k] == 1) pr = pr.masked_fill(pos.logical_not(), -1);  // padding positions: -1 (as the CPU op)
+      preds[k].copy_(pr);
     }
     return preds;
   }
@@ -307,7 +344,7 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
   check_cuda(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
-  raise_if_invalid(err, s.T);
+  raise_if_invalid(err, s.T, levels, {}, weights);
   check_cuda(cuda::heads_run(p, stream), "fastmtl multitask_predict");
   return preds;
 }
