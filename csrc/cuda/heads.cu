@@ -221,11 +221,42 @@ struct Smem {
   }
 };
 
-// dst[i][kk] = src[(row0 + i) * ld + d0 + kk] for row0 + i < nrows and d0 + kk < D, else 0.
+// Copies 16 bytes (kVec elements) from global src to shared dst (dst 16-byte aligned for 16-bit types).
+template <typename T>
+__device__ __forceinline__ void copy16(T* dst, const T* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  if constexpr (sizeof(T) == 2) {
+    *reinterpret_cast<uint4*>(dst) = v;
+  } else {
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int u = 0; u < (int)(16 / sizeof(T)); ++u) dst[u] = e[u];
+  }
+}
+template <typename T>
+__device__ __forceinline__ void zero_n(T* dst) {
+#pragma unroll
+  for (int u = 0; u < (int)(16 / sizeof(T)); ++u) dst[u] = from_f<T>(0.f);
+}
+
+// dst[i][kk] = src[(row0 + i) * D + d0 + kk] for row0 + i < nrows and d0 + kk < D, else 0.
+// vec: D is a multiple of 16 bytes and src is 16-byte aligned, so 16-byte loads never straddle the end of a row.
 template <typename T>
 __device__ __forceinline__ void load_matrix_chunk(T* dst, const T* src, int64_t row0, int64_t nrows, int64_t D,
-                                                  int64_t d0) {
+                                                  int64_t d0, bool vec) {
   constexpr int ldt = Ld<T>::value;
+  if (vec) {
+    constexpr int V = 16 / sizeof(T), per_row = kTile / V;
+    for (int e = threadIdx.x; e < kTile * per_row; e += kThreads) {
+      const int i = e / per_row, kk = (e - i * per_row) * V;
+      const int64_t r = row0 + i, d = d0 + kk;
+      if (r < nrows && d < D)
+        copy16<T>(dst + i * ldt + kk, src + r * D + d);
+      else
+        zero_n<T>(dst + i * ldt + kk);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int i = e >> 6, kk = e & 63;
     const int64_t r = row0 + i, d = d0 + kk;
@@ -235,8 +266,21 @@ __device__ __forceinline__ void load_matrix_chunk(T* dst, const T* src, int64_t 
 
 // dst[i][kk] = X row i (through the row state) at feature d0 + kk, 0 for rows without X.
 template <typename T>
-__device__ __forceinline__ void load_x_chunk(T* dst, const RowState* rs, int64_t D, int64_t d0) {
+__device__ __forceinline__ void load_x_chunk(T* dst, const RowState* rs, int64_t D, int64_t d0, bool vec) {
   constexpr int ldt = Ld<T>::value;
+  if (vec) {
+    constexpr int V = 16 / sizeof(T), per_row = kTile / V;
+    for (int e = threadIdx.x; e < kTile * per_row; e += kThreads) {
+      const int i = e / per_row, kk = (e - i * per_row) * V;
+      const int64_t d = d0 + kk;
+      const T* p = static_cast<const T*>(rs[i].ptr);
+      if (p != nullptr && d < D)
+        copy16<T>(dst + i * ldt + kk, p + d);
+      else
+        zero_n<T>(dst + i * ldt + kk);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int i = e >> 6, kk = e & 63;
     const int64_t d = d0 + kk;
@@ -248,14 +292,14 @@ __device__ __forceinline__ void load_x_chunk(T* dst, const RowState* rs, int64_t
 // Logits tile (without bias) of the block's 64 rows and classes [c0, c0 + 64) into sm.ls. Same code and order in
 // the row and weight kernels, so both see bitwise the same logits.
 template <typename T>
-__device__ void logits_tile(const Smem<T>& sm, const T* W, int64_t C, int64_t D, int64_t c0) {
+__device__ void logits_tile(const Smem<T>& sm, const T* W, int64_t C, int64_t D, int64_t c0, bool vec) {
   using M = Mma<T>;
   constexpr int ldt = Ld<T>::value;
   typename M::Acc acc;
   M::zero(acc);
   for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-    load_x_chunk<T>(sm.xs, sm.rs, D, d0);
-    load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0);
+    load_x_chunk<T>(sm.xs, sm.rs, D, d0, vec);
+    load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, vec);
     __syncthreads();
     M::template mma<true, false>(acc, sm.xs, ldt, sm.ws, ldt, kTile);
     __syncthreads();
@@ -486,7 +530,7 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
   const int i = threadIdx.x >> 2, q = threadIdx.x & 3;  // 4 threads per row in the epilogues
   // Pass 1: online log-sum-exp (loss) or argmax (predict).
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    logits_tile<T>(sm, W, C, D, c0);
+    logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
     RowState& r = sm.rs[i];
     float tmax = -INFINITY;
     int targ = 0;
@@ -592,10 +636,10 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
   constexpr int ldt = Ld<T>::value;
   float* gxp = p.gx + tk.gx_offset + r0 * p.D_pad;
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    logits_tile<T>(sm, W, C, D, c0);
+    logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
     form_dlogits<T>(sm, bias, cw, C, c0);
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0);  // ws[class][feature]: B(k = class, n = feature), row-major
+      load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, p.vec_loads);  // ws[class][feature]: B(k = class, n = feature), row-major
       __syncthreads();
       typename M::Acc acc;
       if (c0 == 0)
@@ -640,12 +684,12 @@ __global__ void __launch_bounds__(kThreads) heads_weight_kernel(HeadsParams p) {
   for (int64_t rt = rt_begin; rt < rt_end; ++rt) {
     setup_rows<T>(p, tk, sm.rs, rt * kTile, true);
     __syncthreads();
-    logits_tile<T>(sm, W, C, D, c0);
+    logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
     form_dlogits<T>(sm, bias, tk.class_weight, C, c0);
     if (threadIdx.x < kTile)
       for (int i = 0; i < kTile; ++i) gb += sm.ls[i * kLdl + threadIdx.x];
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      load_x_chunk<T>(sm.xs, sm.rs, D, d0);  // xs[row][feature]: B(k = row, n = feature), row-major
+      load_x_chunk<T>(sm.xs, sm.rs, D, d0, p.vec_loads);  // xs[row][feature]: B(k = row, n = feature), row-major
       __syncthreads();
       typename M::Acc acc;
       if (rt == rt_begin)
@@ -824,6 +868,12 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
     t.wblock_end = p.weight_blocks;
     t.welem_end = p.weight_elems;
   }
+  // 16-byte loads of X and W rows: every row start 16-byte aligned (D a multiple of 16 bytes, aligned bases;
+  // the pooled rows live in the workspace, which is 256-byte aligned).
+  const size_t es = elem_size(p.dtype);
+  bool vec = (p.D * (int64_t)es) % 16 == 0 && reinterpret_cast<uintptr_t>(p.hidden) % 16 == 0;
+  for (int k = 0; k < p.K; ++k) vec = vec && reinterpret_cast<uintptr_t>(tasks[k].weight) % 16 == 0;
+  p.vec_loads = vec;
   const bool loss = !p.predict;
   const bool grad = loss && p.compute_grad;
   const int64_t S = p.num_seq_tasks;

@@ -78,6 +78,7 @@ struct HeadsParams {
   int64_t* err = nullptr;       // int64[4], zeroed by the caller
   // layout (heads_plan) and workspace pointers (heads_prepare)
   int64_t D_pad = 0;
+  bool vec_loads = false;     // 16-byte loads of X / W rows (D * elem % 16 == 0, aligned bases)
   int64_t num_seq_tasks = 0;
   int64_t total_rows = 0;
   int64_t row_tiles = 0;      // blocks of the row kernel
