@@ -898,7 +898,9 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
   return off;
 }
 
-cudaError_t heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream) {
+static const char* err_str(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
+
+const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream) {
   unsigned char* base = static_cast<unsigned char*>(workspace);
   p.tasks = reinterpret_cast<const HeadsTask*>(base + p.off_tasks);
   p.pooled = base + p.off_pooled;
@@ -911,25 +913,25 @@ cudaError_t heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspac
   p.gx = reinterpret_cast<float*>(base + p.off_gx);
   p.gw = reinterpret_cast<float*>(base + p.off_gw);
   p.gb = reinterpret_cast<float*>(base + p.off_gb);
-  if (p.K == 0) return cudaSuccess;
+  if (p.K == 0) return nullptr;
   // Pageable source: the copy is staged before the call returns, so the caller may free `tasks` afterwards.
   cudaError_t e = cudaMemcpyAsync(base + p.off_tasks, tasks, sizeof(HeadsTask) * p.K, cudaMemcpyHostToDevice, stream);
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess) return err_str(e);
   switch (p.dtype) {
-    case kHeadsFloat32: return launch_prep<float>(p, stream);
-    case kHeadsFloat16: return launch_prep<__half>(p, stream);
-    case kHeadsBFloat16: return launch_prep<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
+    case kHeadsFloat32: return err_str(launch_prep<float>(p, stream));
+    case kHeadsFloat16: return err_str(launch_prep<__half>(p, stream));
+    case kHeadsBFloat16: return err_str(launch_prep<__nv_bfloat16>(p, stream));
+    default: return "fastmtl heads: unsupported dtype code";
   }
 }
 
-cudaError_t heads_run(const HeadsParams& p, cudaStream_t stream) {
-  if (p.K == 0) return cudaSuccess;
+const char* heads_run(const HeadsParams& p, cudaStream_t stream) {
+  if (p.K == 0) return nullptr;
   switch (p.dtype) {
-    case kHeadsFloat32: return launch_run<float>(p, stream);
-    case kHeadsFloat16: return launch_run<__half>(p, stream);
-    case kHeadsBFloat16: return launch_run<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
+    case kHeadsFloat32: return err_str(launch_run<float>(p, stream));
+    case kHeadsFloat16: return err_str(launch_run<__half>(p, stream));
+    case kHeadsBFloat16: return err_str(launch_run<__nv_bfloat16>(p, stream));
+    default: return "fastmtl heads: unsupported dtype code";
   }
 }
 

@@ -135,9 +135,7 @@ int heads_dtype(at::ScalarType t) {
   }
 }
 
-void check_cuda(cudaError_t e, const char* what) {
-  FASTMTL_CHECK(e == cudaSuccess, what, " failed: ", cudaGetErrorString(e));
-}
+void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == nullptr, what, " failed: ", err); }
 
 int num_sms(int device) {
   int n = 0;
@@ -275,9 +273,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  check_cuda(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
+  check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
   raise_if_invalid(err, s.T, levels, ignore_indices, weights);
-  check_cuda(cuda::heads_run(p, stream), "fastmtl multitask_loss");
+  check_launch(cuda::heads_run(p, stream), "fastmtl multitask_loss");
   return {total, losses, grad_hidden, grad_weights, grad_biases};
 }
 
@@ -343,9 +341,9 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  check_cuda(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
+  check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
   raise_if_invalid(err, s.T, levels, {}, weights);
-  check_cuda(cuda::heads_run(p, stream), "fastmtl multitask_predict");
+  check_launch(cuda::heads_run(p, stream), "fastmtl multitask_predict");
   return preds;
 }
 

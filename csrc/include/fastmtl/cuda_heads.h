@@ -105,10 +105,11 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms);
 
 // Binds the workspace (device memory of p.workspace_bytes, 256-byte aligned), uploads the task table (from host
 // memory; the copy is staged, so `tasks` may be freed after the call) and launches the prep kernel.
-cudaError_t heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream);
+// Launchers return nullptr on success or a static error string (cudaGetErrorString or a fixed message).
+const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream);
 
 // Launches the row kernel, the weight kernel (with gradients) and the finalize kernel.
-cudaError_t heads_run(const HeadsParams& p, cudaStream_t stream);
+const char* heads_run(const HeadsParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmtl
