@@ -93,7 +93,8 @@ def _pool(h, lens, pooling):
     if pooling == MEAN:
         return (h * mask[..., None].to(h.dtype)).sum(1) / lens[:, None].to(h.dtype)
     if pooling == MAX:
-        return h.masked_fill(~mask[..., None], float("-inf")).amax(1)
+        # max(dim).values: the gradient goes to the first maximal time step (ties are common in bf16)
+        return h.masked_fill(~mask[..., None], float("-inf")).max(dim=1).values
     return torch.cat([last[:, : D // 2], first[:, D // 2:]], dim=1)
 
 

@@ -17,6 +17,11 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+// Dynamic shared memory of the row and weight kernels (the host emulation used by the tests redefines it).
+#ifndef FASTMTL_DYN_SMEM
+#define FASTMTL_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
@@ -113,6 +118,7 @@ struct SimtMma {
   }
 };
 
+#if defined(__CUDACC__)  // (the host-compiled emulation in tests/emulate has no wmma)
 namespace wmma = nvcuda::wmma;
 
 template <bool ROW>
@@ -157,6 +163,8 @@ struct TcMma {
   }
 };
 
+#endif  // __CUDACC__
+
 // Tensor cores where the architecture has them for the type (fp16: sm_70+, bf16: sm_80+); the host pass and older
 // architectures see the FMA version (the host pass never runs it).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
@@ -175,8 +183,13 @@ template <>
 struct UseTc<__half> : std::integral_constant<bool, FASTMTL_TC_F16> {};
 template <>
 struct UseTc<__nv_bfloat16> : std::integral_constant<bool, FASTMTL_TC_BF16> {};
+#if defined(__CUDACC__)
 template <typename T>
 using Mma = typename std::conditional<UseTc<T>::value, TcMma<T>, SimtMma<T>>::type;
+#else
+template <typename T>
+using Mma = SimtMma<T>;
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory of the row and weight kernels.
@@ -511,7 +524,7 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FASTMTL_DYN_SMEM(smem_raw);
   // raw storage: a __shared__ variable must not have a (non-trivial) constructor
   __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
   HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
@@ -661,7 +674,7 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) heads_weight_kernel(HeadsParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FASTMTL_DYN_SMEM(smem_raw);
   // raw storage: a __shared__ variable must not have a (non-trivial) constructor
   __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
   HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
@@ -781,6 +794,7 @@ __global__ void __launch_bounds__(kThreads) heads_finalize_kernel(HeadsParams p,
 
 size_t elem_size(int dtype) { return dtype == kHeadsFloat32 ? 4 : 2; }
 
+#if defined(__CUDACC__)
 template <typename T>
 cudaError_t launch_prep(const HeadsParams& p, cudaStream_t stream) {
   const int64_t blocks = p.num_seq_tasks * p.B + p.K;
@@ -817,6 +831,8 @@ cudaError_t launch_run(const HeadsParams& p, cudaStream_t stream) {
   heads_finalize_kernel<T><<<(unsigned)(hblocks + wblocks + 1), kThreads, 0, stream>>>(p, hblocks, wblocks);
   return cudaGetLastError();
 }
+
+#endif  // __CUDACC__
 
 }  // namespace
 
@@ -898,9 +914,7 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
   return off;
 }
 
-static const char* err_str(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
-
-const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream) {
+void heads_bind(HeadsParams& p, void* workspace) {
   unsigned char* base = static_cast<unsigned char*>(workspace);
   p.tasks = reinterpret_cast<const HeadsTask*>(base + p.off_tasks);
   p.pooled = base + p.off_pooled;
@@ -913,6 +927,14 @@ const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspac
   p.gx = reinterpret_cast<float*>(base + p.off_gx);
   p.gw = reinterpret_cast<float*>(base + p.off_gw);
   p.gb = reinterpret_cast<float*>(base + p.off_gb);
+}
+
+#if defined(__CUDACC__)
+static const char* err_str(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
+
+const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream) {
+  heads_bind(p, workspace);
+  unsigned char* base = static_cast<unsigned char*>(workspace);
   if (p.K == 0) return nullptr;
   // Pageable source: the copy is staged before the call returns, so the caller may free `tasks` afterwards.
   cudaError_t e = cudaMemcpyAsync(base + p.off_tasks, tasks, sizeof(HeadsTask) * p.K, cudaMemcpyHostToDevice, stream);
@@ -934,6 +956,7 @@ const char* heads_run(const HeadsParams& p, cudaStream_t stream) {
     default: return "fastmtl heads: unsupported dtype code";
   }
 }
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace fastmtl

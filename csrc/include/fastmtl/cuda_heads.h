@@ -103,6 +103,10 @@ struct HeadsParams {
 // `num_sms` sizes the row splits of the weight kernel (pass the device's multiprocessor count).
 size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms);
 
+// Host only: points the workspace fields of `p` into `workspace` (done by heads_prepare; public for the emulation
+// that tests the kernels on the host).
+void heads_bind(HeadsParams& p, void* workspace);
+
 // Binds the workspace (device memory of p.workspace_bytes, 256-byte aligned), uploads the task table (from host
 // memory; the copy is staged, so `tasks` may be freed after the call) and launches the prep kernel.
 // Launchers return nullptr on success or a static error string (cudaGetErrorString or a fixed message).
