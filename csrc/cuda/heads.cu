@@ -36,6 +36,7 @@ namespace {
 constexpr int kTile = 64;      // rows per tile, classes per tile, features per chunk
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kLdl = 68;       // leading dimension (floats) of the fp32 logits tile in shared memory
+constexpr int kFuseMaxClassTiles = 8;  // tasks with at most 512 classes may get grad_W in the row kernel
 
 template <typename T>
 struct Ld {
@@ -645,22 +646,44 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
   if (p.predict || !p.compute_grad) return;
 
   // Pass 2: gradient tiles, grad_X(rows) += dlogits . W(class tile), accumulated in this block's own fp32 rows.
+  // A task with one class tile reuses pass 1's logits (still in sm.ls, bias included). A task with fuse_gw also
+  // writes this row tile's grad_W partial dlogits^T . X and grad_b partial (reduced over row tiles by finalize), so
+  // the weight kernel skips it.
   using M = Mma<T>;
   constexpr int ldt = Ld<T>::value;
   float* gxp = p.gx + tk.gx_offset + r0 * p.D_pad;
+  const bool cached = C <= kTile;
+  const bool fuse = tk.fuse_gw != 0;
+  const int64_t rt = blockIdx.x - tk.tile_begin, C_pad = tk.class_tiles * kTile;
+  float* gwp = p.gw + tk.gw_offset + rt * C_pad * p.D_pad;
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
-    form_dlogits<T>(sm, bias, cw, C, c0);
+    if (!cached) logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
+    form_dlogits<T>(sm, cached ? nullptr : bias, cw, C, c0);
+    if (fuse && threadIdx.x < kTile) {
+      float gb = 0.f;
+      for (int r = 0; r < kTile; ++r) gb += sm.ls[r * kLdl + threadIdx.x];
+      p.gb[tk.gb_offset + rt * C_pad + c0 + threadIdx.x] = gb;
+    }
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, p.vec_loads);  // ws[class][feature]: B(k = class, n = feature), row-major
+      load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, p.vec_loads);  // ws[class][feature]: B(k = class, n = feature)
+      if (fuse) load_x_chunk<T>(sm.xs, sm.rs, D, d0, p.vec_loads);  // xs[row][feature]: B(k = row, n = feature)
       __syncthreads();
-      typename M::Acc acc;
-      if (c0 == 0)
+      {
+        typename M::Acc acc;
+        if (c0 == 0)
+          M::zero(acc);
+        else
+          M::load(acc, gxp + d0, p.D_pad);
+        M::template mma<true, true>(acc, sm.ds, ldt, sm.ws, ldt, kTile);
+        M::store(acc, gxp + d0, p.D_pad);
+      }
+      if (fuse) {
+        typename M::Acc acc;
         M::zero(acc);
-      else
-        M::load(acc, gxp + d0, p.D_pad);
-      M::template mma<true, true>(acc, sm.ds, ldt, sm.ws, ldt, kTile);
-      M::store(acc, gxp + d0, p.D_pad);
+        // A = dlogits^T: A(m = class, k = row) = ds[row * ldt + class], column-major
+        M::template mma<false, true>(acc, sm.ds, ldt, sm.xs, ldt, kTile);
+        M::store(acc, gwp + c0 * p.D_pad + d0, p.D_pad);
+      }
       __syncthreads();
     }
     __syncthreads();
@@ -847,6 +870,7 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
   int64_t gx_floats = 0, gw_floats = 0, gb_floats = 0;
   const int64_t target_blocks = 2 * (int64_t)(num_sms > 0 ? num_sms : 100);
   const int64_t max_partial_floats = (int64_t)64 << 20;  // 256 MB of fp32 grad-W partials per task at most
+  const int64_t max_fused_floats = (int64_t)16 << 20;    // 64 MB of per-row-tile partials (fused grad_W)
   for (int k = 0; k < p.K; ++k) {
     HeadsTask& t = tasks[k];
     t.index = k;
@@ -869,6 +893,19 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
     if (p.compute_grad && !p.predict) {
       gx_floats += nt * kTile * D_pad;
       const int64_t C_pad = t.class_tiles * kTile;
+      // Small vocabularies: the row kernel writes one grad_W partial per row tile (no weight kernel, no third
+      // logits GEMM) when the partials stay small.
+      t.fuse_gw = (t.class_tiles <= kFuseMaxClassTiles && nt * C_pad * D_pad <= max_fused_floats) ? 1 : 0;
+      if (t.fuse_gw) {
+        t.splits = nt;
+        t.tiles_per_split = 1;
+        gw_floats += nt * C_pad * D_pad;
+        gb_floats += nt * C_pad;
+        p.weight_elems += t.num_classes * p.D + (t.bias != nullptr ? t.num_classes : 0);
+        t.wblock_end = p.weight_blocks;
+        t.welem_end = p.weight_elems;
+        continue;
+      }
       int64_t splits = (target_blocks + t.class_tiles - 1) / t.class_tiles;
       const int64_t mem_cap = std::max<int64_t>(1, max_partial_floats / std::max<int64_t>(1, C_pad * D_pad));
       splits = std::max<int64_t>(1, std::min<int64_t>(std::min(splits, mem_cap), nt));

@@ -52,7 +52,8 @@ struct HeadsTask {
   int64_t pooled_index = -1;  // sequence tasks: index into the pooled buffer
   int64_t gx_offset = 0;      // floats: this task's grad accumulator (rows_pad x D_pad)
   int64_t class_tiles = 0;    // ceil(C / 64)
-  int64_t splits = 1;         // row splits of the weight kernel
+  int fuse_gw = 0;            // grad_W / grad_b partials per row tile from the row kernel (no weight kernel)
+  int64_t splits = 1;         // row splits of the weight kernel (fused: one per row tile)
   int64_t tiles_per_split = 0;
   int64_t wblock_begin = 0;   // first block of this task in the weight kernel's grid
   int64_t wblock_end = 0;
