@@ -5,7 +5,8 @@
 // device with the same semantics (logits of all rows at once: meant for tests, not for speed).
 //
 // One host synchronisation per call: the prep kernel validates lengths and targets on the device and the glue
-// reads the verdict back, so bad input raises a clear error instead of a silently wrong result.
+// reads the verdict back after queueing every kernel, so bad input raises a clear error instead of a silently
+// wrong result (the kernels clamp / skip bad values, so nothing reads out of bounds meanwhile).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -274,8 +275,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
   check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
-  raise_if_invalid(err, s.T, levels, ignore_indices, weights);
   check_launch(cuda::heads_run(p, stream), "fastmtl multitask_loss");
+  // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.
+  raise_if_invalid(err, s.T, levels, ignore_indices, weights);
   return {total, losses, grad_hidden, grad_weights, grad_biases};
 }
 
@@ -342,8 +344,9 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
   check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
-  raise_if_invalid(err, s.T, levels, {}, weights);
   check_launch(cuda::heads_run(p, stream), "fastmtl multitask_predict");
+  // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.
+  raise_if_invalid(err, s.T, levels, {}, weights);
   return preds;
 }
 
