@@ -178,6 +178,17 @@ void check_lengths_values(const std::optional<Tensor>& lengths, int64_t T) {
                       " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T);
 }
 
+// The op validates its inputs with one host synchronisation and uploads its task table from host memory: neither is
+// allowed inside a CUDA-graph capture, so a capture gets a clear error instead of a failed capture later.
+void check_not_capturing(cudaStream_t stream, const char* op) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
+  FASTMTL_CHECK(e == cudaSuccess, op, ": cudaStreamIsCapturing failed: ", cudaGetErrorString(e));
+  FASTMTL_CHECK(status == cudaStreamCaptureStatusNone, op,
+                " on CUDA cannot be captured in a CUDA graph (it validates lengths and targets with a host "
+                "synchronisation); run it outside the captured region");
+}
+
 // Device pointers of the row lengths (nullptr = all T), kept alive by `holder`.
 const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, Tensor& holder) {
   if (!lengths.has_value() || !lengths->defined()) return nullptr;
@@ -274,6 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
+  check_not_capturing(stream, "fastmtl multitask_loss");
   check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
   check_launch(cuda::heads_run(p, stream), "fastmtl multitask_loss");
   // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.
@@ -343,6 +355,7 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
   const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
+  check_not_capturing(stream, "fastmtl multitask_predict");
   check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
   check_launch(cuda::heads_run(p, stream), "fastmtl multitask_predict");
   // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.

@@ -159,18 +159,29 @@ def run(args):
                     raise SystemExit("unknown provider %r (fastmtl, pytorch)" % prov)
                 model.train()
                 step = _step_fn(model, loss_fn, batches, device, amp)
-                t = measure(step, warmup=warmup, repeat=repeat, device=device)
+                row = {"device": str(device), "dtype": dtype_name, "B": B, "T": T, "H": H, "layers": L,
+                       "provider": prov}
+                try:
+                    t = measure(step, warmup=warmup, repeat=repeat, device=device)
+                except Exception as e:  # a provider that cannot run this configuration: report it, keep going
+                    row["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                    print("train_step: %s %s B=%d failed: %s" % (prov, dtype_name, B, row["error"]), flush=True)
+                    rows.append(row)
+                    continue
                 timing[prov] = t["median_ms"]
-                rows.append({
-                    "device": str(device), "dtype": dtype_name, "B": B, "T": T, "H": H, "layers": L,
-                    "provider": prov, "median_ms": t["median_ms"], "p25_ms": t["p25_ms"], "p75_ms": t["p75_ms"],
-                    "tokens_per_s": tokens / (t["median_ms"] / 1e3),
-                })
+                row.update({"median_ms": t["median_ms"], "p25_ms": t["p25_ms"], "p75_ms": t["p75_ms"],
+                            "tokens_per_s": tokens / (t["median_ms"] / 1e3)})
+                rows.append(row)
                 del model, step
                 if cuda:
                     torch.cuda.empty_cache()
             if "fastmtl" in timing and "pytorch" in timing:
                 for r in rows[-len(providers):]:
                     r["speedup_vs_pytorch"] = timing["pytorch"] / timing["fastmtl"]
-    print_table(rows, ["dtype", "B", "T", "H", "provider", "median_ms", "tokens_per_s", "speedup_vs_pytorch"])
+    if cuda:
+        name = torch.cuda.get_device_name()
+        for r in rows:
+            r["gpu"] = name
+    cols = ["dtype", "B", "T", "H", "provider", "median_ms", "tokens_per_s", "speedup_vs_pytorch"]
+    print_table(rows, cols + (["error"] if any("error" in r for r in rows) else []))
     return rows
