@@ -9,9 +9,23 @@
 //   lse_i = log sum_c exp(z_ic)             (online over class tiles)
 //   loss_i = (1-e) w_y (lse - z_y) + e/C (sum_c w_c lse - sum_c w_c z_c)          (F.cross_entropy)
 //   dz_ic = lambda_k/N_k * [ p_ic ((1-e) w_y + e/C sum w) - (1-e) w_y [c==y] - e/C w_c ]
-// The row kernel makes two passes over the class tiles (log-sum-exp, then gradient) and multiplies each gradient
-// tile by W into a grad accumulator owned by the block; the weight kernel recomputes the same logits tiles (same
-// code, same order: bitwise the same logits) and multiplies the gradient tile's transpose by X.
+//
+// Kernels (one launch each; all K tasks in every launch):
+//   prep      pooled rows of the sequence tasks (+ argmax of max pooling), normalisers N_k, sum of class weights,
+//             validation of lengths / targets into an error word.
+//   row       one block per (task, 64-row tile). Pass 1 over the class tiles: logits tile = X W^T (+ b) on chip,
+//             online log-sum-exp, target logit, sum_c w_c z_c -> per-row loss. With gradients, pass 2 over the class
+//             tiles: the logits tile again (or pass 1's tile when C <= 64), the gradient tile dz on chip (fp32 and
+//             operand type in shared memory), grad_X(rows) += dz . W accumulated in fp32 rows owned by the block,
+//             and for small vocabularies (<= 512 classes, bounded partials) the row tile's grad_W partial dz^T . X
+//             and grad_b partial. No logits tensor ever reaches global memory.
+//   weight    only for large vocabularies: one block per (task, 64-class tile, row split); it recomputes the logits
+//             tiles of its rows (same code and order as the row kernel: bitwise the same logits), forms dz from the
+//             saved per-row (lse, coefficients) and accumulates grad_W += dz^T . X, grad_b += sum_rows dz on chip.
+//   finalize  fixed-order sums: grad_hidden = sum over tasks in task order (pooling backward for sequence tasks),
+//             grad_W / grad_b = sum over row tiles / splits in order, per-task losses and the total.
+// Deterministic: every reduction has a fixed order and no float atomics are used, so two runs are bitwise equal.
+// tests/cuda_emulation/heads_emu.cpp compiles this file for the host (FMA tile path) to test it without a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

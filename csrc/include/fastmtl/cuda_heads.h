@@ -11,11 +11,12 @@
 //                     into `err` (int64[4]: code, task, index, value; code 0 = ok, 1 = length, 2 = target).
 //   heads_run         the row kernel (ONE launch for all K tasks: per (task, 64-row tile) the logits tiles on tensor
 //                     cores, online log-sum-exp, per-row losses; with gradients the logit-gradient tile is formed on
-//                     chip and multiplied by W into a per-task fp32 grad-hidden accumulator owned by that block), the
-//                     weight kernel (only with gradients; per (task, 64-class tile, row split) it recomputes the logits
-//                     tile from the saved per-row log-sum-exp and accumulates dlogits^T X and the bias gradient on
-//                     chip), and the finalize kernel (fixed-order sums: grad_hidden over tasks incl. the pooling
-//                     backward, grad_W / grad_b over row splits, per-task losses and the total).
+//                     chip and multiplied by W into a per-task fp32 grad-hidden accumulator owned by that block, and
+//                     for vocabularies up to 512 classes by X into a per-row-tile grad_W partial), the weight kernel
+//                     (only with gradients and only for larger vocabularies; per (task, 64-class tile, row split) it
+//                     recomputes the logits tile from the saved per-row log-sum-exp and accumulates dlogits^T X and
+//                     the bias gradient on chip), and the finalize kernel (fixed-order sums: grad_hidden over tasks
+//                     incl. the pooling backward, grad_W / grad_b over row tiles / splits, the losses and the total).
 // Every reduction has a fixed order, so results are bitwise reproducible run to run (no float atomics).
 #pragma once
 #include <cuda_runtime_api.h>
