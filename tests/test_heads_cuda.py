@@ -259,8 +259,9 @@ def test_float32_against_cpu_op(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_types_twice_pytorch_error(backend, dtype):
-    p = make_problem(8, 16, 64, MIXED, dtype=dtype, device=backend.device)
+@pytest.mark.parametrize("D", [64, 200, 90])  # one feature chunk; four (double-buffered loads); unaligned rows
+def test_half_types_twice_pytorch_error(backend, dtype, D):
+    p = make_problem(8, 16, D, MIXED, dtype=dtype, device=backend.device)
     out = op_loss(p, ops=backend.ops)
     r64 = reference(p, torch.float64)
     rlo = reference(p, dtype)
@@ -296,7 +297,7 @@ def test_deterministic(backend, dtype):
 def test_large_vocabulary(backend, dtype):
     C = 20000 if backend.name == "cuda" else 3000  # many class tiles either way (the emulation is slow)
     tasks = [dict(level=0, C=26), dict(level=1, C=C, smoothing=0.1)]
-    p = make_problem(4, 24 if backend.name == "cuda" else 8, 64, tasks, dtype=dtype, device=backend.device)
+    p = make_problem(4, 24 if backend.name == "cuda" else 8, 136, tasks, dtype=dtype, device=backend.device)
     out = op_loss(p, ops=backend.ops)
     if dtype == torch.float32:
         assert_close_f32(out, reference(p), p)

@@ -225,7 +225,11 @@ struct SmemLayout {
   static constexpr size_t tile = align_up(sizeof(T) * kTile * ldt, 128);
   static constexpr size_t xs = 0, ws = tile, ds = 2 * tile, ls = 3 * tile;
   static constexpr size_t rows = ls + align_up(sizeof(float) * kTile * kLdl, 128);
-  static constexpr size_t bytes = rows + align_up(sizeof(RowState) * kTile, 128);
+  // 16-bit types: second X / W buffers for the cp.async double-buffered logits loop
+  static constexpr bool pipelined = sizeof(T) == 2;
+  static constexpr size_t xs1 = rows + align_up(sizeof(RowState) * kTile, 128);
+  static constexpr size_t ws1 = xs1 + (pipelined ? tile : 0);
+  static constexpr size_t bytes = ws1 + (pipelined ? tile : 0);
 };
 
 template <typename T>
@@ -233,6 +237,8 @@ struct Smem {
   T* xs;  // X chunk   [64 rows][64 features]
   T* ws;  // W chunk   [64 classes][64 features]
   T* ds;  // dlogits   [64 rows][64 classes] (operand type)
+  T* xs1;  // second buffers of the pipelined logits loop (16-bit types)
+  T* ws1;
   float* ls;  // logits / dlogits [64 rows][64 classes] fp32, ld kLdl
   RowState* rs;
   HeadsTask* task;
@@ -242,6 +248,8 @@ struct Smem {
     s.xs = reinterpret_cast<T*>(base + L::xs);
     s.ws = reinterpret_cast<T*>(base + L::ws);
     s.ds = reinterpret_cast<T*>(base + L::ds);
+    s.xs1 = reinterpret_cast<T*>(base + L::xs1);
+    s.ws1 = reinterpret_cast<T*>(base + L::ws1);
     s.ls = reinterpret_cast<float*>(base + L::ls);
     s.rs = reinterpret_cast<RowState*>(base + L::rows);
     s.task = task;
@@ -317,20 +325,88 @@ __device__ __forceinline__ void load_x_chunk(T* dst, const RowState* rs, int64_t
   }
 }
 
+// cp.async (sm_80+): 16-byte global -> shared copies that complete in the background; elsewhere (older
+// architectures, the host emulation) a plain copy, so the pipelined loop below has the same logic everywhere.
+template <typename T>
+__device__ __forceinline__ void cp_async16(T* dst, const T* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src));
+#else
+  copy16<T>(dst, src);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Issues the copies of X chunk d0 (rows through the row states) and W chunk (classes c0.., features d0..) into
+// xs / ws (16-bit types, 16-byte aligned rows); out-of-range parts are zero-filled with plain stores.
+template <typename T>
+__device__ __forceinline__ void stage_chunks_async(T* xs, T* ws, const RowState* rs, const T* W, int64_t C,
+                                                   int64_t D, int64_t c0, int64_t d0) {
+  constexpr int ldt = Ld<T>::value, V = 16 / sizeof(T), per_row = kTile / V;
+  for (int e = threadIdx.x; e < 2 * kTile * per_row; e += kThreads) {
+    const bool is_w = e >= kTile * per_row;
+    const int f = is_w ? e - kTile * per_row : e;
+    const int i = f / per_row, kk = (f - i * per_row) * V;
+    const int64_t d = d0 + kk;
+    T* dst = (is_w ? ws : xs) + i * ldt + kk;
+    const T* src = nullptr;
+    if (d < D) {
+      if (is_w)
+        src = c0 + i < C ? W + (c0 + i) * D + d : nullptr;
+      else
+        src = rs[i].ptr != nullptr ? static_cast<const T*>(rs[i].ptr) + d : nullptr;
+    }
+    if (src != nullptr)
+      cp_async16<T>(dst, src);
+    else
+      zero_n<T>(dst);
+  }
+  cp_async_commit();
+}
+
 // Logits tile (without bias) of the block's 64 rows and classes [c0, c0 + 64) into sm.ls. Same code and order in
-// the row and weight kernels, so both see bitwise the same logits.
+// the row and weight kernels, so both see bitwise the same logits. 16-bit types with aligned rows: double-buffered
+// (the copies of chunk i+1 run while chunk i is on the tensor cores).
 template <typename T>
 __device__ void logits_tile(const Smem<T>& sm, const T* W, int64_t C, int64_t D, int64_t c0, bool vec) {
   using M = Mma<T>;
   constexpr int ldt = Ld<T>::value;
   typename M::Acc acc;
   M::zero(acc);
-  for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-    load_x_chunk<T>(sm.xs, sm.rs, D, d0, vec);
-    load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, vec);
-    __syncthreads();
-    M::template mma<true, false>(acc, sm.xs, ldt, sm.ws, ldt, kTile);
-    __syncthreads();
+  if (SmemLayout<T>::pipelined && vec) {
+    const int64_t n = (D + kTile - 1) / kTile;
+    if (n > 0) stage_chunks_async<T>(sm.xs, sm.ws, sm.rs, W, C, D, c0, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const bool odd = (i & 1) != 0;
+      if (i + 1 < n) {
+        stage_chunks_async<T>(odd ? sm.xs : sm.xs1, odd ? sm.ws : sm.ws1, sm.rs, W, C, D, c0, (i + 1) * kTile);
+        cp_async_wait<1>();  // chunk i has landed (chunk i + 1 may still be in flight)
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      M::template mma<true, false>(acc, odd ? sm.xs1 : sm.xs, ldt, odd ? sm.ws1 : sm.ws, ldt, kTile);
+      __syncthreads();  // everyone is done with this buffer before it is refilled (chunk i + 2)
+    }
+  } else {
+    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+      load_x_chunk<T>(sm.xs, sm.rs, D, d0, vec);
+      load_matrix_chunk<T>(sm.ws, W, c0, C, D, d0, vec);
+      __syncthreads();
+      M::template mma<true, false>(acc, sm.xs, ldt, sm.ws, ldt, kTile);
+      __syncthreads();
+    }
   }
   M::store(acc, sm.ls, kLdl);
   __syncthreads();
