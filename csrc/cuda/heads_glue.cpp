@@ -213,8 +213,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
     FASTMTL_CHECK_TYPE(hidden_in.scalar_type() == at::kDouble,
                        "hidden must be float32, float16, bfloat16 or float64 on CUDA, got ", hidden_in.scalar_type());
     check_lengths_values(lengths, s.T);
-    return composite::loss_composite(hidden_in.contiguous(), lengths, weights, biases, targets, class_weights, task_weights,
-                          levels, poolings, ignore_indices, label_smoothings, compute_grad);
+    return composite::loss_composite(hidden_in.contiguous(), lengths, weights, biases, targets, class_weights,
+                                     task_weights, levels, poolings, ignore_indices, label_smoothings, compute_grad);
   }
   const Tensor hidden = hidden_in.contiguous();
   const int64_t K = s.K;
