@@ -79,8 +79,17 @@ inline std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tenso
     }
     const Tensor y = targets[k].reshape({-1});
     mask = mask & (y != ignore_indices[k]);
-    FASTMTL_CHECK_VALUE(!((mask & ((y < 0) | (y >= C))).any().item<bool>()), "targets[", k, "] (task ", k,
-                        ") has a class outside [0, ", C, ") that is not ignore_index");
+    const Tensor bad = (mask & ((y < 0) | (y >= C))).nonzero();
+    if (bad.size(0) > 0) {  // the CPU op's message
+      const int64_t i = bad[0][0].item<int64_t>(), v = y[i].item<int64_t>();
+      if (levels[k] == 0) {
+        FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", v, " at b=", i, ", outside [0, ", C,
+                            ") and not ignore_index (", ignore_indices[k], ")");
+      } else {
+        FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", v, " at (b=", i / T, ", t=", i % T,
+                            "), outside [0, ", C, ") and not ignore_index (", ignore_indices[k], ")");
+      }
+    }
     const Tensor yc = at::where(mask, y, at::zeros_like(y));
     const Tensor z = has_bias ? at::addmm(*bias, X, W.t()) : at::mm(X, W.t());
     const Tensor logp = at::log_softmax(z, 1);
