@@ -5,8 +5,10 @@ the CPU op, bfloat16 / float16 by the "at most twice PyTorch's own error" rule, 
 Backends:
   cuda      the real kernels (needs a GPU and a CUDA build; skipped otherwise).
   emulated  the same kernel source compiled for the host by tests/cuda_emulation/heads_emu.cpp (every block runs as
-            256 threads with real barriers; the FMA tile path instead of wmma). Opt-in, because building it takes
-            ~30-90 s: FASTMTL_EMULATE_CUDA=1 python -m pytest tests/test_heads_cuda.py
+            256 threads with real barriers; the FMA tile path instead of wmma, synchronous copies instead of
+            cp.async), so CPU-only CI tests the kernels' logic. Runs wherever the CUDA runtime headers are found
+            (build ~20-60 s, once, cached under build/cuda_emulation); FASTMTL_EMULATE_CUDA=0 turns it off,
+            FASTMTL_EMULATE_CUDA=1 makes missing headers an error instead of a skip.
 """
 import os
 
@@ -39,7 +41,9 @@ def _emulator():
                 inc.append(os.path.join(c, "include"))
                 break
         else:
-            pytest.fail("FASTMTL_EMULATE_CUDA=1 but no CUDA headers (cuda_runtime_api.h) were found")
+            if os.environ.get("FASTMTL_EMULATE_CUDA") == "1":
+                pytest.fail("FASTMTL_EMULATE_CUDA=1 but no CUDA headers (cuda_runtime_api.h) were found")
+            pytest.skip("host emulation of the CUDA kernels needs the CUDA runtime headers (cuda_runtime_api.h)")
         build = os.path.join(ROOT, "build", "cuda_emulation")
         os.makedirs(build, exist_ok=True)
         load("fastmtl_heads_emu", [os.path.join(ROOT, "tests", "cuda_emulation", "heads_emu.cpp")],
@@ -60,8 +64,8 @@ def backend(request):
         if not _cuda_available():
             pytest.skip("needs a CUDA device and a CUDA build of fastmtl")
         return Backend("cuda", torch.ops.fastmtl, "cuda")
-    if os.environ.get("FASTMTL_EMULATE_CUDA", "0") != "1":
-        pytest.skip("host emulation of the CUDA kernels is opt-in: FASTMTL_EMULATE_CUDA=1")
+    if os.environ.get("FASTMTL_EMULATE_CUDA", "") == "0":
+        pytest.skip("host emulation of the CUDA kernels turned off (FASTMTL_EMULATE_CUDA=0)")
     return Backend("emulated", _emulator(), "cpu")
 
 
