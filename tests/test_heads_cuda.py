@@ -227,7 +227,7 @@ def assert_close_f32(out, ref, p):
     torch.testing.assert_close(losses.double(), rl, rtol=1e-4, atol=1e-5)
     for g, r in zip(op_grads(p, out), rg):
         scale = max(r.abs().max().item(), 1e-6)
-        assert max_err(g, r) <= 2e-4 * scale + 1e-7, (max_err(g, r), scale)
+        assert max_err(g, r) <= 2e-4 * scale + 1e-6, (max_err(g, r), scale)  # exact-zero grads (C = 1)
 
 
 MIXED = [
