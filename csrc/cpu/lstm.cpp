@@ -152,18 +152,25 @@ void bwd_rows_scalar(const BwdRows<T>& a, int64_t b0, int64_t b1) {
 #endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+// the shared cell formulas again, compiled for AVX2 in their own namespace (see lstm_math.h)
+#define FASTMTL_LSTM_MATH_AGAIN
+#define FASTMTL_LSTM_MATH_NS lstm_math_avx2
+#include "fastmtl/lstm_math.h"
+#undef FASTMTL_LSTM_MATH_AGAIN
 
 namespace fastmtl {
 namespace {
 
+// sigmoid(x) = 1 / (1 + e^-x); tanh(x) = 2 sigmoid(2x) - 1 (one exp instead of Sleef's much slower tanh; the
+// absolute error stays at float rounding level, which is what the LSTM's products see).
 struct VecAct {
   template <typename V>
-  static V sigmoid(const V& x) {
+  static inline __attribute__((always_inline)) V sigmoid(const V& x) {
     return V(1) / (V(1) + (V(0) - x).exp());
   }
   template <typename V>
-  static V tanh(const V& x) {
-    return x.tanh();
+  static inline __attribute__((always_inline)) V tanh(const V& x) {
+    return V(2) / (V(1) + (V(-2) * x).exp()) - V(1);
   }
 };
 
@@ -193,7 +200,7 @@ void fwd_rows_avx2(const FwdRows<T>& a, int64_t b0, int64_t b1) {
         pg = pg + ld(a.bias + 2 * H + j);
         po = po + ld(a.bias + 3 * H + j);
       }
-      lm::cell_forward<VecAct>(pi, pf, pg, po, ld(cs + j), i, f, g, o, c, h);
+      lstm_math_avx2::cell_forward<VecAct>(pi, pf, pg, po, ld(cs + j), i, f, g, o, c, h);
       st(c, cs + j);
       st(h, hs + j);
       st(h, out + j);
@@ -229,7 +236,7 @@ void bwd_rows_avx2(const BwdRows<T>& a, int64_t b0, int64_t b1) {
         if (full) v.store(p); else v.store(p, cnt);
       };
       V di, df, dg, do_, dcp;
-      lm::cell_backward<VecAct>(ld(r + j), ld(r + H + j), ld(r + 2 * H + j), ld(r + 3 * H + j),
+      lstm_math_avx2::cell_backward<VecAct>(ld(r + j), ld(r + H + j), ld(r + 2 * H + j), ld(r + 3 * H + j),
                                 ld(r + 4 * H + j), ld(cp + j), ld(dh + j) + ld(go + j), ld(dc + j), one, di, df,
                                 dg, do_, dcp);
       st(di, dG + j);

@@ -1,1 +1,2 @@
 """(in progress)"""
+multitask_cross_entropy = multitask_predict = None  # TEMP local stub, not committed

@@ -1,1 +1,2 @@
 """(in progress)"""
+MultiTaskHeads = SequenceTask = TokenTask = TaskOutput = None  # TEMP local stub, not committed
