@@ -280,7 +280,11 @@ using BwdFn = void (*)(const BwdRows<T>&, int64_t, int64_t);
 
 bool use_avx2() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_SIMD");  // "0": the portable scalar kernels (testing)
+    if (env && std::string(env) == "0") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return ok;
 #else
   return false;
@@ -318,6 +322,27 @@ BwdFn<double> bwd_kernel<double>() {
   if (use_avx2()) return &bwd_rows_avx2_d;
 #endif
   return &bwd_rows_scalar<double>;
+}
+
+// The two directions of a layer are independent. With few threads they run concurrently, one thread each, with
+// no synchronisation at all inside the time loop (the per-step GEMMs and passes then run single-threaded: oneDNN,
+// the BLAS and at::parallel_for all run serially inside a parallel region). With more threads each direction in
+// turn gets all of them per step. FASTMTL_LSTM_CONCURRENT_DIRECTIONS=0/1 overrides the choice.
+template <typename F>
+void run_directions(int64_t D, const F& run_direction) {
+  static const int forced = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_CONCURRENT_DIRECTIONS");
+    return env ? std::atoi(env) : -1;
+  }();
+  const int nt = at::get_num_threads();
+  const bool concurrent = D == 2 && !at::in_parallel_region() && (forced >= 0 ? forced == 1 : (nt >= 2 && nt <= 3));
+  if (concurrent) {
+    at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t dir = d0; dir < d1; ++dir) run_direction(dir);
+    });
+  } else {
+    for (int64_t dir = 0; dir < D; ++dir) run_direction(dir);
+  }
 }
 
 // Rows per parallel chunk: enough elementwise work per task to amortise the scheduling.
@@ -605,8 +630,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
     const T_* biasp = d.bias ? bias.const_data_ptr<T_>() : nullptr;
     const int64_t grain = row_grain(H);
-    for (int64_t step = 0; step < T; ++step) {
-      for (int64_t dir = 0; dir < D; ++dir) {
+    auto run_direction = [&](int64_t dir) {
+      for (int64_t step = 0; step < T; ++step) {
         const int64_t t = dir == 0 ? step : T - 1 - step;
         const int64_t n = s.n[t];
         T_* out_t = outp + t * B * D * H + dir * H;
@@ -625,7 +650,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
           if (res_t) std::memset(res_t + b * 5 * H, 0, 5 * H * sizeof(T_));
         }
       }
-    }
+    };
+    run_directions(D, run_direction);
   });
   return {output, hy, cy, reserve};
 }
@@ -695,8 +721,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     T_* dhp = dh.data_ptr<T_>();
     T_* dcp = dc.data_ptr<T_>();
     const int64_t grain = row_grain(H);
-    for (int64_t step = 0; step < T; ++step) {
-      for (int64_t dir = 0; dir < D; ++dir) {
+    auto run_direction = [&](int64_t dir) {
+      for (int64_t step = 0; step < T; ++step) {
         const int64_t t = dir == 0 ? T - 1 - step : step;
         const int64_t n = s.n[t];
         if (n == 0) continue;
@@ -726,9 +752,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
         gemm_rm<T_>(false, n, H, G4, a.dgates, G4, w_hh[dir].const_data_ptr<T_>(), H, T_(0), dhp + dir * B * H,
                     H);
       }
-    }
-    // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
-    for (int64_t dir = 0; dir < D; ++dir) {
+      // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
       T_* hp = hprev[dir].data_ptr<T_>();
       const T_* hx_d = hxp + dir * B * H;
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
@@ -748,7 +772,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
           if (n > from_out) std::memcpy(dst + from_out * H, hx_d + from_out * H, (n - from_out) * H * sizeof(T_));
         }
       });
-    }
+    };
+    run_directions(D, run_direction);
   });
 
   // Weight gradients: large GEMMs over all steps.
