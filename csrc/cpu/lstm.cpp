@@ -419,7 +419,9 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
     if (beta == 0.f) c.zero_();
     return;
   }
-  if (c.scalar_type() == at::kFloat && use_dnnl()) {
+  // oneDNN for float32, except degenerate shapes (a size-1 dimension makes the strides ambiguous for it).
+  const bool degenerate = a.size(0) == 1 || a.size(1) == 1 || b.size(1) == 1;
+  if (c.scalar_type() == at::kFloat && use_dnnl() && !degenerate) {
     at::native::mkldnn_matmul(a, b, c, beta, 1.f);
     return;
   }
@@ -451,7 +453,7 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     return std::make_pair(Av, Bv);
   };
   if constexpr (std::is_same_v<T, float>) {
-    if (k > 0 && use_dnnl()) {
+    if (k > 1 && m > 1 && n > 1 && use_dnnl()) {  // degenerate shapes: the BLAS (unambiguous strides)
       auto [Av, Bv] = views();
       at::native::mkldnn_matmul(Av, Bv, at::from_blob(C, {m, n}, {ldc, 1}, opts), float(beta), 1.f);
       return;
@@ -627,6 +629,12 @@ Dims check_layer_args(const at::Tensor& input, const std::optional<at::Tensor>& 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
+// A fresh (D, H, B) copy of a (D, B, H) state (never a view: .contiguous() would alias when B or H is 1, and
+// these buffers are updated in place).
+at::Tensor transposed_copy(const at::Tensor& t) {
+  return at::empty({t.size(0), t.size(2), t.size(1)}, t.options()).copy_(t.transpose(1, 2));
+}
+
 inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
@@ -663,8 +671,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   }
   // Running states, transposed (D, H, B); a sequence that stops keeps its state at its last real token, and the
   // reverse direction starts a sequence at its last real token because it only becomes active there.
-  auto hT = hx.transpose(1, 2).contiguous();
-  auto cT = cx.transpose(1, 2).contiguous();
+  auto hT = transposed_copy(hx);
+  auto cT = transposed_copy(cx);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
@@ -698,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     };
     run_directions(D, run_direction);
   });
-  return {output, hT.transpose(1, 2).contiguous(), cT.transpose(1, 2).contiguous(), reserve};
+  return {output, transposed_copy(hT), transposed_copy(cT), reserve};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -746,9 +754,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   // Everything per step is transposed (unit-major), as in the forward pass.
   auto goT = scratch(kGradOutT, {D, T, H, B}, input.options());  // grad_output, unit-major per step
   goT.copy_(grad_output_.reshape({T, B, D, H}).permute({2, 0, 3, 1}));
-  auto cxT = cx.transpose(1, 2).contiguous();                                       // (D, H, B)
-  auto dhT = grad_hy_.transpose(1, 2).contiguous();  // running dL/dh_t^T, becomes grad_hx^T
-  auto dcT = grad_cy_.transpose(1, 2).contiguous();  // running dL/dc_t^T, becomes grad_cx^T
+  auto cxT = transposed_copy(cx);                                       // (D, H, B)
+  auto dhT = transposed_copy(grad_hy_);  // running dL/dh_t^T, becomes grad_hx^T
+  auto dcT = transposed_copy(grad_cy_);  // running dL/dc_t^T, becomes grad_cx^T
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
   auto dGT = scratch(kDGates, {D, G4, N}, input.options());  // packed pre-activation gradients, transposed
@@ -839,7 +847,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     }
   }
   auto grad_input = unpack_rows(gin, s, T, B);
-  return {grad_input, dhT.transpose(1, 2).contiguous(), dcT.transpose(1, 2).contiguous(), grad_w};
+  return {grad_input, transposed_copy(dhT), transposed_copy(dcT), grad_w};
 }
 
 }  // namespace
