@@ -635,7 +635,9 @@ at::Tensor transposed_copy(const at::Tensor& t) {
   return at::empty({t.size(0), t.size(2), t.size(1)}, t.options()).copy_(t.transpose(1, 2));
 }
 
-inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)); }
+// Hidden units per parallel chunk of the fused pass: a step's pass is small next to its GEMM, and splitting it is
+// only worth a fork/join when each chunk has real work (~32K cell updates).
+inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
