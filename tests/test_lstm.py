@@ -429,3 +429,20 @@ def test_build_info_reports_cpu_kernels():
     info = fastmtl.build_info()
     assert info["torch_version"] == torch.__version__
     assert "lstm_layer_forward" in str(torch.ops.fastmtl.lstm_layer_forward.default._schema)
+
+
+@pytest.mark.parametrize("B,H", [(1, 5), (3, 1), (4, 6)])
+def test_ops_do_not_mutate_inputs(device, B, H):
+    x, lens, hx, cx, ws = _op_args(device, grad=False, T=3, B=B, H=H, lengths=False)
+    saved = [t.clone() for t in (x, hx, cx, *ws)]
+    out, hy, cy, reserve = torch.ops.fastmtl.lstm_layer_forward(x, lens, hx, cx, ws, True, True)
+    go, gh, gc = torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy)
+    grads_in = [go.clone(), gh.clone(), gc.clone()]
+    res = torch.ops.fastmtl.lstm_layer_backward(go, gh, gc, x, lens, hx, cx, ws, True, out, reserve)
+    for a, b in zip(saved, (x, hx, cx, *ws)):
+        assert torch.equal(a, b)
+    for a, b in zip(grads_in, (go, gh, gc)):
+        assert torch.equal(a, b)
+    # outputs are fresh tensors, not views of the inputs
+    for r in (hy, cy, res[1], res[2]):
+        assert r.data_ptr() not in (hx.data_ptr(), cx.data_ptr(), gh.data_ptr(), gc.data_ptr())

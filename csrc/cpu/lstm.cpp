@@ -34,96 +34,110 @@ namespace {
 namespace lm = fastmtl::lstm_math;
 
 // ---------------------------------------------------------------------------------------------------------
-// Row kernels
+// Fused per-step kernels. Per step everything is kept "transposed" (hidden unit j major, batch b minor), because
+// the recurrent GEMM runs fastest as gates^T (4H x n) = W_hh (4H x H) @ h^T (H x n): the weights are the large
+// left operand and the few active rows the small right one. A kernel call handles hidden units [j0, j1) for the
+// n active sequences (vectorised along b).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
-struct FwdRows {
-  const T* gates;    // row b: gates + b * gates_ld, 4H pre-activations (i, f, g, o)
-  int64_t gates_ld;
-  T* h;              // (rows, H) running hidden state, updated in place
-  T* c;              // (rows, H) running cell state, updated in place
-  T* out;            // row b: out + b * out_ld
-  int64_t out_ld;
-  T* reserve;        // row b: reserve + b * 5H (i, f, g, o, c), or nullptr
+struct FwdCols {
+  const T* gates;    // pre-activation of gate k (i, f, g, o), unit j, sequence b: gates[(k*H + j) * g_ld + b]
+  int64_t g_ld;
   const T* bias;     // 4H combined bias b_ih + b_hh, or nullptr
-  int64_t H;
+  T* h;              // running h^T, c^T: [j * s_ld + b], updated in place
+  T* c;
+  int64_t s_ld;
+  T* reserve;        // this step's (5H x B) block: [(k*H + j) * B + b], k = i, f, g, o, c; or nullptr
+  T* out;            // output row of sequence b: out + b * out_ld (H values of this direction)
+  int64_t out_ld;
+  int64_t H, n, B;
 };
 
 template <typename T>
-struct BwdRows {
-  const T* reserve;  // row b: reserve + b * 5H (i, f, g, o, c) of this step
-  const T* cp_a;     // c_prev of rows b < split: cp_a + b * cp_a_ld
-  int64_t cp_a_ld;
-  const T* cp_b;     // c_prev of rows b >= split: cp_b + b * H (the initial cell state)
+struct BwdCols {
+  const T* reserve;  // this step's (5H x B) block
+  const T* cp_a;     // c_prev^T of sequences b < split: cp_a[j * B + b]
+  const T* cp_b;     // c_prev^T of sequences b >= split (the initial cell state): cp_b[j * B + b]
   int64_t split;
-  const T* gout;     // row b: gout + b * gout_ld, gradient of the output at this step
-  int64_t gout_ld;
-  const T* dh;       // (rows, H) gradient of h_t from later steps (or grad_hy)
-  T* dc;             // (rows, H) gradient of c_t from later steps; replaced by the gradient of c_prev
-  T* dgates;         // row b: dgates + b * dgates_ld, 4H
-  int64_t dgates_ld;
-  int64_t H;
+  const T* gout;     // gradient of this step's output, transposed: gout[j * B + b]
+  T* dh;             // running dL/dh^T, dL/dc^T: [j * B + b]; dc becomes dL/dc_prev
+  T* dc;
+  T* dgates;         // [(k*H + j) * g_ld + b]
+  int64_t g_ld;
+  int64_t H, n, B;
 };
 
+// After a block of units is computed: h^T[j0:j1, :n] -> output rows (a small transpose in cache), and the
+// padded part of the reserve block zeroed (so the reserve is fully defined).
 template <typename T>
-void fwd_rows_scalar(const FwdRows<T>& a, int64_t b0, int64_t b1) {
-  const int64_t H = a.H;
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* G = a.gates + b * a.gates_ld;
-    T* hs = a.h + b * H;
-    T* cs = a.c + b * H;
-    T* out = a.out + b * a.out_ld;
-    T* r = a.reserve ? a.reserve + b * 5 * H : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
-      T i, f, g, o, c, h;
-      T pi = G[j], pf = G[H + j], pg = G[2 * H + j], po = G[3 * H + j];
-      if (a.bias) {
-        pi += a.bias[j];
-        pf += a.bias[H + j];
-        pg += a.bias[2 * H + j];
-        po += a.bias[3 * H + j];
-      }
-      lm::cell_forward<lm::ScalarAct>(pi, pf, pg, po, cs[j], i, f, g, o, c, h);
-      cs[j] = c;
-      hs[j] = h;
-      out[j] = h;
-      if (r) {
-        r[j] = i;
-        r[H + j] = f;
-        r[2 * H + j] = g;
-        r[3 * H + j] = o;
-        r[4 * H + j] = c;
-      }
-    }
+inline void fwd_cols_finish(const FwdCols<T>& a, int64_t j0, int64_t j1) {
+  for (int64_t b = 0; b < a.n; ++b) {
+    T* o = a.out + b * a.out_ld;
+    const T* hp = a.h + b;
+    for (int64_t j = j0; j < j1; ++j) o[j] = hp[j * a.s_ld];
+  }
+  if (a.reserve && a.n < a.B) {
+    for (int64_t k = 0; k < 5; ++k)
+      for (int64_t j = j0; j < j1; ++j)
+        std::memset(a.reserve + (k * a.H + j) * a.B + a.n, 0, (a.B - a.n) * sizeof(T));
   }
 }
 
 template <typename T>
-void bwd_rows_scalar(const BwdRows<T>& a, int64_t b0, int64_t b1) {
-  const int64_t H = a.H;
+void fwd_cols_scalar(const FwdCols<T>& a, int64_t j0, int64_t j1) {
+  const int64_t H = a.H, L = a.g_ld, RB = a.B;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* Gi = a.gates + j * L;
+    const T bi = a.bias ? a.bias[j] : T(0), bf = a.bias ? a.bias[H + j] : T(0);
+    const T bg = a.bias ? a.bias[2 * H + j] : T(0), bo = a.bias ? a.bias[3 * H + j] : T(0);
+    T* hr = a.h + j * a.s_ld;
+    T* cr = a.c + j * a.s_ld;
+    T* r = a.reserve ? a.reserve + j * RB : nullptr;
+    for (int64_t b = 0; b < a.n; ++b) {
+      T i, f, g, o, c, h;
+      lm::cell_forward<lm::ScalarAct>(Gi[b] + bi, Gi[H * L + b] + bf, Gi[2 * H * L + b] + bg,
+                                      Gi[3 * H * L + b] + bo, cr[b], i, f, g, o, c, h);
+      cr[b] = c;
+      hr[b] = h;
+      if (r) {
+        r[b] = i;
+        r[H * RB + b] = f;
+        r[2 * H * RB + b] = g;
+        r[3 * H * RB + b] = o;
+        r[4 * H * RB + b] = c;
+      }
+    }
+  }
+  fwd_cols_finish(a, j0, j1);
+}
+
+template <typename T>
+void bwd_cols_scalar(const BwdCols<T>& a, int64_t j0, int64_t j1) {
+  const int64_t H = a.H, L = a.g_ld, RB = a.B;
   const T one(1);
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* r = a.reserve + b * 5 * H;
-    const T* cp = b < a.split ? a.cp_a + b * a.cp_a_ld : a.cp_b + b * H;
-    const T* go = a.gout + b * a.gout_ld;
-    const T* dh = a.dh + b * H;
-    T* dc = a.dc + b * H;
-    T* dG = a.dgates + b * a.dgates_ld;
-    for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* r = a.reserve + j * RB;
+    const T* go = a.gout + j * RB;
+    const T* dh = a.dh + j * RB;
+    T* dc = a.dc + j * RB;
+    T* dG = a.dgates + j * L;
+    for (int64_t b = 0; b < a.n; ++b) {
+      const T cp = b < a.split ? a.cp_a[j * RB + b] : a.cp_b[j * RB + b];
       T di, df, dg, do_, dcp;
-      lm::cell_backward<lm::ScalarAct>(r[j], r[H + j], r[2 * H + j], r[3 * H + j], r[4 * H + j], cp[j],
-                                       dh[j] + go[j], dc[j], one, di, df, dg, do_, dcp);
-      dG[j] = di;
-      dG[H + j] = df;
-      dG[2 * H + j] = dg;
-      dG[3 * H + j] = do_;
-      dc[j] = dcp;
+      lm::cell_backward<lm::ScalarAct>(r[b], r[H * RB + b], r[2 * H * RB + b], r[3 * H * RB + b],
+                                       r[4 * H * RB + b], cp, dh[b] + go[b], dc[b], one, di, df, dg, do_, dcp);
+      dG[b] = di;
+      dG[H * L + b] = df;
+      dG[2 * H * L + b] = dg;
+      dG[3 * H * L + b] = do_;
+      dc[b] = dcp;
     }
   }
 }
 
 }  // namespace
 }  // namespace fastmtl
+
 
 // ---------------------------------------------------------------------------------------------------------
 // AVX2 + FMA versions of the row kernels with at::vec::Vectorized. The extension is compiled for the baseline
@@ -152,99 +166,106 @@ void bwd_rows_scalar(const BwdRows<T>& a, int64_t b0, int64_t b1) {
 #endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+// the shared cell formulas again, compiled for AVX2 in their own namespace (see lstm_math.h)
+#define FASTMTL_LSTM_MATH_AGAIN
+#define FASTMTL_LSTM_MATH_NS lstm_math_avx2
+#include "fastmtl/lstm_math.h"
+#undef FASTMTL_LSTM_MATH_AGAIN
 
 namespace fastmtl {
 namespace {
 
+// sigmoid(x) = 1 / (1 + e^-x); tanh(x) = 2 sigmoid(2x) - 1 (one exp instead of Sleef's much slower tanh; the
+// absolute error stays at float rounding level, which is what the LSTM's products see).
 struct VecAct {
   template <typename V>
-  static V sigmoid(const V& x) {
+  static inline __attribute__((always_inline)) V sigmoid(const V& x) {
     return V(1) / (V(1) + (V(0) - x).exp());
   }
   template <typename V>
-  static V tanh(const V& x) {
-    return x.tanh();
+  static inline __attribute__((always_inline)) V tanh(const V& x) {
+    return V(2) / (V(1) + (V(-2) * x).exp()) - V(1);
   }
 };
 
 template <typename T>
-void fwd_rows_avx2(const FwdRows<T>& a, int64_t b0, int64_t b1) {
+void fwd_cols_avx2(const FwdCols<T>& a, int64_t j0, int64_t j1) {
   using V = at::vec::Vectorized<T>;
-  const int64_t H = a.H;
   constexpr int64_t W = V::size();
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* G = a.gates + b * a.gates_ld;
-    T* hs = a.h + b * H;
-    T* cs = a.c + b * H;
-    T* out = a.out + b * a.out_ld;
-    T* r = a.reserve ? a.reserve + b * 5 * H : nullptr;
-    for (int64_t j = 0; j < H; j += W) {
-      const int64_t cnt = std::min<int64_t>(W, H - j);
+  const int64_t H = a.H, L = a.g_ld, RB = a.B, n = a.n;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* Gi = a.gates + j * L;
+    const V bi(a.bias ? a.bias[j] : T(0)), bf(a.bias ? a.bias[H + j] : T(0));
+    const V bg(a.bias ? a.bias[2 * H + j] : T(0)), bo(a.bias ? a.bias[3 * H + j] : T(0));
+    T* hr = a.h + j * a.s_ld;
+    T* cr = a.c + j * a.s_ld;
+    T* r = a.reserve ? a.reserve + j * RB : nullptr;
+    for (int64_t b = 0; b < n; b += W) {
+      const int64_t cnt = std::min<int64_t>(W, n - b);
       const bool full = cnt == W;
       auto ld = [&](const T* p) { return full ? V::loadu(p) : V::loadu(p, cnt); };
       auto st = [&](const V& v, T* p) {
         if (full) v.store(p); else v.store(p, cnt);
       };
       V i, f, g, o, c, h;
-      V pi = ld(G + j), pf = ld(G + H + j), pg = ld(G + 2 * H + j), po = ld(G + 3 * H + j);
-      if (a.bias) {
-        pi = pi + ld(a.bias + j);
-        pf = pf + ld(a.bias + H + j);
-        pg = pg + ld(a.bias + 2 * H + j);
-        po = po + ld(a.bias + 3 * H + j);
-      }
-      lm::cell_forward<VecAct>(pi, pf, pg, po, ld(cs + j), i, f, g, o, c, h);
-      st(c, cs + j);
-      st(h, hs + j);
-      st(h, out + j);
+      lstm_math_avx2::cell_forward<VecAct>(ld(Gi + b) + bi, ld(Gi + H * L + b) + bf, ld(Gi + 2 * H * L + b) + bg,
+                                           ld(Gi + 3 * H * L + b) + bo, ld(cr + b), i, f, g, o, c, h);
+      st(c, cr + b);
+      st(h, hr + b);
       if (r) {
-        st(i, r + j);
-        st(f, r + H + j);
-        st(g, r + 2 * H + j);
-        st(o, r + 3 * H + j);
-        st(c, r + 4 * H + j);
+        st(i, r + b);
+        st(f, r + H * RB + b);
+        st(g, r + 2 * H * RB + b);
+        st(o, r + 3 * H * RB + b);
+        st(c, r + 4 * H * RB + b);
       }
     }
   }
+  fwd_cols_finish(a, j0, j1);
 }
 
 template <typename T>
-void bwd_rows_avx2(const BwdRows<T>& a, int64_t b0, int64_t b1) {
+void bwd_cols_avx2(const BwdCols<T>& a, int64_t j0, int64_t j1) {
   using V = at::vec::Vectorized<T>;
-  const int64_t H = a.H;
   constexpr int64_t W = V::size();
+  const int64_t H = a.H, L = a.g_ld, RB = a.B;
   const V one(T(1));
-  for (int64_t b = b0; b < b1; ++b) {
-    const T* r = a.reserve + b * 5 * H;
-    const T* cp = b < a.split ? a.cp_a + b * a.cp_a_ld : a.cp_b + b * H;
-    const T* go = a.gout + b * a.gout_ld;
-    const T* dh = a.dh + b * H;
-    T* dc = a.dc + b * H;
-    T* dG = a.dgates + b * a.dgates_ld;
-    for (int64_t j = 0; j < H; j += W) {
-      const int64_t cnt = std::min<int64_t>(W, H - j);
-      const bool full = cnt == W;
-      auto ld = [&](const T* p) { return full ? V::loadu(p) : V::loadu(p, cnt); };
-      auto st = [&](const V& v, T* p) {
-        if (full) v.store(p); else v.store(p, cnt);
-      };
-      V di, df, dg, do_, dcp;
-      lm::cell_backward<VecAct>(ld(r + j), ld(r + H + j), ld(r + 2 * H + j), ld(r + 3 * H + j),
-                                ld(r + 4 * H + j), ld(cp + j), ld(dh + j) + ld(go + j), ld(dc + j), one, di, df,
-                                dg, do_, dcp);
-      st(di, dG + j);
-      st(df, dG + H + j);
-      st(dg, dG + 2 * H + j);
-      st(do_, dG + 3 * H + j);
-      st(dcp, dc + j);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* r = a.reserve + j * RB;
+    const T* go = a.gout + j * RB;
+    const T* dh = a.dh + j * RB;
+    T* dc = a.dc + j * RB;
+    T* dG = a.dgates + j * L;
+    // two ranges: c_prev from the neighbouring step (b < split) or the initial state
+    const int64_t split = std::min(a.split, a.n);
+    for (int part = 0; part < 2; ++part) {
+      const int64_t lo = part == 0 ? 0 : split, hi = part == 0 ? split : a.n;
+      const T* cp = (part == 0 ? a.cp_a : a.cp_b) + j * RB;
+      for (int64_t b = lo; b < hi; b += W) {
+        const int64_t cnt = std::min<int64_t>(W, hi - b);
+        const bool full = cnt == W;
+        auto ld = [&](const T* p) { return full ? V::loadu(p) : V::loadu(p, cnt); };
+        auto st = [&](const V& v, T* p) {
+          if (full) v.store(p); else v.store(p, cnt);
+        };
+        V di, df, dg, do_, dcp;
+        lstm_math_avx2::cell_backward<VecAct>(ld(r + b), ld(r + H * RB + b), ld(r + 2 * H * RB + b),
+                                              ld(r + 3 * H * RB + b), ld(r + 4 * H * RB + b), ld(cp + b),
+                                              ld(dh + b) + ld(go + b), ld(dc + b), one, di, df, dg, do_, dcp);
+        st(di, dG + b);
+        st(df, dG + H * L + b);
+        st(dg, dG + 2 * H * L + b);
+        st(do_, dG + 3 * H * L + b);
+        st(dcp, dc + b);
+      }
     }
   }
 }
 
-void fwd_rows_avx2_f(const FwdRows<float>& a, int64_t b0, int64_t b1) { fwd_rows_avx2<float>(a, b0, b1); }
-void fwd_rows_avx2_d(const FwdRows<double>& a, int64_t b0, int64_t b1) { fwd_rows_avx2<double>(a, b0, b1); }
-void bwd_rows_avx2_f(const BwdRows<float>& a, int64_t b0, int64_t b1) { bwd_rows_avx2<float>(a, b0, b1); }
-void bwd_rows_avx2_d(const BwdRows<double>& a, int64_t b0, int64_t b1) { bwd_rows_avx2<double>(a, b0, b1); }
+void fwd_cols_avx2_f(const FwdCols<float>& a, int64_t j0, int64_t j1) { fwd_cols_avx2<float>(a, j0, j1); }
+void fwd_cols_avx2_d(const FwdCols<double>& a, int64_t j0, int64_t j1) { fwd_cols_avx2<double>(a, j0, j1); }
+void bwd_cols_avx2_f(const BwdCols<float>& a, int64_t j0, int64_t j1) { bwd_cols_avx2<float>(a, j0, j1); }
+void bwd_cols_avx2_d(const BwdCols<double>& a, int64_t j0, int64_t j1) { bwd_cols_avx2<double>(a, j0, j1); }
 
 }  // namespace
 }  // namespace fastmtl
@@ -267,13 +288,17 @@ namespace fastmtl {
 namespace {
 
 template <typename T>
-using FwdFn = void (*)(const FwdRows<T>&, int64_t, int64_t);
+using FwdFn = void (*)(const FwdCols<T>&, int64_t, int64_t);
 template <typename T>
-using BwdFn = void (*)(const BwdRows<T>&, int64_t, int64_t);
+using BwdFn = void (*)(const BwdCols<T>&, int64_t, int64_t);
 
 bool use_avx2() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_SIMD");  // "0": the portable scalar kernels (testing)
+    if (env && std::string(env) == "0") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return ok;
 #else
   return false;
@@ -287,34 +312,53 @@ BwdFn<T> bwd_kernel();
 template <>
 FwdFn<float> fwd_kernel<float>() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &fwd_rows_avx2_f;
+  if (use_avx2()) return &fwd_cols_avx2_f;
 #endif
-  return &fwd_rows_scalar<float>;
+  return &fwd_cols_scalar<float>;
 }
 template <>
 FwdFn<double> fwd_kernel<double>() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &fwd_rows_avx2_d;
+  if (use_avx2()) return &fwd_cols_avx2_d;
 #endif
-  return &fwd_rows_scalar<double>;
+  return &fwd_cols_scalar<double>;
 }
 template <>
 BwdFn<float> bwd_kernel<float>() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &bwd_rows_avx2_f;
+  if (use_avx2()) return &bwd_cols_avx2_f;
 #endif
-  return &bwd_rows_scalar<float>;
+  return &bwd_cols_scalar<float>;
 }
 template <>
 BwdFn<double> bwd_kernel<double>() {
 #ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &bwd_rows_avx2_d;
+  if (use_avx2()) return &bwd_cols_avx2_d;
 #endif
-  return &bwd_rows_scalar<double>;
+  return &bwd_cols_scalar<double>;
 }
 
-// Rows per parallel chunk: enough elementwise work per task to amortise the scheduling.
-inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
+// The two directions of a layer are independent. With few threads they run concurrently, one thread each, with
+// no synchronisation at all inside the time loop (the per-step GEMMs and passes then run single-threaded: oneDNN,
+// the BLAS and at::parallel_for all run serially inside a parallel region). With more threads each direction in
+// turn gets all of them per step. FASTMTL_LSTM_CONCURRENT_DIRECTIONS=0/1 overrides the choice.
+template <typename F>
+void run_directions(int64_t D, const F& run_direction) {
+  static const int forced = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_CONCURRENT_DIRECTIONS");
+    return env ? std::atoi(env) : -1;
+  }();
+  const int nt = at::get_num_threads();
+  const bool concurrent = D == 2 && !at::in_parallel_region() && (forced >= 0 ? forced == 1 : (nt >= 2 && nt <= 3));
+  if (concurrent) {
+    at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t dir = d0; dir < d1; ++dir) run_direction(dir);
+    });
+  } else {
+    for (int64_t dir = 0; dir < D; ++dir) run_direction(dir);
+  }
+}
+
 
 // BLAS: torch's own (MKL or OpenBLAS) Fortran entry points when the installed torch exports them (it does on the
 // x86-64 builds), called without the dispatcher for the many small per-step GEMMs; otherwise ATen's mm.
@@ -375,7 +419,9 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
     if (beta == 0.f) c.zero_();
     return;
   }
-  if (c.scalar_type() == at::kFloat && use_dnnl()) {
+  // oneDNN for float32, except degenerate shapes (a size-1 dimension makes the strides ambiguous for it).
+  const bool degenerate = a.size(0) == 1 || a.size(1) == 1 || b.size(1) == 1;
+  if (c.scalar_type() == at::kFloat && use_dnnl() && !degenerate) {
     at::native::mkldnn_matmul(a, b, c, beta, 1.f);
     return;
   }
@@ -391,30 +437,59 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
   }
 }
 
-// Row-major C (m x n, ldc) = A (m x k, lda) @ op(B) + beta * C, op(B) = B^T with B (n x k, ldb) when trans_b,
-// else B (k x n, ldb). The per-step GEMMs: oneDNN for float32, else the BLAS directly.
+// Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C; op(A) = A^T with A stored (k x m, lda) when trans_a, else
+// A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb).
+// The per-step GEMMs: oneDNN for float32, else the BLAS directly.
 template <typename T>
-inline void gemm_rm(bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
-                    int64_t ldb, T beta, T* C, int64_t ldc) {
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (std::is_same_v<T, float> && k > 0 && use_dnnl()) {
-    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    auto Cv = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-    auto Av = at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto views = [&] {
+    auto Av = trans_a ? at::from_blob(const_cast<T*>(A), {k, m}, {lda, 1}, opts).t()
+                      : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
     auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
                       : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
-    at::native::mkldnn_matmul(Av, Bv, Cv, float(beta), 1.f);
-    return;
+    return std::make_pair(Av, Bv);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (k > 1 && m > 1 && n > 1 && use_dnnl()) {  // degenerate shapes: the BLAS (unambiguous strides)
+      auto [Av, Bv] = views();
+      at::native::mkldnn_matmul(Av, Bv, at::from_blob(C, {m, n}, {ldc, 1}, opts), float(beta), 1.f);
+      return;
+    }
   }
-  // Column-major view: C^T (n x m) = op(B)^T (n x k) @ A^T (k x m).
-  if (k > 0 && fortran_gemm<T>(trans_b ? 'T' : 'N', 'N', n, m, k, T(1), B, ldb, A, lda, beta, C, ldc)) return;
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // Column-major view: C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m).
+  if (k > 0 && fortran_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', n, m, k, T(1), B, ldb, A, lda, beta, C,
+                               ldc))
+    return;
+  auto [Av, Bv] = views();
   auto Cv = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  auto Av = at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
-  auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
-                    : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
   if (beta == T(0)) Cv.copy_(at::mm(Av, Bv));
   else Cv.addmm_(Av, Bv);
+}
+
+// Scratch buffers reused across calls, per thread and per purpose ("slot"). A fresh multi-MiB allocation costs a
+// page fault and a page clear per 4 KiB on first touch (the allocator hands large blocks back to the OS), which
+// measured as 20-35 % of a layer's time here. A slot keeps its largest buffer up to FASTMTL_LSTM_SCRATCH_MB MiB
+// (default 64; 0 disables); larger requests are allocated per call. Scratch never escapes an op call.
+enum ScratchSlot { kGates = 0, kPackedX, kGradOutT, kDGates, kHPrev0, kHPrev1, kNumSlots };
+
+at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  static const int64_t cap_bytes = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_SCRATCH_MB");
+    return (env ? std::atoll(env) : 64LL) << 20;
+  }();
+  thread_local at::Tensor cache[kNumSlots];
+  const int64_t numel = c10::multiply_integers(shape);
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes > cap_bytes) return at::empty(shape, opts);
+  at::Tensor& buf = cache[slot];
+  if (!buf.defined() || buf.dtype() != opts.dtype() || buf.numel() < numel) {
+    buf = at::Tensor();
+    buf = at::empty({numel}, opts);
+  }
+  return buf.narrow(0, 0, numel).view(shape);
 }
 
 // Active rows per step: n[t] = #{b : length_b > t} (a prefix), off[t] = sum_{t' < t} n[t'], N = sum n[t].
@@ -452,7 +527,7 @@ Steps make_steps(const std::optional<at::Tensor>& lengths, int64_t T, int64_t B)
 at::Tensor pack_rows(const at::Tensor& x, const Steps& s) {
   const int64_t T = x.size(0), B = x.size(1), F = x.size(2);
   if (s.full) return x.view({T * B, F});
-  auto out = at::empty({s.N, F}, x.options());
+  auto out = scratch(kPackedX, {s.N, F}, x.options());
   const int64_t row_bytes = F * x.element_size();
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
@@ -554,6 +629,16 @@ Dims check_layer_args(const at::Tensor& input, const std::optional<at::Tensor>& 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
+// A fresh (D, H, B) copy of a (D, B, H) state (never a view: .contiguous() would alias when B or H is 1, and
+// these buffers are updated in place).
+at::Tensor transposed_copy(const at::Tensor& t) {
+  return at::empty({t.size(0), t.size(2), t.size(1)}, t.options()).copy_(t.transpose(1, 2));
+}
+
+// Hidden units per parallel chunk of the fused pass: a step's pass is small next to its GEMM, and splitting it is
+// only worth a fork/join when each chunk has real work (~32K cell updates).
+inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
     const at::Tensor& cx, at::TensorList weights, bool bidirectional, bool need_reserve) {
@@ -561,66 +646,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, per = d.bias ? 4 : 2;
   auto input = input_.contiguous();
   auto output = at::empty({T, B, D * H}, input.options());
-  auto hy = hx.contiguous().clone();
-  auto cy = cx.contiguous().clone();
   auto reserve = need_reserve ? at::empty({D, T, B, 5 * H}, input.options()) : at::empty({0}, input.options());
   if (T == 0 || B == 0 || H == 0) {
     if (need_reserve) reserve.zero_();
     output.zero_();
-    return {output, hy, cy, reserve};
+    return {output, hx.contiguous().clone(), cx.contiguous().clone(), reserve};
   }
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const Steps s = make_steps(len_c, T, B);
+  const int64_t N = s.N;
 
   auto Xp = pack_rows(input, s);
-  // gx (D, N, 4H): the input projection of every active row, one GEMM per direction (the biases are added in the
-  // fused pass). Each direction's block is contiguous, so the per-step GEMMs work on dense row blocks.
-  at::Tensor gx = at::empty({D, s.N, G4}, input.options());
+  // gx^T (D, 4H, N): the input projection of every active row, one GEMM per direction (the biases are added in
+  // the fused pass). Step t's block is the columns [off_t, off_t + n_t).
+  at::Tensor gxT = scratch(kGates, {D, G4, N}, input.options());
   at::Tensor bias = d.bias ? at::empty({D, G4}, input.options()) : at::Tensor();
+  std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) {
-    matmul_into(Xp, weights[dir * per].t(), gx[dir], 0.f);
+    matmul_into(weights[dir * per], Xp.t(), gxT[dir], 0.f);
     if (d.bias) {
       at::Tensor bd = bias[dir];
       at::add_out(bd, weights[dir * per + 2], weights[dir * per + 3]);
     }
+    w_hh[dir] = weights[dir * per + 1].contiguous();
   }
-  std::vector<at::Tensor> w_hh(D);
-  for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
+  // Running states, transposed (D, H, B); a sequence that stops keeps its state at its last real token, and the
+  // reverse direction starts a sequence at its last real token because it only becomes active there.
+  auto hT = transposed_copy(hx);
+  auto cT = transposed_copy(cx);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
     const FwdFn<T_> kernel = fwd_kernel<T_>();
-    T_* gxp = gx.data_ptr<T_>();
+    T_* gxp = gxT.data_ptr<T_>();
     T_* outp = output.data_ptr<T_>();
-    T_* hyp = hy.data_ptr<T_>();
-    T_* cyp = cy.data_ptr<T_>();
+    T_* hp = hT.data_ptr<T_>();
+    T_* cp = cT.data_ptr<T_>();
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
     const T_* biasp = d.bias ? bias.const_data_ptr<T_>() : nullptr;
-    const int64_t grain = row_grain(H);
-    for (int64_t step = 0; step < T; ++step) {
-      for (int64_t dir = 0; dir < D; ++dir) {
+    auto run_direction = [&](int64_t dir) {
+      const T_* W = w_hh[dir].const_data_ptr<T_>();
+      T_* h = hp + dir * H * B;
+      T_* c = cp + dir * H * B;
+      for (int64_t step = 0; step < T; ++step) {
         const int64_t t = dir == 0 ? step : T - 1 - step;
         const int64_t n = s.n[t];
         T_* out_t = outp + t * B * D * H + dir * H;
         T_* res_t = resp ? resp + (dir * T + t) * B * 5 * H : nullptr;
         if (n > 0) {
-          T_* G = gxp + (dir * s.N + s.off[t]) * G4;
-          T_* h = hyp + dir * B * H;
-          T_* c = cyp + dir * B * H;
-          // G += h_prev @ W_hh^T on the active rows (h_prev is the running state).
-          gemm_rm<T_>(true, n, G4, H, h, H, w_hh[dir].const_data_ptr<T_>(), H, T_(1), G, G4);
-          FwdRows<T_> a{G, G4, h, c, out_t, D * H, res_t, biasp ? biasp + dir * G4 : nullptr, H};
-          at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
+          T_* G = gxp + dir * G4 * N + s.off[t];
+          // gates^T (4H x n) += W_hh (4H x H) @ h_prev^T (H x n)
+          gemm_rm<T_>(false, false, G4, n, H, W, H, h, B, T_(1), G, N);
+          FwdCols<T_> a{G, N, biasp ? biasp + dir * G4 : nullptr, h, c, B, res_t, out_t, D * H, H, n, B};
+          at::parallel_for(0, H, unit_grain(n), [&](int64_t j0, int64_t j1) { kernel(a, j0, j1); });
+        } else if (res_t) {
+          std::memset(res_t, 0, 5 * H * B * sizeof(T_));
         }
-        for (int64_t b = n; b < B; ++b) {  // padded positions: zero output (and a defined reserve)
-          std::memset(out_t + b * D * H, 0, H * sizeof(T_));
-          if (res_t) std::memset(res_t + b * 5 * H, 0, 5 * H * sizeof(T_));
-        }
+        for (int64_t b = n; b < B; ++b) std::memset(out_t + b * D * H, 0, H * sizeof(T_));  // padding: zero
       }
-    }
+    };
+    run_directions(D, run_direction);
   });
-  return {output, hy, cy, reserve};
+  return {output, transposed_copy(hT), transposed_copy(cT), reserve};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -631,7 +719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
   const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
-  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I;
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2;
   const std::vector<int64_t> out_shape{T, B, D * H}, state{D, B, H}, res_shape{D, T, B, 5 * H};
   FASTMTL_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(out_shape),
                       "lstm_layer_backward: grad_output must have shape ", at::IntArrayRef(out_shape), ", got ",
@@ -652,82 +740,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     FASTMTL_CHECK_TYPE(t->scalar_type() == input_.scalar_type(), "lstm_layer_backward: ", name, " has dtype ",
                        t->scalar_type(), " but input has dtype ", input_.scalar_type());
   }
-  const int64_t per = d.bias ? 4 : 2;
   auto input = input_.contiguous();
-  auto grad_output = grad_output_.contiguous();
   auto output = output_.contiguous();
   auto reserve = reserve_.contiguous();
   auto hx_c = hx.contiguous();
-  auto cx_c = cx.contiguous();
-  auto dh = grad_hy_.contiguous().clone();  // running dL/dh_t per direction, becomes grad_hx
-  auto dc = grad_cy_.contiguous().clone();  // running dL/dc_t per direction, becomes grad_cx
-
   std::vector<at::Tensor> grad_w;
   if (T == 0 || B == 0 || H == 0) {
     for (const auto& w : weights) grad_w.push_back(at::zeros_like(w));
-    return {at::zeros_like(input), dh, dc, grad_w};
+    return {at::zeros_like(input), grad_hy_.contiguous().clone(), grad_cy_.contiguous().clone(), grad_w};
   }
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const Steps s = make_steps(len_c, T, B);
+  const int64_t N = s.N;
+  // Everything per step is transposed (unit-major), as in the forward pass.
+  auto goT = scratch(kGradOutT, {D, T, H, B}, input.options());  // grad_output, unit-major per step
+  goT.copy_(grad_output_.reshape({T, B, D, H}).permute({2, 0, 3, 1}));
+  auto cxT = transposed_copy(cx);                                       // (D, H, B)
+  auto dhT = transposed_copy(grad_hy_);  // running dL/dh_t^T, becomes grad_hx^T
+  auto dcT = transposed_copy(grad_cy_);  // running dL/dc_t^T, becomes grad_cx^T
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
-  auto dG = at::empty({D, s.N, G4}, input.options());  // packed pre-activation gradients per direction
-  std::vector<at::Tensor> hprev(D);                     // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
-  for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = at::empty({s.N, H}, input.options());
+  auto dGT = scratch(kDGates, {D, G4, N}, input.options());  // packed pre-activation gradients, transposed
+  std::vector<at::Tensor> hprev(D);                    // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
+  for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = scratch(dir == 0 ? kHPrev0 : kHPrev1, {N, H}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T_ = scalar_t;
     const BwdFn<T_> kernel = bwd_kernel<T_>();
     const T_* resp = reserve.const_data_ptr<T_>();
-    const T_* gop = grad_output.const_data_ptr<T_>();
+    const T_* gop = goT.const_data_ptr<T_>();
     const T_* outp = output.const_data_ptr<T_>();
     const T_* hxp = hx_c.const_data_ptr<T_>();
-    const T_* cxp = cx_c.const_data_ptr<T_>();
-    T_* dGp = dG.data_ptr<T_>();
-    T_* dhp = dh.data_ptr<T_>();
-    T_* dcp = dc.data_ptr<T_>();
-    const int64_t grain = row_grain(H);
-    for (int64_t step = 0; step < T; ++step) {
-      for (int64_t dir = 0; dir < D; ++dir) {
+    const T_* cxp = cxT.const_data_ptr<T_>();
+    T_* dGp = dGT.data_ptr<T_>();
+    T_* dhp = dhT.data_ptr<T_>();
+    T_* dcp = dcT.data_ptr<T_>();
+    auto run_direction = [&](int64_t dir) {
+      const T_* W = w_hh[dir].const_data_ptr<T_>();
+      const T_* cx_d = cxp + dir * H * B;
+      for (int64_t step = 0; step < T; ++step) {
         const int64_t t = dir == 0 ? T - 1 - step : step;
         const int64_t n = s.n[t];
         if (n == 0) continue;
-        const T_* res_t = resp + (dir * T + t) * B * 5 * H;
-        const T_* cx_d = cxp + dir * B * H;
-        BwdRows<T_> a{};
-        a.reserve = res_t;
+        BwdCols<T_> a{};
+        a.reserve = resp + (dir * T + t) * B * 5 * H;
         a.cp_b = cx_d;
-        if (dir == 0) {
-          a.cp_a = t > 0 ? resp + (dir * T + t - 1) * B * 5 * H + 4 * H : cx_d;
-          a.cp_a_ld = t > 0 ? 5 * H : H;
-          a.split = n;
+        const int64_t tn = dir == 0 ? t - 1 : t + 1;  // the step that produced c_prev
+        if (tn >= 0 && tn < T) {
+          a.cp_a = resp + (dir * T + tn) * B * 5 * H + 4 * H * B;
+          a.split = dir == 0 ? n : s.n[tn];
         } else {
-          a.cp_a = t + 1 < T ? resp + (dir * T + t + 1) * B * 5 * H + 4 * H : cx_d;
-          a.cp_a_ld = t + 1 < T ? 5 * H : H;
-          a.split = t + 1 < T ? s.n[t + 1] : 0;
+          a.cp_a = cx_d;
+          a.split = 0;
         }
-        a.gout = gop + t * B * D * H + dir * H;
-        a.gout_ld = D * H;
-        a.dh = dhp + dir * B * H;
-        a.dc = dcp + dir * B * H;
-        a.dgates = dGp + (dir * s.N + s.off[t]) * G4;
-        a.dgates_ld = G4;
+        a.gout = gop + (dir * T + t) * H * B;
+        a.dh = dhp + dir * H * B;
+        a.dc = dcp + dir * H * B;
+        a.dgates = dGp + dir * G4 * N + s.off[t];
+        a.g_ld = N;
         a.H = H;
-        at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) { kernel(a, b0, b1); });
-        // dh_prev (active rows) = dG_t @ W_hh
-        gemm_rm<T_>(false, n, H, G4, a.dgates, G4, w_hh[dir].const_data_ptr<T_>(), H, T_(0), dhp + dir * B * H,
-                    H);
+        a.n = n;
+        a.B = B;
+        at::parallel_for(0, H, unit_grain(n), [&](int64_t j0, int64_t j1) { kernel(a, j0, j1); });
+        // dh_prev^T (H x n) = W_hh^T (H x 4H) @ dgates^T (4H x n)
+        gemm_rm<T_>(true, false, H, n, G4, W, H, a.dgates, N, T_(0), a.dh, B);
       }
-    }
-    // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
-    for (int64_t dir = 0; dir < D; ++dir) {
-      T_* hp = hprev[dir].data_ptr<T_>();
+      // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
+      T_* hpv = hprev[dir].data_ptr<T_>();
       const T_* hx_d = hxp + dir * B * H;
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = s.n[t];
-          T_* dst = hp + s.off[t] * H;
+          T_* dst = hpv + s.off[t] * H;
           int64_t from_out = 0;  // rows taking h from the neighbouring step's output
           const T_* src = nullptr;
           if (dir == 0 && t > 0) {
@@ -741,29 +826,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
           if (n > from_out) std::memcpy(dst + from_out * H, hx_d + from_out * H, (n - from_out) * H * sizeof(T_));
         }
       });
-    }
+    };
+    run_directions(D, run_direction);
   });
 
-  // Weight gradients: large GEMMs over all steps.
+  // Weight gradients and the input gradient: large GEMMs over all steps.
   auto Xp = pack_rows(input, s);
-  auto gin = at::empty({s.N, I}, input.options());
+  auto gin = at::empty({N, I}, input.options());
   for (int64_t dir = 0; dir < D; ++dir) {
-    const auto& dG_d = dG[dir];
+    const auto& dG_d = dGT[dir];  // (4H, N)
     auto dW_ih = at::empty({G4, I}, input.options());
-    matmul_into(dG_d.t(), Xp, dW_ih, 0.f);
-    matmul_into(dG_d, weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
+    matmul_into(dG_d, Xp, dW_ih, 0.f);
+    matmul_into(dG_d.t(), weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
     auto dW_hh = at::empty({G4, H}, input.options());
-    matmul_into(dG_d.t(), hprev[dir], dW_hh, 0.f);
+    matmul_into(dG_d, hprev[dir], dW_hh, 0.f);
     grad_w.push_back(dW_ih);
     grad_w.push_back(dW_hh);
     if (d.bias) {
-      auto db = dG_d.sum(0);
+      auto db = dG_d.sum(1);
       grad_w.push_back(db);
       grad_w.push_back(db.clone());
     }
   }
   auto grad_input = unpack_rows(gin, s, T, B);
-  return {grad_input, dh, dc, grad_w};
+  return {grad_input, transposed_copy(dhT), transposed_copy(dcT), grad_w};
 }
 
 }  // namespace

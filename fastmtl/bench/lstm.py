@@ -10,8 +10,9 @@ counts the GEMM FLOPs of the real (unpadded) tokens, 2 * tokens * 4H * (E + H) p
 that backward, against a square-GEMM rate measured in the same run.
 
     python -m fastmtl.bench lstm [--device cpu|cuda] [--quick] [--shapes 64,32,128,256;...] [--dtypes float32,bfloat16]
+    python -m fastmtl.bench lstm --threads 1 --clock process   # CPU-time comparison, robust on a busy machine
 """
-import math
+import time
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -36,6 +37,9 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (cpu)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh subprocesses, slow)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: CPU time of this process (robust on a shared, loaded machine; meaningful with "
+                        "--threads 1 only)")
 
 
 def _lengths(B, T, generator):
@@ -98,14 +102,23 @@ def _flops(B, T, E, H, D, tokens, mode):
     return f * (3.0 if mode == "fwd+bwd" else 1.0)
 
 
-def _interleaved(fns, device, warmup, repeat):
+def _process_ms(fn):
+    t0 = time.process_time()
+    fn()
+    return (time.process_time() - t0) * 1e3
+
+
+def _interleaved(fns, device, warmup, repeat, clock="wall"):
     """Round-robin timing of several callables; returns {name: measure()-style dict}."""
     for fn in fns.values():
         measure(fn, warmup=warmup, repeat=1, device=device)
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
-            times[k].append(measure(fn, warmup=0, repeat=1, device=device)["median_ms"])
+            if clock == "process":
+                times[k].append(_process_ms(fn))
+            else:
+                times[k].append(measure(fn, warmup=0, repeat=1, device=device)["median_ms"])
     out = {}
     for k, ts in times.items():
         ts = sorted(ts)
@@ -149,7 +162,7 @@ def run(args):
                         kw = dict(B=B, T=T, E=E, H=H, bidirectional=bi, lengths=lc, mode=mode, device=device,
                                   dtype=dtype)
                         fns = {p: make_workload(p, **kw) for p in provs}
-                        res = _interleaved(fns, device, warmup, repeat)
+                        res = _interleaved(fns, device, warmup, repeat, getattr(args, "clock", "wall"))
                         g = torch.Generator().manual_seed(0)
                         torch.randn(T, B, E, generator=g)
                         tokens = int(_lengths(B, T, g).sum()) if lc == "var" else B * T
@@ -164,7 +177,8 @@ def run(args):
                             "speedup_vs_torch": res["torch"]["median_ms"] / f_ms,
                             "fastmtl_gflops": fl / (f_ms / 1e3) / 1e9,
                             "gemm_gflops": peak,
-                            "repeat": repeat,
+                            "repeat": repeat, "threads": torch.get_num_threads(),
+                            "clock": getattr(args, "clock", "wall"),
                         }
                         row["pct_of_gemm"] = 100.0 * row["fastmtl_gflops"] / peak
                         if lc == "var":
