@@ -30,8 +30,10 @@
 //   When compute_grad, grad_hidden / grad_weights / grad_biases are d total / d (hidden, W_k, b_k) (lambdas
 //   included); otherwise they are empty. grad_biases[k] is empty for a task without bias.
 // ---------------------------------------------------------------------------------------------------------
-#include <torch/extension.h>
 #include <torch/library.h>
+#ifndef FASTMTL_NO_PYTHON
+#include <torch/extension.h>
+#endif
 
 #ifndef FASTMTL_TORCH_VERSION
 #define FASTMTL_TORCH_VERSION "unknown"
@@ -58,6 +60,7 @@ TORCH_LIBRARY(fastmtl, m) {
       "int[] poolings) -> Tensor[]");
 }
 
+#ifndef FASTMTL_NO_PYTHON
 namespace {
 pybind11::dict build_info() {
   pybind11::dict d;
@@ -89,3 +92,4 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmtl native extension: fused LSTM and multi-task head kernels";
   m.def("build_info", &build_info, "How this extension was built (torch version, CUDA, flags).");
 }
+#endif  // FASTMTL_NO_PYTHON

@@ -1,0 +1,39 @@
+"""``python -m fastmtl.bench <name> [--device cpu|cuda] [--quick] [--out PATH]``: run one benchmark runner
+(``fastmtl/bench/<name>.py``, which defines ``add_arguments(parser)`` optionally and ``run(args) -> rows``),
+print its table and merge its rows into the machine's results JSON."""
+import argparse
+import importlib
+import sys
+
+RUNNERS = ("lstm", "heads", "train", "train_step")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastmtl.bench", description=__doc__)
+    p.add_argument("name", choices=RUNNERS + ("all",))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<machine>.json)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    args, rest = p.parse_known_args(argv)
+    names = [n for n in RUNNERS if n != "train_step"] if args.name == "all" else [args.name]
+    for name in names:
+        mod = importlib.import_module("fastmtl.bench." + name)
+        sub = argparse.ArgumentParser(prog="python -m fastmtl.bench " + name)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(sub)
+        sub_args = sub.parse_args(rest)
+        for k, v in vars(args).items():
+            setattr(sub_args, k, v)
+        print("== %s (%s)" % (name, args.device), flush=True)
+        rows = mod.run(sub_args)
+        if not args.no_save and rows:
+            from .common import save_section
+
+            path = save_section(name, rows, path=args.out, device=args.device)
+            print("saved to %s" % path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
