@@ -348,7 +348,8 @@ def train(cfg=None, **overrides):
     if distributed:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        own_pg = not dist.is_initialized()
+        if own_pg:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -626,6 +627,8 @@ def train(cfg=None, **overrides):
             atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(result["test"], indent=2) + "\n")
         if history:
             _plot(history, os.path.join(out_dir, "learning_curve.png"), cfg)
+    if distributed and own_pg:
+        dist.destroy_process_group()
     result["model"] = model
     result["vocab"], result["label_vocabs"], result["specs"] = vocab, lvs, specs
     return result

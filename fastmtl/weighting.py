@@ -105,7 +105,7 @@ class UncertaintyWeighting(TaskWeighting):
         return 0.5 * self.log_vars.sum()
 
     def describe(self):
-        return {t: float(torch.exp(-self.log_vars[i])) for i, t in enumerate(self.tasks)}
+        return {t: float(torch.exp(-self.log_vars[i].detach())) for i, t in enumerate(self.tasks)}
 
 
 class DWAWeighting(TaskWeighting):
