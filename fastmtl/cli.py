@@ -65,6 +65,8 @@ def _add_train_args(p):
     g.add_argument("--dropout", type=float, default=d.dropout)
     g.add_argument("--pooling", default=d.pooling, choices=["last", "first", "mean", "max"])
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--sequence-aux", type=float, default=d.sequence_aux,
+                   help="also train every sentence label on every token as an auxiliary task with this weight")
     g.add_argument("--sharing", default=d.sharing, choices=["hard", "soft", "hierarchical"])
     g.add_argument("--task-layers", type=lambda s: _kv(s, "--task-layers", int),
                    help="hierarchical sharing: which layer each task reads, e.g. slots:1,intent:2")
@@ -83,6 +85,7 @@ def _add_train_args(p):
     g.add_argument("--schedule", default=d.schedule, choices=["linear", "constant"])
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    g.add_argument("--ema", type=float, default=d.ema, help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and evaluate it")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (split over DDP ranks)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without dev improvement")

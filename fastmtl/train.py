@@ -45,6 +45,7 @@ class TrainConfig:
     bidirectional: bool = True
     dropout: float = 0.4
     pooling: str = "last"
+    sequence_aux: float = 0.0           # >0: also train each sentence label on every token (auxiliary, this weight)
     label_smoothing: float = 0.0
     sharing: str = "hard"
     task_layers: dict = None
@@ -63,6 +64,7 @@ class TrainConfig:
     schedule: str = "linear"            # "linear" decay to 0, or "constant"
     warmup_steps: int = 100
     grad_clip: float = 5.0
+    ema: float = 0.0                    # >0: evaluate/keep an exponential moving average of the weights
     batch_size: int = 32
     eval_batch_size: int = 256
     epochs: int = 20
@@ -116,6 +118,21 @@ def _device(cfg, local_rank):
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
+
+
+AUX_SUFFIX = "@token"
+
+
+def _is_aux(spec):
+    return spec.name.endswith(AUX_SUFFIX)
+
+
+def _aux_specs(specs, cfg):
+    """With ``sequence_aux``: every sentence-level task also as an auxiliary token-level task on every token (each
+    token state learns the sentence label, which conditions the token tasks on it); never evaluated."""
+    if not cfg.sequence_aux:
+        return []
+    return [D.TaskSpec(s.name + AUX_SUFFIX, "token", s.source) for s in specs if s.level == "sequence"]
 
 
 def build_tasks(specs, label_vocabs, pooling="last", label_smoothing=0.0):
@@ -254,11 +271,11 @@ def load_checkpoint(path, device="cpu"):
     cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
     vocab = D.Vocab.from_state_dict(ck["vocab"])
     lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in ck["label_vocabs"].items()}
-    specs = [D.TaskSpec(*s) for s in ck["tasks"]]
-    model = _model_from(cfg, vocab, lvs, specs)
+    all_specs = [D.TaskSpec(*s) for s in ck["tasks"]]
+    model = _model_from(cfg, vocab, lvs, all_specs)
     model.load_state_dict(ck["model"])
     model.to(device).eval()
-    return model, vocab, lvs, specs, cfg
+    return model, vocab, lvs, [s for s in all_specs if not _is_aux(s)], cfg
 
 
 def predict_sentences(checkpoint, sentences, device="cpu"):
@@ -377,6 +394,7 @@ def train(cfg=None, **overrides):
             _log(cfg, "fastmtl: --resume: no %s yet, starting fresh" % last_path, rank)
 
     splits, specs = _load_splits(cfg)
+    all_specs = specs + _aux_specs(specs, cfg)
     train_ex, dev_ex, test_ex = splits["train"], splits["dev"], splits["test"]
 
     # vocabularies (transfer: the encoder's vocabulary comes with it)
@@ -392,9 +410,8 @@ def train(cfg=None, **overrides):
                 setattr(cfg, k, init_ck["config"][k])
         else:
             vocab = D.Vocab.build([ex["tokens"] for ex in train_ex], cfg.min_count, cfg.lower, cfg.normalize_digits)
-        lvs = D.build_label_vocabs(train_ex, specs)
-    enc_train = D.encode_examples(train_ex, vocab, lvs, specs)
-    enc_dev = D.encode_examples(dev_ex, vocab, lvs, specs) if dev_ex else None
+        lvs = D.build_label_vocabs(train_ex, all_specs)
+    enc_train = D.encode_examples(train_ex, vocab, lvs, all_specs)
 
     pretrained = None
     if cfg.pretrained and resume_ck is None and init_ck is None:
@@ -402,11 +419,13 @@ def train(cfg=None, **overrides):
 
         pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
         _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
-    model = _model_from(cfg, vocab, lvs, specs, pretrained)
+    model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
     if init_ck is not None:
         model.load_encoder(init_ck["model"], freeze=cfg.freeze_encoder)
     model.to(device)
-    weighting = make_weighting(cfg.weighting, [s.name for s in specs], cfg.task_weights,
+    base_weights = dict(cfg.task_weights or {})
+    base_weights.update({s.name: cfg.sequence_aux for s in all_specs if _is_aux(s)})
+    weighting = make_weighting(cfg.weighting, [s.name for s in all_specs], base_weights,
                                **({"temperature": cfg.dwa_temperature} if cfg.weighting == "dwa" else
                                   {"alpha": cfg.gradnorm_alpha} if cfg.weighting == "gradnorm" else {}))
     weighting.to(device)
@@ -454,6 +473,9 @@ def train(cfg=None, **overrides):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     unk_probs = torch.tensor(vocab.unk_probabilities(cfg.unk_alpha)) if cfg.unk_alpha > 0 else None
 
+    ema = None
+    if cfg.ema:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     history, best_score, best_epoch, bad_epochs, start_epoch = [], -math.inf, 0, 0, 0
     best_state, train_time = None, 0.0
     if resume_ck is not None:
@@ -466,12 +488,14 @@ def train(cfg=None, **overrides):
         bad_epochs, start_epoch = resume_ck["bad_epochs"], resume_ck["epoch"]
         train_time = resume_ck.get("train_time_s", 0.0)
         best_state = resume_ck.get("best_model")
+        if ema is not None and resume_ck.get("ema") is not None:
+            ema = {k: v.to(device) for k, v in resume_ck["ema"].items()}
         torch.set_rng_state(resume_ck["rng"])
 
     def checkpoint_common():
         return {"format_version": 1, "config": dataclasses.asdict(cfg), "vocab": vocab.state_dict(),
                 "label_vocabs": {k: v.state_dict() for k, v in lvs.items()},
-                "tasks": [(s.name, s.level, s.source) for s in specs]}
+                "tasks": [(s.name, s.level, s.source) for s in all_specs]}
 
     def save_last(epoch_done):
         if not out_dir or rank != 0:
@@ -481,7 +505,7 @@ def train(cfg=None, **overrides):
                    "scheduler": sched.state_dict(), "weighting_extra": weighting.extra_state(), "history": history,
                    "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                    "epoch": epoch_done, "train_time_s": train_time, "rng": torch.get_rng_state(),
-                   "best_model": best_state})
+                   "best_model": best_state, "ema": ema})
         atomic_torch_save(ck, last_path)
 
     def write_log():
@@ -517,18 +541,18 @@ def train(cfg=None, **overrides):
             if tqdm is not None and cfg.progress and rank == 0 and not cfg.quiet:
                 bar = tqdm(total=len(gbatches), desc="epoch %d/%d" % (epoch + 1, cfg.epochs), leave=False,
                            file=sys.stderr, dynamic_ncols=True)
-            loss_sum, task_sums, nb, ep_tokens = 0.0, {s.name: 0.0 for s in specs}, 0, 0
+            loss_sum, task_sums, nb, ep_tokens = 0.0, {s.name: 0.0 for s in all_specs}, 0, 0
             t_ep = time.perf_counter()
             for gidx in gbatches:
                 if distributed:
                     k = len(gidx)
                     lo, hi = rank * k // world, (rank + 1) * k // world
                     idx = gidx[lo:hi]
-                    counts = _count_items(enc_train, gidx, specs)
+                    counts = _count_items(enc_train, gidx, all_specs)
                 else:
                     idx = gidx
                 # draw the <unk> replacements for the whole global batch so ranks agree with one process
-                gb = D.collate(enc_train, gidx, specs, unk_probs=unk_probs, generator=gen)
+                gb = D.collate(enc_train, gidx, all_specs, unk_probs=unk_probs, generator=gen)
                 if distributed:
                     b = D.Batch(gb.ids[lo:hi, : max(len(enc_train[i][0]) for i in idx)], gb.lengths[lo:hi],
                                 {n: (t[lo:hi, : max(len(enc_train[i][0]) for i in idx)] if t.dim() == 2
@@ -548,6 +572,13 @@ def train(cfg=None, **overrides):
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        n = sched.last_epoch  # optimizer steps so far
+                        decay = min(cfg.ema, (1.0 + n) / (10.0 + n))
+                        sd = model.state_dict()
+                        for k, v in ema.items():
+                            v.lerp_(sd[k], 1.0 - decay)
                 lv = float(loss.detach())
                 loss_sum += lv
                 for n, l in out.losses.items():
@@ -571,6 +602,10 @@ def train(cfg=None, **overrides):
                    "lr": opt.param_groups[0]["lr"], "tokens_per_s": ep_tokens / max(ep_time, 1e-9),
                    "epoch_time_s": ep_time, "task_weights": weighting.describe()}
             improved = True
+            live = None
+            if ema is not None:  # evaluate (and keep) the averaged weights
+                live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict({**live, **ema})
             if dev_ex:
                 dm, _ = evaluate_examples(model, vocab, lvs, specs, dev_ex, device, cfg.eval_batch_size)
                 score = dev_score(specs, dm)
@@ -586,6 +621,8 @@ def train(cfg=None, **overrides):
                     atomic_torch_save(ck, os.path.join(out_dir, "best.pt"))
             else:
                 bad_epochs += 1
+            if live is not None:
+                model.load_state_dict(live)
             train_time = time.perf_counter() - t_start
             rec["elapsed_s"] = train_time
             history.append(rec)

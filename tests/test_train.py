@@ -203,3 +203,15 @@ def test_ddp_two_processes_match_one(files, tmp_path):
     # and they moved: the test is not vacuous
     init = T.train(cfg, epochs=0)
     assert any(not torch.allclose(init["model"].state_dict()[k], single[k]) for k in single)
+
+
+def test_sequence_aux_task_is_trained_not_reported(files, tmp_path):
+    out = str(tmp_path / "aux")
+    r = T.train(T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=files["test"],
+                              tasks=["tags:token:tags", "label:sequence:label"], epochs=1, sequence_aux=0.5,
+                              output_dir=out, **TINY))
+    assert set(r["test"]) == {"tags", "label", "frame_accuracy"}
+    assert "label@token" in r["history"][0]["train_losses"]
+    assert r["history"][0]["task_weights"]["label@token"] == 0.5
+    preds = T.predict_sentences(os.path.join(out, "best.pt"), ["w1 w2"])
+    assert set(preds[0]) == {"tokens", "tags", "label"}

@@ -59,8 +59,9 @@ def check_tasks(examples, tasks, path):
 def build_label_vocabs(examples, tasks):
     vocabs = {}
     for t in tasks:
-        if t.level == "token":
-            labels = [l for ex in examples if ex.get(t.source) is not None for l in ex[t.source]]
+        if t.level == "token":  # (a sentence label read at token level counts once per sentence)
+            labels = [l for ex in examples if ex.get(t.source) is not None
+                      for l in (ex[t.source] if isinstance(ex[t.source], list) else [ex[t.source]])]
         else:
             labels = [ex[t.source] for ex in examples if ex.get(t.source) is not None]
         vocabs[t.name] = LabelVocab.build(labels)
@@ -77,6 +78,8 @@ def encode_examples(examples, vocab, label_vocabs, tasks, ignore_index=-100):
             v = ex.get(t.source)
             lv = label_vocabs[t.name]
             if t.level == "token":
+                if isinstance(v, str):  # a sentence label as an auxiliary token-level target on every token
+                    v = [v] * len(ids)
                 tg[t.name] = [ignore_index] * len(ids) if v is None else [lv.encode(l, ignore_index) for l in v]
             else:
                 tg[t.name] = ignore_index if v is None else lv.encode(v, ignore_index)
