@@ -43,10 +43,10 @@ class TrainConfig:
     hidden_size: int = 256
     num_layers: int = 1
     bidirectional: bool = True
-    dropout: float = 0.4
+    dropout: float = 0.5
     pooling: str = "last"
     sequence_aux: float = 0.0           # >0: also train each sentence label on every token (auxiliary, this weight)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     sharing: str = "hard"
     task_layers: dict = None
     soft_lambda: float = 1e-3
@@ -67,8 +67,8 @@ class TrainConfig:
     ema: float = 0.0                    # >0: evaluate/keep an exponential moving average of the weights
     batch_size: int = 32
     eval_batch_size: int = 256
-    epochs: int = 20
-    patience: int = 6
+    epochs: int = 25
+    patience: int = 8
     max_minutes: float = None
     seed: int = 1
     device: str = "auto"
