@@ -1,0 +1,495 @@
+// Torch glue for the CUDA LSTM kernels (compiled only in CUDA builds): argument checks, device guard, current
+// stream, GEMMs through ATen (cuBLAS), the per-step loop, and TORCH_LIBRARY_IMPL(fastmtl, CUDA, m).
+//
+// Contract: csrc/fastmtl.cpp (lstm_layer_forward / lstm_layer_backward). Kernels: csrc/cuda/lstm.cu (standard
+// path) and csrc/cuda/lstm_persistent.cu (persistent forward and backward); launchers in fastmtl/cuda_lstm.h.
+//
+// Path selection (forward and backward decide separately with the same rule; both read/write the same reserve,
+// dgates and hprev layouts, so any combination is consistent):
+//   persistent  when the dtype is bfloat16 or float16, or float32 with TF32 allowed for RNNs
+//               (torch.backends.cudnn.allow_tf32, the cuDNN default), and B <= 64, H % 8 == 0, and the W_hh
+//               slices fit in shared memory on a grid the occupancy calculator guarantees co-resident
+//               (lstm_persistent_plan; for example H <= 1024 bidirectional bf16 and H <= 1024 float32 per
+//               direction on an H100). float64 never takes it.
+//   standard    otherwise: one GEMM for the input projection of all steps and both directions, then per step one
+//               GEMM on the active rows accumulated in place onto that step's projection (addmm_, beta = 1) and
+//               one fused gate/cell kernel.
+//   FASTMTL_LSTM_CUDA_PATH=standard|persistent forces a path ("persistent" raises when it cannot apply), for tests
+//   and benchmarks; unset or "auto" uses the rule above.
+// ATen's GEMMs follow torch.backends.cuda.matmul.allow_tf32 (ATen's own rule); the persistent kernel follows
+// torch.backends.cudnn.allow_tf32 like cuDNN's RNNs.
+//
+// No host synchronisation: lengths live on the CPU (the contract), so the per-step batch sizes are computed on the
+// host; with lengths=None nothing is copied at all and the ops can be captured in CUDA graphs. With lengths inside a
+// capture, the standard path is used and the batch sizes are frozen into the graph (warned once).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fastmtl/checks.h"
+#include "fastmtl/cuda_lstm.h"
+
+namespace {
+
+namespace fc = fastmtl::cuda;
+
+fc::DType to_kernel_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return fc::DType::kFloat32;
+    case at::kDouble: return fc::DType::kFloat64;
+    case at::kBFloat16: return fc::DType::kBFloat16;
+    case at::kHalf: return fc::DType::kFloat16;
+    default: break;
+  }
+  FASTMTL_CHECK_TYPE(false, "input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
+  return fc::DType::kFloat32;
+}
+
+inline void check_launch(const char* err, const char* what) {
+  FASTMTL_CHECK(err == nullptr, what, " failed: ", (err ? err : ""));
+}
+
+inline void* ptr_at(const at::Tensor& t, int64_t elem_offset) {
+  return static_cast<char*>(t.data_ptr()) + elem_offset * static_cast<int64_t>(t.element_size());
+}
+
+struct Layer {
+  int64_t T = 0, B = 0, I = 0, H = 0, D = 1;
+  bool has_bias = false;
+  std::vector<int64_t> bs;  // active rows per time step (prefix of the batch)
+  bool full = true;         // every sequence has length T
+  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;  // contiguous, per direction
+};
+
+// Same checks and messages as the CPU op (csrc/cpu/lstm.cpp), with the CUDA dtypes.
+void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op, const std::string& name) {
+  FASTMTL_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor");
+  FASTMTL_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but input has dtype ", input.scalar_type());
+  FASTMTL_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+                      input.device());
+}
+
+Layer check_layer(const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
+                  const at::Tensor& cx, at::TensorList weights, bool bidirectional, const char* op) {
+  Layer L;
+  L.D = bidirectional ? 2 : 1;
+  FASTMTL_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, input_size), got shape ",
+                      fastmtl::shape_str(input));
+  const at::ScalarType st = input.scalar_type();
+  FASTMTL_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+                     ": input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
+  FASTMTL_CHECK_VALUE(input.is_cuda(), op, ": input must be a CUDA tensor here, got device ", input.device());
+  L.T = input.size(0);
+  L.B = input.size(1);
+  L.I = input.size(2);
+  const int64_t n = static_cast<int64_t>(weights.size());
+  FASTMTL_CHECK_VALUE(n == 2 * L.D || n == 4 * L.D, op, ": weights must hold ", 2 * L.D, " (no bias) or ",
+                      4 * L.D, " (with bias) tensors for ", L.D, " direction(s), got ", n);
+  L.has_bias = n == 4 * L.D;
+  const int64_t per = L.has_bias ? 4 : 2;
+  FASTMTL_CHECK_VALUE(weights[1].dim() == 2, op, ": weights[1] (w_hh) must be 2-D (4*hidden_size, hidden_size), ",
+                      "got shape ", fastmtl::shape_str(weights[1]));
+  L.H = weights[1].size(1);
+  const int64_t G = 4 * L.H;
+  static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
+  for (int64_t d = 0; d < L.D; ++d) {
+    for (int64_t k = 0; k < per; ++k) {
+      const at::Tensor& w = weights[d * per + k];
+      std::vector<int64_t> expected;
+      if (k == 0) expected = {G, L.I};
+      else if (k == 1) expected = {G, L.H};
+      else expected = {G};
+      std::ostringstream nm;
+      nm << "weights[" << d * per + k << "] (" << names[k] << (d ? "_reverse" : "") << ")";
+      FASTMTL_CHECK_VALUE(w.defined() && w.sizes() == at::IntArrayRef(expected), op, ": ", nm.str(),
+                          " must have shape ", at::IntArrayRef(expected), ", got ",
+                          (w.defined() ? fastmtl::shape_str(w) : std::string("None")));
+      check_like_input(w, input, op, nm.str());
+    }
+    L.w_ih.push_back(weights[d * per].contiguous());
+    L.w_hh.push_back(weights[d * per + 1].contiguous());
+    if (L.has_bias) {
+      L.b_ih.push_back(weights[d * per + 2].contiguous());
+      L.b_hh.push_back(weights[d * per + 3].contiguous());
+    }
+  }
+  const std::vector<int64_t> state{L.D, L.B, L.H};
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&hx, "hx"}, {&cx, "cx"}}) {
+    FASTMTL_CHECK_VALUE(t->sizes() == at::IntArrayRef(state), op, ": ", name, " must have shape (D, B, H) = ",
+                        at::IntArrayRef(state), ", got ", fastmtl::shape_str(*t));
+    check_like_input(*t, input, op, name);
+  }
+  L.bs.assign(static_cast<size_t>(L.T), L.B);
+  if (lengths.has_value() && lengths->defined()) {
+    const at::Tensor& len = *lengths;
+    FASTMTL_CHECK_TYPE(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ", len.scalar_type());
+    FASTMTL_CHECK_VALUE(len.device().is_cpu(), op, ": lengths must be on the CPU (the per-step batch sizes are ",
+                        "computed on the host without a device sync), got ", len.device());
+    FASTMTL_CHECK_VALUE(len.dim() == 1 && len.size(0) == L.B, op, ": lengths must have shape (B,) = (", L.B,
+                        ",), got ", fastmtl::shape_str(len));
+    const at::Tensor lc = len.contiguous();
+    const int64_t* lp = lc.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < L.B; ++b) {
+      FASTMTL_CHECK_VALUE(lp[b] >= 1 && lp[b] <= L.T, op, ": lengths[", b, "] = ", lp[b],
+                          " is outside [1, T] with T = ", L.T);
+      FASTMTL_CHECK_VALUE(b == 0 || lp[b] <= lp[b - 1], op, ": lengths must be sorted in non-increasing order ",
+                          "(lengths[", b - 1, "] = ", lp[b - 1], " < lengths[", b, "] = ", lp[b], ")");
+    }
+    // bs[t] = #{b : lengths[b] > t}; lengths are non-increasing so the active rows are a prefix.
+    int64_t b = L.B;
+    for (int64_t t = 0; t < L.T; ++t) {
+      while (b > 0 && lp[b - 1] <= t) --b;
+      L.bs[static_cast<size_t>(t)] = b;
+    }
+    L.full = L.B == 0 || lp[L.B - 1] == L.T;
+  }
+  return L;
+}
+
+at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// "auto" (default), "standard" or "persistent".
+std::string forced_path() {
+  const char* e = std::getenv("FASTMTL_LSTM_CUDA_PATH");
+  std::string s = e ? e : "";
+  if (s.empty() || s == "auto") return "auto";
+  FASTMTL_CHECK_VALUE(s == "standard" || s == "persistent", "FASTMTL_LSTM_CUDA_PATH must be auto, standard or ",
+                      "persistent, got '", s, "'");
+  return s;
+}
+
+// out (fp32 for bf16/fp16 operands, else the operands' dtype) = a @ b. Uses aten::mm.dtype_out (cuBLAS with an
+// fp32 output, no rounding to 16 bits) where this torch supports it for these dtypes; otherwise the product in the
+// operands' dtype, widened. The answer is remembered per dtype.
+void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  static std::atomic<int> supported[2] = {{-1}, {-1}};  // bf16, fp16: -1 unknown, 0 no, 1 yes
+  std::atomic<int>& flag = supported[a.scalar_type() == at::kHalf ? 1 : 0];
+  if (flag.load() != 0) {
+    try {
+      at::mm_out(out, a, b, out.scalar_type());
+      flag.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (flag.load() == 1) throw;  // it worked before: a real error
+      flag.store(0);
+    }
+  }
+  out.copy_(at::mm(a, b));
+}
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
+}
+
+// Variable lengths inside a CUDA-graph capture: the per-step batch sizes are host values, so the graph bakes them
+// in (replays are valid for these lengths only), and the persistent path (which would copy them from a pinned host
+// buffer) is not used.
+void note_capture_with_lengths(const Layer& L, cudaStream_t stream) {
+  if (!L.full && is_capturing(stream)) {
+    TORCH_WARN_ONCE("fastmtl: an LSTM with lengths is being captured in a CUDA graph; the per-step batch sizes ",
+                    "are frozen into the graph, so its replays are valid only for the same lengths");
+  }
+}
+
+// Decides the path for one op call; throws when FASTMTL_LSTM_CUDA_PATH=persistent cannot be honoured.
+bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, bool backward,
+                       fc::PersistentPlan* plan, cudaStream_t stream) {
+  const std::string force = forced_path();
+  if (force == "standard") return false;
+  if (!L.full && is_capturing(stream)) {
+    FASTMTL_CHECK(force != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but the persistent kernels do not ",
+                  "take lengths inside a CUDA-graph capture");
+    return false;
+  }
+  const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+  check_launch(fc::lstm_persistent_plan(kdt, static_cast<int>(L.B), static_cast<int>(L.H), static_cast<int>(L.D),
+                                        tf32, input.device().index(), backward, plan),
+               "fastmtl LSTM persistent plan");
+  FASTMTL_CHECK(plan->ok || force != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but the persistent ",
+                (backward ? "backward" : "forward"), " kernel cannot run this layer (B=", L.B, ", H=", L.H,
+                ", dtype ", input.scalar_type(), "): ", plan->reason);
+  return plan->ok;
+}
+
+// Per-step batch sizes on the device for the persistent kernels (undefined when every sequence has length T).
+// Pinned host buffer + non_blocking copy: no host synchronisation; the caching host allocator keeps the buffer
+// alive until the copy has run.
+at::Tensor batch_sizes_on_device(const Layer& L, const at::Tensor& input) {
+  if (L.full) return at::Tensor();
+  at::Tensor host = at::empty({L.T}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int* p = host.data_ptr<int>();
+  for (int64_t t = 0; t < L.T; ++t) p[t] = static_cast<int>(L.bs[static_cast<size_t>(t)]);
+  return host.to(input.device(), /*non_blocking=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
+    at::TensorList weights, bool bidirectional, bool need_reserve) {
+  Layer L = check_layer(input, lengths, hx, cx, weights, bidirectional, "lstm_layer_forward");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t T = L.T, B = L.B, I = L.I, H = L.H, D = L.D, G = 4 * H;
+  const auto opts = input.options();
+  at::Tensor output = at::empty({T, B, D * H}, opts);
+  at::Tensor reserve = need_reserve ? at::empty({D, T, B, 5 * H}, opts) : at::empty({0}, opts);
+  at::Tensor hy = at::empty({D, B, H}, opts);
+  at::Tensor cy = at::empty({D, B, H}, opts);
+  if (T == 0 || B == 0 || H == 0) {
+    hy.copy_(hx);
+    cy.copy_(cx);
+    output.zero_();
+    return {output, hy, cy, reserve};
+  }
+  const fc::DType kdt = to_kernel_dtype(input.scalar_type());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const at::Tensor x2d = input.contiguous().view({T * B, I});
+  const at::Tensor hx_c = hx.contiguous();
+  const at::Tensor cx_c = cx.contiguous();
+
+  // Input projection for every step and both directions in one GEMM: (T*B, D*4H), biases folded in.
+  const at::Tensor wih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);
+  at::Tensor xproj;
+  if (L.has_bias) {
+    at::Tensor bias = D == 1 ? L.b_ih[0] + L.b_hh[0] : at::cat({L.b_ih[0] + L.b_hh[0], L.b_ih[1] + L.b_hh[1]}, 0);
+    xproj = at::addmm(bias, x2d, wih_cat.t());
+  } else {
+    xproj = at::mm(x2d, wih_cat.t());
+  }
+  const int64_t ldx = D * G;
+
+  // Path selection (see the header comment and csrc/cuda/README.md).
+  fc::PersistentPlan plan;
+  note_capture_with_lengths(L, stream);
+  if (choose_persistent(L, input, kdt, /*backward=*/false, &plan, stream)) {
+    at::Tensor hbuf = at::empty({D, 2, B, H}, opts);
+    hbuf.select(1, 0).copy_(hx_c);
+    at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
+    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
+    fc::PersistentFwdArgs a;
+    a.xproj = xproj.data_ptr();
+    a.whh[0] = L.w_hh[0].data_ptr();
+    a.whh[1] = D == 2 ? L.w_hh[1].data_ptr() : nullptr;
+    a.cx = cx_c.data_ptr();
+    a.out = output.data_ptr();
+    a.hy = hy.data_ptr();
+    a.cy = cy.data_ptr();
+    a.reserve = need_reserve ? reserve.data_ptr() : nullptr;
+    a.hbuf = hbuf.data_ptr();
+    a.batch_sizes = bs_dev.defined() ? bs_dev.data_ptr<int>() : nullptr;
+    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+    a.T = static_cast<int>(T);
+    a.B = static_cast<int>(B);
+    a.H = static_cast<int>(H);
+    a.D = static_cast<int>(D);
+    check_launch(fc::lstm_persistent_fwd(kdt, a, plan, stream), "fastmtl LSTM persistent forward kernel");
+    return {output, hy, cy, reserve};
+  }
+
+  // Standard path.
+  const int64_t ldo = D * H;
+  for (int64_t d = 0; d < D; ++d) {
+    const at::Tensor whh_t = L.w_hh[d].t();  // (H, 4H) view
+    at::Tensor h_state = hx_c.select(0, d).clone(at::MemoryFormat::Contiguous);
+    at::Tensor c_state = cx_c.select(0, d).to(acc_type(input.scalar_type())).contiguous().clone();
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? s : T - 1 - s;
+      const int64_t bt = L.bs[static_cast<size_t>(t)];
+      if (bt > 0) {
+        // Recurrent GEMM accumulated in place onto this step's input projection (beta = 1): one rounding of the
+        // gate pre-activations in bf16/fp16 instead of two.
+        xproj.narrow(0, t * B, bt).narrow(1, d * G, G).addmm_(h_state.narrow(0, 0, bt), whh_t);
+      }
+      fc::FwdStepArgs a;
+      a.xproj = ptr_at(xproj, t * B * ldx + d * G);
+      a.xproj_ld = ldx;
+      a.rec = nullptr;
+      a.c_state = c_state.data_ptr();
+      a.h_state = h_state.data_ptr();
+      a.out = ptr_at(output, t * B * ldo + d * H);
+      a.out_ld = ldo;
+      a.reserve = need_reserve ? ptr_at(reserve, (d * T + t) * B * 5 * H) : nullptr;
+      a.B = static_cast<int>(B);
+      a.bt = static_cast<int>(bt);
+      a.H = static_cast<int>(H);
+      check_launch(fc::lstm_fwd_step(kdt, a, stream), "fastmtl LSTM forward step kernel");
+    }
+    hy.select(0, d).copy_(h_state);
+    cy.select(0, d).copy_(c_state);
+  }
+  return {output, hy, cy, reserve};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx, at::TensorList weights,
+    bool bidirectional, const at::Tensor& output, const at::Tensor& reserve) {
+  Layer L = check_layer(input, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
+  const int64_t T = L.T, B = L.B, I = L.I, H = L.H, D = L.D, G = 4 * H;
+  const char* op = "lstm_layer_backward";
+  const std::vector<int64_t> out_shape{T, B, D * H}, state{D, B, H}, res_shape{D, T, B, 5 * H};
+  FASTMTL_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output must have shape ",
+                      at::IntArrayRef(out_shape), ", got ", fastmtl::shape_str(grad_output));
+  FASTMTL_CHECK_VALUE(output.sizes() == at::IntArrayRef(out_shape), op, ": output must have shape ",
+                      at::IntArrayRef(out_shape), ", got ", fastmtl::shape_str(output));
+  FASTMTL_CHECK_VALUE(grad_hy.sizes() == at::IntArrayRef(state), op, ": grad_hy must have shape ",
+                      at::IntArrayRef(state), ", got ", fastmtl::shape_str(grad_hy));
+  FASTMTL_CHECK_VALUE(grad_cy.sizes() == at::IntArrayRef(state), op, ": grad_cy must have shape ",
+                      at::IntArrayRef(state), ", got ", fastmtl::shape_str(grad_cy));
+  FASTMTL_CHECK_VALUE(reserve.sizes() == at::IntArrayRef(res_shape), op,
+                      ": reserve must have shape (D, T, B, 5H) = ", at::IntArrayRef(res_shape), ", got ",
+                      fastmtl::shape_str(reserve),
+                      " (run lstm_layer_forward with need_reserve=True when gradients are needed)");
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output, "grad_output"},
+                         {&grad_hy, "grad_hy"}, {&grad_cy, "grad_cy"}, {&output, "output"},
+                         {&reserve, "reserve"}}) {
+    check_like_input(*t, input, op, name);
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options();
+
+  at::Tensor grad_input = (T == 0 || B == 0 || H == 0) ? at::zeros({T, B, I}, opts) : at::empty({T, B, I}, opts);
+  at::Tensor grad_hx = at::empty({D, B, H}, opts);
+  at::Tensor grad_cx = at::empty({D, B, H}, opts);
+  std::vector<at::Tensor> grad_w;
+  if (T == 0 || B == 0 || H == 0) {
+    grad_hx.copy_(grad_hy);
+    grad_cx.copy_(grad_cy);
+    for (int64_t d = 0; d < D; ++d) {
+      grad_w.push_back(at::zeros_like(L.w_ih[d]));
+      grad_w.push_back(at::zeros_like(L.w_hh[d]));
+      if (L.has_bias) {
+        grad_w.push_back(at::zeros_like(L.b_ih[d]));
+        grad_w.push_back(at::zeros_like(L.b_hh[d]));
+      }
+    }
+    return {grad_input, grad_hx, grad_cx, grad_w};
+  }
+  const fc::DType kdt = to_kernel_dtype(input.scalar_type());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor ghy = grad_hy.contiguous();
+  const at::Tensor gcy = grad_cy.contiguous();
+  const at::Tensor hx_c = hx.contiguous();
+  const at::Tensor cx_c = cx.contiguous();
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor res = reserve.contiguous();
+  const int64_t ldo = D * H, ldg = D * G;
+
+  at::Tensor dG = at::empty({T, B, ldg}, opts);        // gate pre-activation gradients, both directions
+  at::Tensor hprev = at::empty({D, T, B, H}, opts);    // h_{t-1} per step (hx at each sequence's first step)
+  fc::PersistentPlan plan;
+  note_capture_with_lengths(L, stream);
+  const bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan, stream);
+  if (persistent) {
+    at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
+    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
+    fc::PersistentBwdArgs a;
+    a.grad_out = go.data_ptr();
+    a.grad_hy = ghy.data_ptr();
+    a.grad_cy = gcy.data_ptr();
+    a.whh[0] = L.w_hh[0].data_ptr();
+    a.whh[1] = D == 2 ? L.w_hh[1].data_ptr() : nullptr;
+    a.reserve = res.data_ptr();
+    a.out = out_c.data_ptr();
+    a.hx = hx_c.data_ptr();
+    a.cx = cx_c.data_ptr();
+    a.dgates = dG.data_ptr();
+    a.hprev = hprev.data_ptr();
+    a.grad_hx = grad_hx.data_ptr();
+    a.grad_cx = grad_cx.data_ptr();
+    a.batch_sizes = bs_dev.defined() ? bs_dev.data_ptr<int>() : nullptr;
+    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+    a.T = static_cast<int>(T);
+    a.B = static_cast<int>(B);
+    a.H = static_cast<int>(H);
+    a.D = static_cast<int>(D);
+    check_launch(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
+  }
+  for (int64_t d = 0; d < (persistent ? 0 : D); ++d) {
+    const at::Tensor& whh = L.w_hh[d];  // (4H, H)
+    at::Tensor dc_state = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
+    at::Tensor dhrec = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
+    int64_t n_prev = 0;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? T - 1 - s : s;
+      const int64_t tp = d == 0 ? t - 1 : t + 1;  // previous step in this direction's forward order
+      const int64_t n_cprev = (tp >= 0 && tp < T) ? L.bs[static_cast<size_t>(tp)] : 0;
+      const int64_t bt = L.bs[static_cast<size_t>(t)];
+      fc::BwdStepArgs a;
+      a.grad_out = ptr_at(go, t * B * ldo + d * H);
+      a.grad_out_ld = ldo;
+      a.dhrec = dhrec.data_ptr();
+      a.grad_hy = ptr_at(ghy, d * B * H);
+      a.grad_cy = ptr_at(gcy, d * B * H);
+      a.dc_state = dc_state.data_ptr();
+      a.res = ptr_at(res, (d * T + t) * B * 5 * H);
+      a.res_prev = n_cprev > 0 ? ptr_at(res, (d * T + tp) * B * 5 * H) : nullptr;
+      a.cx = ptr_at(cx_c, d * B * H);
+      a.hsrc = n_cprev > 0 ? ptr_at(out_c, tp * B * ldo + d * H) : nullptr;
+      a.hsrc_ld = ldo;
+      a.hx = ptr_at(hx_c, d * B * H);
+      a.hprev = ptr_at(hprev, (d * T + t) * B * H);
+      a.dgates = ptr_at(dG, t * B * ldg + d * G);
+      a.dgates_ld = ldg;
+      a.grad_hx = ptr_at(grad_hx, d * B * H);
+      a.grad_cx = ptr_at(grad_cx, d * B * H);
+      a.B = static_cast<int>(B);
+      a.bt = static_cast<int>(bt);
+      a.n_prev = static_cast<int>(n_prev);
+      a.n_cprev = static_cast<int>(n_cprev);
+      a.H = static_cast<int>(H);
+      check_launch(fc::lstm_bwd_step(kdt, a, stream), "fastmtl LSTM backward step kernel");
+      if (bt > 0) {
+        at::Tensor dh_v = dhrec.narrow(0, 0, bt);
+        mm_acc_out(dh_v, dG.select(0, t).narrow(0, 0, bt).narrow(1, d * G, G), whh);
+      }
+      n_prev = bt;
+    }
+    check_launch(fc::lstm_bwd_finish(kdt, dhrec.data_ptr(), dc_state.data_ptr(), ptr_at(grad_hx, d * B * H),
+                                     ptr_at(grad_cx, d * B * H), static_cast<int>(n_prev), static_cast<int>(H),
+                                     stream),
+                 "fastmtl LSTM backward finish kernel");
+  }
+
+  // Weight and input gradients as large GEMMs over all steps (padding rows of dG are zero).
+  const at::Tensor dG2 = dG.view({T * B, ldg});
+  const at::Tensor x2d = input.contiguous().view({T * B, I});
+  const at::Tensor wih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);  // (D*4H, I)
+  at::Tensor gi2 = grad_input.view({T * B, I});
+  at::mm_out(gi2, dG2, wih_cat);
+  const at::Tensor gwih = at::mm(dG2.t(), x2d);  // (D*4H, I)
+  at::Tensor gbias;
+  if (L.has_bias) gbias = dG2.sum(0, /*keepdim=*/false, acc_type(input.scalar_type())).to(input.scalar_type());
+  for (int64_t d = 0; d < D; ++d) {
+    grad_w.push_back(D == 1 ? gwih : gwih.narrow(0, d * G, G).clone());
+    grad_w.push_back(at::mm(dG2.narrow(1, d * G, G).t(), hprev.select(0, d).view({T * B, H})));
+    if (L.has_bias) {
+      at::Tensor gb = gbias.narrow(0, d * G, G);
+      grad_w.push_back(gb.clone());
+      grad_w.push_back(gb.clone());
+    }
+  }
+  return {grad_input, grad_hx, grad_cx, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+}
