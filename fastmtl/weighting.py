@@ -150,7 +150,7 @@ class GradNormWeighting(TaskWeighting):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def weights(self):
-        return {t: float(self.w[i]) * self.base[t] for i, t in enumerate(self.tasks)}
+        return {t: float(self.w[i].detach()) * self.base[t] for i, t in enumerate(self.tasks)}
 
     def after_backward(self, losses, shared_params, all_reduce=None):
         shared_params = [p for p in shared_params if p.requires_grad]
