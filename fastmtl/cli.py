@@ -6,6 +6,7 @@ metrics. See ``fastmtl train --help``.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -131,7 +132,7 @@ def _train(ns):
         res = train(cfg)
     except KeyboardInterrupt:
         return 130
-    if res["test"] is not None:
+    if res["test"] is not None and os.environ.get("RANK", "0") == "0":
         print(json.dumps(res["test"], indent=2))
     return 0
 
