@@ -174,7 +174,7 @@ class GradNormWeighting(TaskWeighting):
         with torch.no_grad():
             self.w.clamp_(min=1e-4)
             self.w.mul_(len(self.tasks) / self.w.sum())
-        return float(loss)
+        return float(loss.detach())
 
     def extra_state(self):
         return {"opt": self.opt.state_dict()}
