@@ -195,7 +195,7 @@ def test_float16_bfloat16_close_to_float64(device):
     hidden, weights, targets, levels, kw = make_problem(device, torch.float64, 8, 12, 32, tasks)
     ref_total, ref_losses = multitask_cross_entropy_reference(hidden, weights, targets, levels, **kw)
     (ref_gh,) = torch.autograd.grad(ref_total, hidden)
-    for dt in (torch.bfloat16,):
+    for dt in (torch.bfloat16, torch.float16):
         h = hidden.detach().to(dt).requires_grad_(True)
         ws = [w.detach().to(dt) for w in weights]
         kw2 = dict(kw, biases=[b.detach().to(dt) for b in kw["biases"]])

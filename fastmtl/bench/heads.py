@@ -7,14 +7,18 @@ Cases (B=64, T=32, D=512):
   c  5 token tasks of 50 classes
 Each case runs with variable lengths (uniform in [5, 32], like padded ATIS batches; padded positions never
 count) and with every sequence at full length T=32 (no padding: the fused op then does exactly the reference's
-GEMMs). Timing: medians, fastmtl and reference measured alternately in several rounds (the median of the
-rounds' medians) so both see the same machine load. Peak memory: ``fastmtl.bench.common.peak_memory_mb``
+GEMMs). Timing: fastmtl and the reference run alternately, call by call (so both see the same machine load,
+which matters on a shared machine), and each side's median and quartiles are reported. Peak memory: ``fastmtl.bench.common.peak_memory_mb``
 (peak-RSS growth of one forward + backward in a fresh subprocess on the CPU, allocator peak on CUDA), the same
 method for both sides.
 """
 import torch
 
-from .common import gemm_gflops, measure, peak_memory_mb, print_table
+import os
+import statistics
+import time
+
+from .common import gemm_gflops, peak_memory_mb, print_table
 
 CASES = {
     "a": [("intent", "sequence", 26), ("slots", "token", 130)],
@@ -69,11 +73,37 @@ def _gemm_flops(case, lengths):
     return f
 
 
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _interleaved(fns, warmup, repeat, device):
+    """Times the callables alternately, one call each per turn; {name: {median_ms, p25_ms, p75_ms}}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {p: [] for p in fns}
+    for _ in range(repeat):
+        for p, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[p].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for p, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
+        out[p] = {"median_ms": statistics.median(t), "p25_ms": q[0], "p75_ms": q[2]}
+    return out
+
+
 def add_arguments(p):
     p.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
     p.add_argument("--lengths", default="variable,full", help="variable and/or full")
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds per provider")
+    p.add_argument("--rounds", type=int, default=3, help="multiplies the number of timed calls")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
 
 
 def run(args):
@@ -83,6 +113,9 @@ def run(args):
     lengths_modes = getattr(args, "lengths", "variable,full").split(",")
     rounds = 1 if quick else getattr(args, "rounds", 3)
     memory = not getattr(args, "no_memory", False)
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
     peak_rate = gemm_gflops(device)
     rows = []
     for case in cases:
@@ -90,24 +123,27 @@ def run(args):
             big = case == "b"
             rep = 2 if (quick or big) else 10
             fns = {p: make_workload(case, p, lengths, device) for p in ("fastmtl", "reference")}
-            meds = {p: [] for p in fns}
-            for _ in range(rounds):
-                for p, fn in fns.items():
-                    meds[p].append(measure(fn, warmup=1, repeat=rep, device=device)["median_ms"])
-            ms = {p: sorted(v)[len(v) // 2] for p, v in meds.items()}
+            load0 = os.getloadavg()[0]
+            stats = _interleaved(fns, warmup=1 if big else 3, repeat=rep * rounds, device=device)
+            ms = {p: v["median_ms"] for p, v in stats.items()}
+            load = "%.1f-%.1f" % (load0, os.getloadavg()[0])  # 1-minute load average before and after
             row = {
                 "case": case, "tasks": "+".join("%s:%d" % (n, C) for n, _, C in CASES[case]), "lengths": lengths,
                 "fastmtl_ms": ms["fastmtl"], "reference_ms": ms["reference"],
                 "speedup": ms["reference"] / ms["fastmtl"],
+                "fastmtl_p25_p75_ms": "%.1f-%.1f" % (stats["fastmtl"]["p25_ms"], stats["fastmtl"]["p75_ms"]),
+                "reference_p25_p75_ms": "%.1f-%.1f" % (stats["reference"]["p25_ms"], stats["reference"]["p75_ms"]),
                 "fastmtl_gflops": _gemm_flops(case, lengths) / (ms["fastmtl"] / 1e3) / 1e9,
-                "gemm_peak_gflops": peak_rate,
+                "gemm_peak_gflops": peak_rate, "load_avg": load, "threads": torch.get_num_threads(),
             }
             if memory:
                 mem = {p: peak_memory_mb("fastmtl.bench.heads", "make_workload",
-                                         dict(case=case, provider=p, lengths=lengths, device=device), device=device)
+                                         dict(case=case, provider=p, lengths=lengths, device=device), device=device,
+                                         threads=threads)
                        for p in fns}
                 row.update(fastmtl_peak_mb=mem["fastmtl"], reference_peak_mb=mem["reference"],
-                           memory_ratio=mem["fastmtl"] / max(mem["reference"], 1e-9))
+                           # RSS growth below ~1 MiB is within the allocator's cached pages: no ratio
+                           memory_ratio=mem["fastmtl"] / mem["reference"] if mem["reference"] >= 1.0 else None)
             rows.append(row)
             print_table([row], _COLUMNS)
             del fns
@@ -116,5 +152,6 @@ def run(args):
     return rows
 
 
-_COLUMNS = ["case", "tasks", "lengths", "fastmtl_ms", "reference_ms", "speedup", "fastmtl_gflops",
-            "gemm_peak_gflops", "fastmtl_peak_mb", "reference_peak_mb", "memory_ratio"]
+_COLUMNS = ["case", "tasks", "lengths", "fastmtl_ms", "reference_ms", "speedup", "fastmtl_p25_p75_ms",
+            "reference_p25_p75_ms", "fastmtl_gflops",
+            "gemm_peak_gflops", "load_avg", "threads", "fastmtl_peak_mb", "reference_peak_mb", "memory_ratio"]

@@ -9,9 +9,13 @@ Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``):
   receives a gradient, the gradient with respect to (hidden, W, b) is
   ``sum_k (grad_total * lambda_k + grad_losses_k) * dL_k/d(.)``, which is exactly what the kernel computes with
   effective task weights ``lambda_eff = grad_total * lambda + grad_losses``; backward then re-runs the op with
-  ``lambda_eff`` and ``compute_grad=True`` (exact, at the cost of one more forward of the heads). In eager mode
-  this happens only when ``losses`` is part of the differentiated graph; under ``torch.compile`` the unused output
-  still gets a (zero) tangent, so the compiled backward always takes this path when ``losses`` requires grad.
+  ``lambda_eff`` and ``compute_grad=True`` (exact, at the cost of one more forward of the heads). This happens
+  only when ``losses`` is part of the differentiated graph (grads of unused outputs are not materialised). Under
+  ``torch.compile`` the same holds inside the compiled region, but a ``losses`` tensor returned from the compiled
+  function gets a tangent whether used or not: return ``losses.detach()`` for logging.
+* The kernel's precomputed gradients are held from forward to backward (they replace the saved activations). On
+  the first backward with ``grad_total == 1`` (``loss.backward()``) on the CPU they are handed over without a copy;
+  a repeated backward (``retain_graph=True``) recomputes them.
 * The gradient outputs of the op are not differentiable (no double backward).
 """
 import torch
