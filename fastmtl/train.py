@@ -1,0 +1,684 @@
+"""The trainer behind ``fastmtl train``: data -> vocabularies -> MultiTaskLSTM -> training with early stopping on
+dev -> test metrics. Also: checkpoints, resume, evaluation and prediction from a checkpoint, DDP under torchrun."""
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import data as D
+from . import metrics as M
+from .weighting import make_weighting
+
+__all__ = ["TrainConfig", "train", "evaluate_examples", "load_checkpoint", "predict_sentences", "atomic_write",
+           "atomic_torch_save", "build_tasks"]
+
+
+@dataclass
+class TrainConfig:
+    # data
+    format: str = "atis"
+    train: str = None
+    dev: str = None
+    test: str = None
+    columns: list = None
+    tasks: list = None                  # ["NAME:LEVEL:SOURCE", ...]; ATIS: intent + slots
+    max_train: int = None               # use only the first N training examples (quick runs, tests)
+    # vocabulary
+    min_count: int = 1
+    unk_alpha: float = 0.25             # training-time <unk> replacement: p = alpha / (alpha + count)
+    lower: bool = True
+    normalize_digits: bool = True
+    pretrained: str = None              # word2vec/GloVe text file
+    freeze_embeddings: bool = False
+    # model
+    embedding_dim: int = 128
+    hidden_size: int = 256
+    num_layers: int = 1
+    bidirectional: bool = True
+    dropout: float = 0.5
+    pooling: str = "last"
+    sequence_aux: float = 0.0           # >0: also train each sentence label on every token (auxiliary, this weight)
+    label_smoothing: float = 0.1
+    sharing: str = "hard"
+    task_layers: dict = None
+    soft_lambda: float = 1e-3
+    init_encoder: str = None            # transfer: a checkpoint whose encoder (and vocabulary) to start from
+    freeze_encoder: bool = False
+    # weighting
+    weighting: str = "static"
+    task_weights: dict = None
+    dwa_temperature: float = 2.0
+    gradnorm_alpha: float = 1.5
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "linear"            # "linear" decay to 0, or "constant"
+    warmup_steps: int = 100
+    grad_clip: float = 5.0
+    ema: float = 0.0                    # >0: evaluate/keep an exponential moving average of the weights
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    epochs: int = 25
+    patience: int = 8
+    max_minutes: float = None
+    seed: int = 1
+    device: str = "auto"
+    threads: int = None
+    # output
+    output_dir: str = None
+    resume: bool = False
+    progress: bool = True
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small utilities
+
+def atomic_write(path, data):
+    """Writes ``data`` (str or bytes) to ``path`` through a temporary file and ``os.replace``."""
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _log(cfg, msg, rank=0):
+    if rank == 0 and not cfg.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _device(cfg, local_rank):
+    if cfg.device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+AUX_SUFFIX = "@token"
+
+
+def _is_aux(spec):
+    return spec.name.endswith(AUX_SUFFIX)
+
+
+def _aux_specs(specs, cfg):
+    """With ``sequence_aux``: every sentence-level task also as an auxiliary token-level task on every token (each
+    token state learns the sentence label, which conditions the token tasks on it); never evaluated."""
+    if not cfg.sequence_aux:
+        return []
+    return [D.TaskSpec(s.name + AUX_SUFFIX, "token", s.source) for s in specs if s.level == "sequence"]
+
+
+def build_tasks(specs, label_vocabs, pooling="last", label_smoothing=0.0):
+    """fastmtl.nn task objects for ``specs`` (TaskSpec) with class counts from ``label_vocabs``."""
+    from .nn import SequenceTask, TokenTask
+
+    out = []
+    for s in specs:
+        n = max(len(label_vocabs[s.name]), 1)
+        if s.level == "sequence":
+            out.append(SequenceTask(s.name, n, pooling=pooling, label_smoothing=label_smoothing))
+        else:
+            out.append(TokenTask(s.name, n, label_smoothing=label_smoothing))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+def _load_splits(cfg):
+    if cfg.format == "atis" and cfg.train is None:
+        splits = {s: D.load_atis(s) for s in ("train", "dev", "test")}
+        paths = {s: "ATIS/%s" % s for s in splits}
+    else:
+        if cfg.train is None:
+            raise ValueError("fastmtl: --train is required unless --format atis (the built-in ATIS data)")
+        paths = {"train": cfg.train, "dev": cfg.dev, "test": cfg.test}
+        splits = {s: (D.read_examples(p, cfg.format, cfg.columns) if p else None) for s, p in paths.items()}
+    if cfg.max_train:
+        splits["train"] = splits["train"][: cfg.max_train]
+    if cfg.tasks:
+        specs = [D.parse_task(t) if isinstance(t, str) else t for t in cfg.tasks]
+    elif cfg.format == "atis":
+        specs = [D.TaskSpec(*t) for t in D.atis.ATIS_TASKS]
+    else:
+        raise ValueError("fastmtl: give the tasks with --task NAME:LEVEL:SOURCE (e.g. --task upos:token:upos)")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("fastmtl: duplicate task names in --task: %s" % names)
+    for s, ex in splits.items():
+        if ex is not None:
+            D.check_tasks(ex, specs, paths[s])
+    return splits, specs
+
+
+def _batches(encoded, batch_size, shuffle, seed):
+    return D.bucket_batches([len(x[0]) for x in encoded], batch_size, shuffle, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+def predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_size=256):
+    """Predicted label strings for every example: list of ``{task: label or [labels]}``."""
+    model.eval()
+    encoded = [(vocab.encode(ex["tokens"]), {}) for ex in examples]
+    out = [None] * len(examples)
+    for idx in _batches(encoded, batch_size, False, 0):
+        b = D.collate(encoded, idx, [], unk_probs=None).to(device)
+        preds = model.predict(b.ids, b.lengths)
+        for s in specs:
+            p = preds[s.name].cpu().tolist()
+            lv = label_vocabs[s.name]
+            for r, i in enumerate(idx):
+                if out[i] is None:
+                    out[i] = {}
+                if s.level == "token":
+                    out[i][s.name] = [lv.decode(c) for c in p[r][: len(encoded[i][0])]]
+                else:
+                    out[i][s.name] = lv.decode(p[r])
+    return out
+
+
+def compute_metrics(specs, examples, predictions):
+    """The metrics.json dict: ``{task: {"accuracy", [span "precision", "recall", "f1"]}, "frame_accuracy"}``.
+
+    Gold labels are compared as strings, so labels never seen in training always count as errors. Examples without a
+    gold label for a task are left out of that task's metrics.
+    """
+    res = {}
+    for s in specs:
+        pairs = [(ex[s.source], p[s.name]) for ex, p in zip(examples, predictions) if ex.get(s.source) is not None]
+        gold = [g for g, _ in pairs]
+        pred = [p for _, p in pairs]
+        m = {"accuracy": M.accuracy(gold, pred)}
+        if s.level == "token" and M.is_span_tagset({l for g in gold for l in g}):
+            m.update(M.span_f1(gold, pred))
+        res[s.name] = m
+    seq = [s for s in specs if s.level == "sequence"]
+    tok = [s for s in specs if s.level == "token"]
+    if seq and tok:
+        ok = n = 0
+        for ex, p in zip(examples, predictions):
+            if any(ex.get(s.source) is None for s in specs):
+                continue
+            n += 1
+            ok += all((list(ex[s.source]) == list(p[s.name])) if s.level == "token" else ex[s.source] == p[s.name]
+                      for s in specs)
+        res["frame_accuracy"] = ok / n if n else 0.0
+    return res
+
+
+def dev_score(specs, m):
+    """One number to select the best epoch: the mean of every task's main metric (span F1 where there is one,
+    else accuracy) and the frame accuracy."""
+    vals = [m[s.name].get("f1", m[s.name]["accuracy"]) for s in specs]
+    if "frame_accuracy" in m:
+        vals.append(m["frame_accuracy"])
+    return sum(vals) / len(vals)
+
+
+def evaluate_examples(model, vocab, label_vocabs, specs, examples, device, batch_size=256):
+    preds = predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_size)
+    return compute_metrics(specs, examples, preds), preds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _model_from(cfg, vocab, label_vocabs, specs, pretrained=None):
+    from .model import MultiTaskLSTM
+
+    tasks = build_tasks(specs, label_vocabs, cfg.pooling, cfg.label_smoothing)
+    return MultiTaskLSTM(len(vocab), cfg.embedding_dim, cfg.hidden_size, tasks, num_layers=cfg.num_layers,
+                         bidirectional=cfg.bidirectional, dropout=cfg.dropout, sharing=cfg.sharing,
+                         task_layers=cfg.task_layers, soft_lambda=cfg.soft_lambda, pretrained=pretrained,
+                         freeze_embeddings=cfg.freeze_embeddings)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns ``(model, vocab, label_vocabs, specs, cfg)`` from a checkpoint written by :func:`train`."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ck, dict) or "model" not in ck or "vocab" not in ck:
+        raise ValueError("fastmtl: %s is not a fastmtl training checkpoint" % path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
+    vocab = D.Vocab.from_state_dict(ck["vocab"])
+    lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in ck["label_vocabs"].items()}
+    all_specs = [D.TaskSpec(*s) for s in ck["tasks"]]
+    model = _model_from(cfg, vocab, lvs, all_specs)
+    model.load_state_dict(ck["model"])
+    model.to(device).eval()
+    return model, vocab, lvs, [s for s in all_specs if not _is_aux(s)], cfg
+
+
+def predict_sentences(checkpoint, sentences, device="cpu"):
+    """Predictions for raw sentences (strings, split on whitespace, or token lists):
+    list of ``{"tokens": [...], task: label or [labels]}``."""
+    model, vocab, lvs, specs, _ = load_checkpoint(checkpoint, device)
+    exs = [{"tokens": s.split() if isinstance(s, str) else list(s)} for s in sentences]
+    keep = [i for i, e in enumerate(exs) if e["tokens"]]
+    preds = predict_examples(model, vocab, lvs, specs, [exs[i] for i in keep], torch.device(device))
+    out = [{"tokens": e["tokens"]} for e in exs]
+    for i, p in zip(keep, preds):
+        out[i].update(p)
+    return out
+
+
+def _plot(history, path, cfg):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log(cfg, "fastmtl: matplotlib is not installed, so no learning-curve plot (pip install fastmtl[plot])")
+        return False
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], marker="o", label="train loss")
+    if any("dev_loss" in h for h in history):
+        ax[0].plot(ep, [h.get("dev_loss", float("nan")) for h in history], marker="o", label="dev loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    keys = [k for k in history[-1].get("dev", {}) if isinstance(history[-1]["dev"][k], dict)]
+    for k in keys:
+        sub = history[-1]["dev"][k]
+        mk = "f1" if "f1" in sub else "accuracy"
+        ax[1].plot(ep, [h["dev"][k][mk] for h in history], marker="o", label="%s %s" % (k, mk))
+    if "frame_accuracy" in history[-1].get("dev", {}):
+        ax[1].plot(ep, [h["dev"]["frame_accuracy"] for h in history], marker="o", label="frame accuracy")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_title("dev")
+    ax[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def _scaled_weights(weights, targets, global_counts, world, ignore_index=-100):
+    """Per-rank task weights so that DDP's gradient average equals the global-batch mean of every task loss."""
+    out = {}
+    for name, w in weights.items():
+        local = int((targets[name] != ignore_index).sum())
+        g = global_counts[name]
+        out[name] = w * (local * world / g) if g else w * 0.0
+    return out
+
+
+def _count_items(encoded, idx, specs, ignore_index=-100):
+    c = {}
+    for s in specs:
+        if s.level == "token":
+            c[s.name] = sum(sum(1 for y in encoded[i][1][s.name] if y != ignore_index) for i in idx)
+        else:
+            c[s.name] = sum(1 for i in idx if encoded[i][1][s.name] != ignore_index)
+    return c
+
+
+class _Stop(Exception):
+    pass
+
+
+def train(cfg=None, **overrides):
+    """Trains per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed) and returns a dict with
+    ``test`` (metrics.json content, or None without test data), ``dev`` (best dev metrics), ``best_epoch``,
+    ``train_time_s``, ``tokens_per_s`` and ``history``."""
+    cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
+    world, rank, local = _dist_env()
+    distributed = world > 1
+    device = _device(cfg, local)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if distributed:
+        import torch.distributed as dist
+
+        own_pg = not dist.is_initialized()
+        if own_pg:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    out_dir = cfg.output_dir
+    if out_dir and rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    last_path = os.path.join(out_dir, "last.pt") if out_dir else None
+    resume_ck = None
+    if cfg.resume:
+        if not out_dir:
+            raise ValueError("fastmtl: --resume needs --output-dir (where the interrupted run saved last.pt)")
+        if os.path.exists(last_path):
+            resume_ck = torch.load(last_path, map_location="cpu", weights_only=False)
+            saved = resume_ck["config"]
+            for k in ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "device", "threads"):
+                saved[k] = getattr(cfg, k)
+            known = {f.name for f in dataclasses.fields(TrainConfig)}
+            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+            _log(cfg, "fastmtl: resuming from %s (epoch %d done)" % (last_path, resume_ck["epoch"]), rank)
+        else:
+            _log(cfg, "fastmtl: --resume: no %s yet, starting fresh" % last_path, rank)
+
+    splits, specs = _load_splits(cfg)
+    all_specs = specs + _aux_specs(specs, cfg)
+    train_ex, dev_ex, test_ex = splits["train"], splits["dev"], splits["test"]
+
+    # vocabularies (transfer: the encoder's vocabulary comes with it)
+    init_ck = None
+    if resume_ck is not None:
+        vocab = D.Vocab.from_state_dict(resume_ck["vocab"])
+        lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in resume_ck["label_vocabs"].items()}
+    else:
+        if cfg.init_encoder:
+            init_ck = torch.load(cfg.init_encoder, map_location="cpu", weights_only=False)
+            vocab = D.Vocab.from_state_dict(init_ck["vocab"])
+            for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional"):
+                setattr(cfg, k, init_ck["config"][k])
+        else:
+            vocab = D.Vocab.build([ex["tokens"] for ex in train_ex], cfg.min_count, cfg.lower, cfg.normalize_digits)
+        lvs = D.build_label_vocabs(train_ex, all_specs)
+    enc_train = D.encode_examples(train_ex, vocab, lvs, all_specs)
+
+    pretrained = None
+    if cfg.pretrained and resume_ck is None and init_ck is None:
+        from .embeddings import embedding_matrix
+
+        pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
+        _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
+    model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
+    if init_ck is not None:
+        model.load_encoder(init_ck["model"], freeze=cfg.freeze_encoder)
+    model.to(device)
+    base_weights = dict(cfg.task_weights or {})
+    base_weights.update({s.name: cfg.sequence_aux for s in all_specs if _is_aux(s)})
+    weighting = make_weighting(cfg.weighting, [s.name for s in all_specs], base_weights,
+                               **({"temperature": cfg.dwa_temperature} if cfg.weighting == "dwa" else
+                                  {"alpha": cfg.gradnorm_alpha} if cfg.weighting == "gradnorm" else {}))
+    weighting.to(device)
+
+    class _Step(torch.nn.Module):  # what DDP wraps: the model plus learned task weights
+        def __init__(self):
+            super().__init__()
+            self.model, self.weighting = model, weighting
+
+        def forward(self, ids, lengths, targets, scale=None):
+            w = self.weighting.weights()
+            if scale is not None:
+                w = scale(w)
+            out = self.model(ids, lengths, targets, w)
+            reg = self.weighting.regularizer()
+            return out, (out.loss if reg is None else out.loss + reg)
+
+    step_mod = _Step()
+    wrapped = step_mod
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(step_mod, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=False)
+
+    params = [p for n, p in step_mod.named_parameters() if p.requires_grad and not n.startswith("weighting.w")]
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError("fastmtl: unknown optimizer %r (adam, adamw or sgd)" % cfg.optimizer)
+    global_bs = cfg.batch_size
+    steps_per_epoch = len(_batches(enc_train, global_bs, True, 0))
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+
+    def lr_lambda(step):
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.schedule == "constant":
+            return warm
+        return warm * max(0.0, 1.0 - step / total_steps)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    unk_probs = torch.tensor(vocab.unk_probabilities(cfg.unk_alpha)) if cfg.unk_alpha > 0 else None
+
+    ema = None
+    if cfg.ema:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    history, best_score, best_epoch, bad_epochs, start_epoch = [], -math.inf, 0, 0, 0
+    best_state, train_time = None, 0.0
+    if resume_ck is not None:
+        step_mod.load_state_dict(resume_ck["step_module"])
+        opt.load_state_dict(resume_ck["optimizer"])
+        sched.load_state_dict(resume_ck["scheduler"])
+        weighting.load_extra_state(resume_ck.get("weighting_extra", {}))
+        history = resume_ck["history"]
+        best_score, best_epoch = resume_ck["best_score"], resume_ck["best_epoch"]
+        bad_epochs, start_epoch = resume_ck["bad_epochs"], resume_ck["epoch"]
+        train_time = resume_ck.get("train_time_s", 0.0)
+        best_state = resume_ck.get("best_model")
+        if ema is not None and resume_ck.get("ema") is not None:
+            ema = {k: v.to(device) for k, v in resume_ck["ema"].items()}
+        torch.set_rng_state(resume_ck["rng"])
+
+    def checkpoint_common():
+        return {"format_version": 1, "config": dataclasses.asdict(cfg), "vocab": vocab.state_dict(),
+                "label_vocabs": {k: v.state_dict() for k, v in lvs.items()},
+                "tasks": [(s.name, s.level, s.source) for s in all_specs]}
+
+    def save_last(epoch_done):
+        if not out_dir or rank != 0:
+            return
+        ck = checkpoint_common()
+        ck.update({"step_module": step_mod.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict(), "weighting_extra": weighting.extra_state(), "history": history,
+                   "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                   "epoch": epoch_done, "train_time_s": train_time, "rng": torch.get_rng_state(),
+                   "best_model": best_state, "ema": ema})
+        atomic_torch_save(ck, last_path)
+
+    def write_log():
+        if out_dir and rank == 0:
+            atomic_write(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional
+        tqdm = None
+
+    ddp_reduce = None
+    if distributed:
+        import torch.distributed as dist
+
+        def ddp_reduce(t):
+            dist.all_reduce(t)
+            t.div_(world)
+
+    t_start = time.perf_counter() - train_time
+    interrupted = False
+    epoch = start_epoch
+    total_tokens = 0
+    tok_time = 0.0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            step_mod.train()
+            gbatches = _batches(enc_train, global_bs, True, cfg.seed * 100003 + epoch)
+            if distributed:
+                gbatches = [b for b in gbatches if len(b) >= world]
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            bar = None
+            if tqdm is not None and cfg.progress and rank == 0 and not cfg.quiet:
+                bar = tqdm(total=len(gbatches), desc="epoch %d/%d" % (epoch + 1, cfg.epochs), leave=False,
+                           file=sys.stderr, dynamic_ncols=True)
+            loss_sum, task_sums, nb, ep_tokens = 0.0, {s.name: 0.0 for s in all_specs}, 0, 0
+            t_ep = time.perf_counter()
+            for gidx in gbatches:
+                if distributed:
+                    k = len(gidx)
+                    lo, hi = rank * k // world, (rank + 1) * k // world
+                    idx = gidx[lo:hi]
+                    counts = _count_items(enc_train, gidx, all_specs)
+                else:
+                    idx = gidx
+                # draw the <unk> replacements for the whole global batch so ranks agree with one process
+                gb = D.collate(enc_train, gidx, all_specs, unk_probs=unk_probs, generator=gen)
+                if distributed:
+                    b = D.Batch(gb.ids[lo:hi, : max(len(enc_train[i][0]) for i in idx)], gb.lengths[lo:hi],
+                                {n: (t[lo:hi, : max(len(enc_train[i][0]) for i in idx)] if t.dim() == 2
+                                     else t[lo:hi]) for n, t in gb.targets.items()}, idx)
+                else:
+                    b = gb
+                b = b.to(device)
+                scale = (lambda w: _scaled_weights(w, b.targets, counts, world)) if distributed else None
+                out, loss = wrapped(b.ids, b.lengths, b.targets, scale)
+                opt.zero_grad(set_to_none=True)
+                if cfg.weighting == "gradnorm":
+                    loss.backward(retain_graph=True)
+                    weighting.after_backward(out.losses, model.shared_parameters(), ddp_reduce)
+                else:
+                    loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        n = sched.last_epoch  # optimizer steps so far
+                        decay = min(cfg.ema, (1.0 + n) / (10.0 + n))
+                        sd = model.state_dict()
+                        for k, v in ema.items():
+                            v.lerp_(sd[k], 1.0 - decay)
+                lv = float(loss.detach())
+                loss_sum += lv
+                for n, l in out.losses.items():
+                    task_sums[n] += float(l.detach())
+                nb += 1
+                ep_tokens += gb.num_tokens
+                if bar is not None:
+                    el = time.perf_counter() - t_ep
+                    bar.set_postfix(loss="%.4f" % (loss_sum / nb), tok_s="%.0f" % (ep_tokens / max(el, 1e-9)))
+                    bar.update(1)
+                if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
+                    break
+            if bar is not None:
+                bar.close()
+            ep_time = time.perf_counter() - t_ep
+            total_tokens += ep_tokens
+            tok_time += ep_time
+            mean_losses = {n: v / max(nb, 1) for n, v in task_sums.items()}
+            weighting.epoch_end(mean_losses)
+            rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(nb, 1), "train_losses": mean_losses,
+                   "lr": opt.param_groups[0]["lr"], "tokens_per_s": ep_tokens / max(ep_time, 1e-9),
+                   "epoch_time_s": ep_time, "task_weights": weighting.describe()}
+            improved = True
+            live = None
+            if ema is not None:  # evaluate (and keep) the averaged weights
+                live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict({**live, **ema})
+            if dev_ex:
+                dm, _ = evaluate_examples(model, vocab, lvs, specs, dev_ex, device, cfg.eval_batch_size)
+                score = dev_score(specs, dm)
+                rec["dev"], rec["dev_score"] = dm, score
+                improved = score > best_score
+            if improved:
+                best_score = rec.get("dev_score", 0.0)
+                best_epoch, bad_epochs = epoch + 1, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if out_dir and rank == 0:
+                    ck = checkpoint_common()
+                    ck.update({"model": best_state, "epoch": epoch + 1, "dev": rec.get("dev")})
+                    atomic_torch_save(ck, os.path.join(out_dir, "best.pt"))
+            else:
+                bad_epochs += 1
+            if live is not None:
+                model.load_state_dict(live)
+            train_time = time.perf_counter() - t_start
+            rec["elapsed_s"] = train_time
+            history.append(rec)
+            write_log()
+            save_last(epoch + 1)
+            msg = "epoch %d: loss %.4f, %.0f tokens/s" % (epoch + 1, rec["train_loss"], rec["tokens_per_s"])
+            if dev_ex:
+                msg += ", dev " + _fmt(rec["dev"]) + (" *" if improved else "")
+            _log(cfg, msg, rank)
+            if dev_ex and bad_epochs >= cfg.patience:
+                _log(cfg, "fastmtl: early stop (no dev improvement in %d epochs)" % cfg.patience, rank)
+                break
+            if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
+                _log(cfg, "fastmtl: time budget of %g minutes reached" % cfg.max_minutes, rank)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        train_time = time.perf_counter() - t_start
+        save_last(epoch)  # the interrupted epoch starts over on --resume
+        if out_dir and rank == 0:
+            _log(cfg, "\nfastmtl: interrupted; saved %s (continue with --resume)" % last_path, rank)
+        raise
+    finally:
+        if interrupted:
+            write_log()
+
+    train_time = time.perf_counter() - t_start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result = {"best_epoch": best_epoch, "train_time_s": train_time, "history": history,
+              "tokens_per_s": total_tokens / max(tok_time, 1e-9),
+              "dev": history[best_epoch - 1].get("dev") if best_epoch and history else None, "test": None}
+    if test_ex:
+        tm, preds = evaluate_examples(model, vocab, lvs, specs, test_ex, device, cfg.eval_batch_size)
+        result["test"] = tm
+        _log(cfg, "test (best epoch %d, %.0f s training): %s" % (best_epoch, train_time, _fmt(tm)), rank)
+    if out_dir and rank == 0:
+        if result["test"] is not None:
+            atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(result["test"], indent=2) + "\n")
+        if history:
+            _plot(history, os.path.join(out_dir, "learning_curve.png"), cfg)
+    if distributed and own_pg:
+        dist.destroy_process_group()
+    result["model"] = model
+    result["vocab"], result["label_vocabs"], result["specs"] = vocab, lvs, specs
+    return result
+
+
+def _fmt(m):
+    parts = []
+    for k, v in m.items():
+        if isinstance(v, dict):
+            if "f1" in v:
+                parts.append("%s acc %.2f f1 %.2f" % (k, 100 * v["accuracy"], 100 * v["f1"]))
+            else:
+                parts.append("%s acc %.2f" % (k, 100 * v["accuracy"]))
+        else:
+            parts.append("%s %.2f" % (k, 100 * v))
+    return ", ".join(parts)

