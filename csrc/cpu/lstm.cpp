@@ -19,6 +19,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <cstring>
 #include <string>
 #include <limits>
@@ -342,8 +345,38 @@ BwdFn<double> bwd_kernel<double>() {
 // no synchronisation at all inside the time loop (the per-step GEMMs and passes then run single-threaded: oneDNN,
 // the BLAS and at::parallel_for all run serially inside a parallel region). With more threads each direction in
 // turn gets all of them per step. FASTMTL_LSTM_CONCURRENT_DIRECTIONS=0/1 overrides the choice.
+// Per-step work below FASTMTL_LSTM_SERIAL_STEP_MFLOP MFLOP (recurrent GEMM, 8 H^2 B) runs the time loop on one
+// thread (the large GEMMs after it still use all threads). Default 0 = off: on the shared 2-core development
+// machine the benefit could not be measured reliably; it is a tuning knob for small hidden sizes.
+double serial_step_mflop() {
+  static const double v = [] {
+    const char* env = std::getenv("FASTMTL_LSTM_SERIAL_STEP_MFLOP");
+    return env ? std::atof(env) : 0.0;
+  }();
+  return v;
+}
+
+// Limits the calling thread's OpenMP team (oneDNN, at::parallel_for) to one thread for its lifetime.
+struct SerialSection {
+#ifdef _OPENMP
+  int saved = 0;
+  bool active = false;
+  explicit SerialSection(bool on) : active(on && !omp_in_parallel()) {
+    if (active) {
+      saved = omp_get_max_threads();
+      omp_set_num_threads(1);
+    }
+  }
+  ~SerialSection() {
+    if (active) omp_set_num_threads(saved);
+  }
+#else
+  explicit SerialSection(bool) {}
+#endif
+};
+
 template <typename F>
-void run_directions(int64_t D, const F& run_direction) {
+void run_directions(int64_t D, const F& run_direction, double step_mflop) {
   static const int forced = [] {
     const char* env = std::getenv("FASTMTL_LSTM_CONCURRENT_DIRECTIONS");
     return env ? std::atoi(env) : -1;
@@ -355,6 +388,7 @@ void run_directions(int64_t D, const F& run_direction) {
       for (int64_t dir = d0; dir < d1; ++dir) run_direction(dir);
     });
   } else {
+    SerialSection serial(nt > 1 && step_mflop < serial_step_mflop());
     for (int64_t dir = 0; dir < D; ++dir) run_direction(dir);
   }
 }
@@ -706,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
         for (int64_t b = n; b < B; ++b) std::memset(out_t + b * D * H, 0, H * sizeof(T_));  // padding: zero
       }
     };
-    run_directions(D, run_direction);
+    run_directions(D, run_direction, 8.0 * H * H * B / 1e6);
   });
   return {output, transposed_copy(hT), transposed_copy(cT), reserve};
 }
@@ -827,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
         }
       });
     };
-    run_directions(D, run_direction);
+    run_directions(D, run_direction, 8.0 * H * H * B / 1e6);
   });
 
   // Weight gradients and the input gradient: large GEMMs over all steps.
