@@ -389,3 +389,23 @@ def test_bad_shapes_and_lengths(device):
     with pytest.raises(ValueError, match="even hidden size"):
         multitask_cross_entropy(hidden[..., :7], [w[:, :7] for w in weights], targets, levels,
                                 **dict(kw, poolings="last_first"))
+
+
+def test_autocast_runs_heads_in_lower_precision(device):
+    # Under autocast the heads run in the autocast dtype (float32 accumulation) like nn.Linear does; float32
+    # parameters still get float32 gradients, close to the float32 result.
+    dt = torch.bfloat16
+    heads = MultiTaskHeads(32, [SequenceTask("intent", 7, pooling="mean"), TokenTask("slots", 11)]).to(device)
+    hidden = torch.randn(6, 9, 32, device=device, requires_grad=True)
+    lengths = torch.randint(1, 10, (6,), device=device)
+    targets = {"intent": torch.randint(0, 7, (6,), device=device), "slots": torch.randint(0, 11, (6, 9), device=device)}
+    ref = heads(hidden, lengths=lengths, targets=targets)
+    g_ref = torch.autograd.grad(ref.loss, [hidden, heads.slots.weight])
+    with torch.autocast(device, dtype=dt):
+        out = heads(hidden, lengths=lengths, targets=targets)
+    g = torch.autograd.grad(out.loss, [hidden, heads.slots.weight])
+    assert g[0].dtype == torch.float32 and g[1].dtype == torch.float32
+    assert abs(out.loss.float().item() - ref.loss.item()) < 3e-2 * max(1.0, abs(ref.loss.item()))
+    for a, b in zip(g, g_ref):
+        assert (a - b).abs().max().item() < 3e-2 * max(1.0, b.abs().max().item())
+    assert out.loss.float().item() != ref.loss.item()  # it really ran in bfloat16

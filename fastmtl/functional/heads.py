@@ -72,6 +72,18 @@ def _common(hidden, weights, levels, biases, poolings, lengths):
     return K, list(weights), biases, level_codes, pool_codes, _lengths(lengths, hidden)
 
 
+def _autocast(hidden, weights, biases):
+    """Under autocast, the head projections run in the autocast dtype (as nn.Linear does) with float32 accumulation
+    and float32 losses inside the op; the casts are differentiable, so float32 parameters get float32 gradients."""
+    dev = hidden.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return hidden, weights, biases
+    dt = torch.get_autocast_dtype(dev)
+    if dt not in (torch.bfloat16, torch.float16) or hidden.dtype == torch.float64:
+        return hidden, weights, biases
+    return (hidden.to(dt), [w.to(dt) for w in weights], [b.to(dt) if b is not None else None for b in biases])
+
+
 def _task_weights(task_weights, K, hidden):
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if isinstance(task_weights, torch.Tensor) and task_weights.dim() == 1:
@@ -118,6 +130,7 @@ def multitask_cross_entropy(hidden, weights, targets, levels, *, biases=None, le
     """
     K, weights, biases, level_codes, pool_codes, lengths = _common(hidden, weights, levels, biases, poolings,
                                                                    lengths)
+    hidden, weights, biases = _autocast(hidden, weights, biases)
     if not isinstance(targets, (list, tuple)) or len(targets) != K:
         raise ValueError("fastmtl: targets must be a list of %d target tensors (one per task)" % K)
     targets = list(targets)

@@ -62,6 +62,18 @@ def _check_lengths(lengths, B: int, T: int) -> Tensor:
     return lengths
 
 
+def _autocast(input, hx, weights):
+    """Under CUDA autocast, run in the autocast dtype as torch.nn.LSTM (cuDNN) does; the casts are differentiable,
+    so float32 parameters get float32 gradients. (CPU autocast keeps float32: the CPU kernel has no bfloat16.)"""
+    if input.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return input, hx, weights
+    dt = torch.get_autocast_dtype("cuda")
+    cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    if hx is not None and isinstance(hx, (tuple, list)):
+        hx = tuple(cast(h) for h in hx)
+    return cast(input), hx, [cast(w) for w in weights]
+
+
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[Tensor], num_layers: int = 1,
          bidirectional: bool = False, batch_first: bool = False, dropout: float = 0.0, training: bool = False,
          lengths: Optional[Union[Tensor, Sequence[int]]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
@@ -81,6 +93,7 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
     D = 2 if bidirectional else 1
     if not isinstance(input, Tensor):
         raise TypeError("fastmtl.lstm: input must be a Tensor, got %s" % type(input).__name__)
+    input, hx, weights = _autocast(input, hx, weights)
     if input.dim() != 3:
         raise ValueError("fastmtl.lstm: input must be 3-D (%s, input_size), got shape %s"
                          % ("B, T" if batch_first else "T, B", tuple(input.shape)))
