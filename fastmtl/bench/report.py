@@ -1,0 +1,79 @@
+"""Markdown tables for the README from a results JSON: ``python -m fastmtl.bench.report [PATH ...]``.
+
+Default PATH: every ``benchmarks/results/*.json``. Each section prints its machine line and one table.
+"""
+import glob
+import json
+import os
+import sys
+
+from .common import RESULTS_DIR, format_table
+
+
+def _x(v):
+    return "%.2fx" % v if isinstance(v, (int, float)) else ""
+
+
+def lstm_table(rows):
+    out = []
+    for r in rows:
+        if r.get("mode") != "fwd+bwd":
+            continue
+        out.append({
+            "shape": "%d,%d,%d,%d" % (r["B"], r["T"], r["E"], r["H"]), "dtype": r["dtype"], "dir": r["dir"],
+            "lengths": r["lengths"], "fastmtl ms": r["fastmtl_ms"], "torch ms": r["torch_ms"],
+            "vs torch": _x(r["speedup_vs_torch"]),
+            "torch packed ms": r.get("torch_packed_ms", ""), "vs packed": _x(r.get("speedup_vs_packed")),
+            "GFLOP/s": r.get("fastmtl_gflops", ""), "GEMM GFLOP/s": r.get("gemm_gflops", "")})
+    return format_table(out, ["shape", "dtype", "dir", "lengths", "fastmtl ms", "torch ms", "vs torch",
+                              "torch packed ms", "vs packed", "GFLOP/s", "GEMM GFLOP/s"])
+
+
+def heads_table(rows):
+    out = [{"case": r["case"], "tasks": r["tasks"], "lengths": r["lengths"], "fastmtl ms": r["fastmtl_ms"],
+            "reference ms": r["reference_ms"], "speedup": _x(r["speedup"]),
+            "peak MiB fastmtl / ref": "%s / %s" % (_fmt(r.get("fastmtl_peak_mb")), _fmt(r.get("reference_peak_mb"))),
+            "memory ratio": r.get("memory_ratio", "")} for r in rows]
+    return format_table(out, ["case", "tasks", "lengths", "fastmtl ms", "reference ms", "speedup",
+                              "peak MiB fastmtl / ref", "memory ratio"])
+
+
+def _fmt(v):
+    return "%.1f" % v if isinstance(v, (int, float)) else "-"
+
+
+def generic_table(rows):
+    keys = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    return format_table(rows, keys)
+
+
+TABLES = {"lstm": lstm_table, "heads": heads_table}
+
+
+def render(path):
+    with open(path) as f:
+        data = json.load(f)
+    parts = []
+    for name, sec in data.get("sections", {}).items():
+        m = sec.get("machine", {})
+        parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
+                     % (name, name, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
+                        m.get("torch_threads"), m.get("torch"), m.get("date")))
+        parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    paths = (argv if argv is not None else sys.argv[1:]) or sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json")))
+    for p in paths:
+        print("### %s\n" % os.path.basename(p))
+        print(render(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
