@@ -29,3 +29,20 @@ def test_cuda_kernels_match_expectation():
 def test_ops_registered():
     for name in ("lstm_layer_forward", "lstm_layer_backward", "multitask_loss", "multitask_predict"):
         assert hasattr(torch.ops.fastmtl, name), name
+
+
+def test_torch_mismatch_gives_clear_error(monkeypatch):
+    import importlib
+
+    import pytest
+
+    from fastmtl import _build_meta, _native
+
+    monkeypatch.setattr(_build_meta, "TORCH_VERSION", "0.0.0+other")
+    try:
+        with pytest.raises(ImportError, match=r"built against torch 0\.0\.0\+other.*Rebuild fastmtl"):
+            importlib.reload(_native)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_native)
+    assert fastmtl.build_info()["torch_version"] == torch.__version__
