@@ -44,8 +44,8 @@ class TrainConfig:
     num_layers: int = 1
     bidirectional: bool = True
     dropout: float = 0.5
-    pooling: str = "last"
-    char_dim: int = 0                   # >0: character CNN word features (char embedding size)
+    pooling: str = "max"                # sequence tasks: max over time ("last": last_first on a BiLSTM)
+    char_dim: int = 32                  # >0: character CNN word features (char embedding size); 0: off
     char_filters: int = 64
     char_kernel: int = 3
     token_context: bool = False         # token tasks also read the max-pooled sentence vector
@@ -71,7 +71,7 @@ class TrainConfig:
     ema: float = 0.0                    # >0: evaluate/keep an exponential moving average of the weights
     batch_size: int = 32
     eval_batch_size: int = 256
-    epochs: int = 25
+    epochs: int = 35
     patience: int = 8
     max_minutes: float = None
     seed: int = 1
