@@ -64,7 +64,15 @@ def _add_train_args(p):
     g.add_argument("--num-layers", type=int, default=d.num_layers)
     g.add_argument("--bidirectional", type=_bool, default=d.bidirectional)
     g.add_argument("--dropout", type=float, default=d.dropout)
-    g.add_argument("--pooling", default=d.pooling, choices=["last", "first", "mean", "max"])
+    g.add_argument("--pooling", default=d.pooling, choices=["last", "first", "mean", "max"],
+                   help="how sequence tasks read the encoder (default: max over time; last = each direction's final "
+                        "state on a BiLSTM)")
+    g.add_argument("--char-dim", type=int, default=d.char_dim,
+                   help="character CNN word features with this char embedding size (default 32; 0: off)")
+    g.add_argument("--char-filters", type=int, default=d.char_filters, help="character CNN output size")
+    g.add_argument("--char-kernel", type=int, default=d.char_kernel, help="character CNN kernel width (odd)")
+    g.add_argument("--token-context", type=_bool, default=d.token_context,
+                   help="token tasks also read the max-pooled sentence vector (intent-conditioned slots)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     g.add_argument("--sequence-aux", type=float, default=d.sequence_aux,
                    help="also train every sentence label on every token as an auxiliary task with this weight")

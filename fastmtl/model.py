@@ -7,7 +7,80 @@ import torch
 from .nn import MultiTaskHeads
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
-__all__ = ["MultiTaskLSTM", "ModelOutput"]
+__all__ = ["MultiTaskLSTM", "ModelOutput", "CharCNN"]
+
+
+class CharCNN(torch.nn.Module):
+    """Character-level word features (Ma & Hovy 2016 style): char embeddings -> Conv1d -> ReLU -> max over the word.
+
+    ``words``: the word vocabulary (index -> string); each word id's characters are kept in a buffer ``char_ids``
+    (V, L) so ``forward(ids)`` maps (B, T) word ids to (B, T, filters) features. Ids whose string is a special
+    token (``<pad>``, ``<unk>``, anything in ``<...>``) or empty get a zero feature vector; padding positions
+    (no characters) never leak into the max. ``forward(ids, chars)`` takes the characters explicitly instead
+    ((B, T, L) ids from :meth:`encode_words`, 0-padded), which gives words outside the vocabulary (``<unk>``)
+    their real character features; index 1 is the unknown character.
+    """
+
+    def __init__(self, words, char_dim=32, filters=64, kernel_size=3, max_word_len=20):
+        super().__init__()
+        if char_dim < 1 or filters < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError("fastmtl: CharCNN: char_dim and filters must be >= 1 and kernel_size odd, got %r, %r, %r"
+                             % (char_dim, filters, kernel_size))
+        words = list(words)
+        special = [w.startswith("<") and w.endswith(">") and len(w) > 2 for w in words]
+        chars = sorted({c for w, sp in zip(words, special) if not sp for c in w})
+        self.char_itos = ["<pad>", "<unk>"] + chars
+        self.char_stoi = stoi = {c: i + 2 for i, c in enumerate(chars)}
+        self.max_word_len = max_word_len
+        L = max([1] + [min(len(w), max_word_len) for w, sp in zip(words, special) if not sp])
+        table = torch.zeros(len(words), L, dtype=torch.long)
+        for i, (w, sp) in enumerate(zip(words, special)):
+            if not sp:
+                cs = [stoi[c] for c in w[:max_word_len]]
+                table[i, : len(cs)] = torch.tensor(cs, dtype=torch.long)
+        self.register_buffer("char_ids", table, persistent=True)
+        self.embedding = torch.nn.Embedding(len(self.char_itos), char_dim, padding_idx=0)
+        self.conv = torch.nn.Conv1d(char_dim, filters, kernel_size, padding=kernel_size // 2)
+        self.output_size = filters
+
+    def encode_words(self, words):
+        """Character ids (lists, at most ``max_word_len`` long) of word strings; unknown characters get 1."""
+        get = self.char_stoi.get
+        return [[get(c, 1) for c in w[: self.max_word_len]] for w in words]
+
+    def chars_tensor(self, sentences):
+        """(B, T, L) 0-padded character ids of a list of word-string lists."""
+        enc = [self.encode_words(s) for s in sentences]
+        T = max([1] + [len(s) for s in enc])
+        L = max([1] + [len(w) for s in enc for w in s])
+        out = torch.zeros(len(enc), T, L, dtype=torch.long)
+        for b, s in enumerate(enc):
+            for t, w in enumerate(s):
+                if w:
+                    out[b, t, : len(w)] = torch.tensor(w, dtype=torch.long)
+        return out
+
+    def forward(self, ids, chars=None):
+        B, T = ids.shape
+        if chars is not None:
+            if chars.dim() != 3 or tuple(chars.shape[:2]) != (B, T):
+                raise ValueError("fastmtl: CharCNN: chars must be (B, T, L) = (%d, %d, L), got %s"
+                                 % (B, T, tuple(chars.shape)))
+            c = chars.reshape(B * T, -1).to(ids.device)
+        else:
+            c = self.char_ids[ids.reshape(-1)]                   # (N, L)
+        mask = c != 0                                            # (N, L)
+        x = self.embedding(c).transpose(1, 2)                    # (N, C, L)
+        h = torch.relu(self.conv(x))                             # (N, F, L)
+        h = h.masked_fill(~mask.unsqueeze(1), float("-inf")).amax(dim=2)
+        h = torch.where(mask.any(dim=1, keepdim=True), h, torch.zeros_like(h))
+        return h.reshape(B, T, -1)
+
+
+def _masked_max(h, lengths):
+    T = h.shape[1]
+    valid = torch.arange(T, device=h.device).unsqueeze(0) < lengths.to(h.device).unsqueeze(1)
+    return h.masked_fill(~valid.unsqueeze(2), float("-inf")).amax(dim=1)
 
 
 @dataclass
@@ -39,6 +112,11 @@ class MultiTaskLSTM(torch.nn.Module):
         soft_lambda: the soft-sharing penalty strength.
         pretrained: an optional (vocab_size, embedding_dim) tensor to initialise the embeddings.
         freeze_embeddings: keep the embeddings fixed.
+        char_words, char_dim, char_filters, char_kernel: with ``char_words`` (the word vocabulary, index -> string)
+            and ``char_dim > 0``, a :class:`CharCNN` feature (``char_filters`` wide) of each word is concatenated to
+            its embedding (in plain PyTorch, before the fused LSTM).
+        token_context: ``True``: token tasks also read the sentence vector (max over time of the encoder output),
+            concatenated to every token's state (intent-conditioned slot tagging). Hard sharing only.
 
     ``forward(ids, lengths, targets, weights=None)`` returns a :class:`ModelOutput`; ``predict(ids, lengths)`` a dict
     task -> predictions (padded token positions are -1). Padding is handled through ``lengths`` everywhere.
@@ -46,7 +124,7 @@ class MultiTaskLSTM(torch.nn.Module):
 
     def __init__(self, vocab_size, embedding_dim, hidden_size, tasks, num_layers=1, bidirectional=True, dropout=0.3,
                  sharing="hard", task_layers=None, soft_lambda=1e-3, pretrained=None, freeze_embeddings=False,
-                 padding_idx=0):
+                 padding_idx=0, char_words=None, char_dim=0, char_filters=64, char_kernel=3, token_context=False):
         super().__init__()
         if sharing not in SHARING:
             raise ValueError("fastmtl: MultiTaskLSTM: sharing must be one of %s, got %r" % (", ".join(SHARING), sharing))
@@ -63,7 +141,18 @@ class MultiTaskLSTM(torch.nn.Module):
         self.sharing, self.soft_lambda, self.dropout = sharing, soft_lambda, dropout
         self.config = dict(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
                            num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, sharing=sharing,
-                           task_layers=dict(task_layers or {}), soft_lambda=soft_lambda)
+                           task_layers=dict(task_layers or {}), soft_lambda=soft_lambda, char_dim=char_dim,
+                           char_filters=char_filters, char_kernel=char_kernel, token_context=token_context)
+        self.char_cnn = None
+        if char_dim:
+            if char_words is None or len(char_words) != vocab_size:
+                raise ValueError("fastmtl: MultiTaskLSTM: char_dim > 0 needs char_words, the %d words of the vocabulary"
+                                 " (got %s)" % (vocab_size, None if char_words is None else len(char_words)))
+            self.char_cnn = CharCNN(char_words, char_dim, char_filters, char_kernel)
+        input_size = embedding_dim + (self.char_cnn.output_size if self.char_cnn is not None else 0)
+        self.token_context = bool(token_context)
+        if token_context and sharing != "hard":
+            raise ValueError("fastmtl: MultiTaskLSTM: token_context needs sharing='hard'")
         self.embedding = torch.nn.Embedding(vocab_size, embedding_dim, padding_idx=padding_idx)
         if pretrained is not None:
             if tuple(pretrained.shape) != (vocab_size, embedding_dim):
@@ -74,7 +163,7 @@ class MultiTaskLSTM(torch.nn.Module):
         self.embedding.weight.requires_grad_(not freeze_embeddings)
 
         def enc(layerwise=False):
-            return Encoder(embedding_dim, hidden_size, num_layers, bidirectional, dropout, layerwise)
+            return Encoder(input_size, hidden_size, num_layers, bidirectional, dropout, layerwise)
 
         out = hidden_size * (2 if bidirectional else 1)
         self.groups = []  # (key, [task names]) : which encoder output each heads module reads
@@ -82,8 +171,18 @@ class MultiTaskLSTM(torch.nn.Module):
             if task_layers:
                 raise ValueError("fastmtl: MultiTaskLSTM: task_layers needs sharing='hierarchical'")
             self.encoder = enc()
-            self.heads = torch.nn.ModuleDict({"top": MultiTaskHeads(out, tasks)})
-            self.groups = [("top", names)]
+            seq = [t for t in tasks if t.level == "sequence"]
+            tok = [t for t in tasks if t.level != "sequence"]
+            if token_context and tok:
+                self.heads = torch.nn.ModuleDict()
+                if seq:
+                    self.heads["top"] = MultiTaskHeads(out, seq)
+                    self.groups.append(("top", [t.name for t in seq]))
+                self.heads["context"] = MultiTaskHeads(2 * out, tok)
+                self.groups.append(("context", [t.name for t in tok]))
+            else:
+                self.heads = torch.nn.ModuleDict({"top": MultiTaskHeads(out, tasks)})
+                self.groups = [("top", names)]
         elif sharing == "hierarchical":
             task_layers = dict(task_layers or {})
             unknown = set(task_layers) - set(names)
@@ -115,18 +214,25 @@ class MultiTaskLSTM(torch.nn.Module):
             self.groups = [(n, [n]) for n in names]
 
     # -- encoder ---------------------------------------------------------------------------------------------
-    def _embed(self, ids):
+    def _embed(self, ids, chars=None):
         x = self.embedding(ids)
+        if self.char_cnn is not None:
+            x = torch.cat([x, self.char_cnn(ids, chars).to(x.dtype)], dim=2)
         return torch.nn.functional.dropout(x, self.dropout, self.training)
 
     def _drop(self, h):
         return torch.nn.functional.dropout(h, self.dropout, self.training)
 
-    def encode(self, ids, lengths):
-        """Returns ``{group key: hidden (B, T, D)}`` for every heads module."""
-        x = self._embed(ids)
+    def encode(self, ids, lengths, chars=None):
+        """Returns ``{group key: hidden (B, T, D)}`` for every heads module. ``chars``: optional (B, T, L)
+        character ids for the character CNN (default: the characters of each word id)."""
+        x = self._embed(ids, chars)
         if self.sharing == "hard":
-            return {"top": self._drop(self.encoder(x, lengths)[-1])}
+            h = self._drop(self.encoder(x, lengths)[-1])
+            if not self.token_context:
+                return {"top": h}
+            ctx = _masked_max(h, lengths).unsqueeze(1).expand(-1, h.shape[1], -1)
+            return {"top": h, "context": torch.cat([h, ctx], dim=2)}
         if self.sharing == "hierarchical":
             outs = self.encoder(x, lengths)
             return {key: self._drop(outs[int(key[5:]) - 1]) for key, _ in self.groups}
@@ -161,8 +267,8 @@ class MultiTaskLSTM(torch.nn.Module):
                     p.requires_grad_(False)
 
     # -- forward / predict -----------------------------------------------------------------------------------
-    def forward(self, ids, lengths, targets, weights=None):
-        hidden = self.encode(ids, lengths)
+    def forward(self, ids, lengths, targets, weights=None, chars=None):
+        hidden = self.encode(ids, lengths, chars)
         total, losses = None, {}
         for key, names in self.groups:
             tg = {n: targets[n] for n in names if n in targets}
@@ -181,8 +287,8 @@ class MultiTaskLSTM(torch.nn.Module):
         return ModelOutput(total, losses, penalty)
 
     @torch.no_grad()
-    def predict(self, ids, lengths):
-        hidden = self.encode(ids, lengths)
+    def predict(self, ids, lengths, chars=None):
+        hidden = self.encode(ids, lengths, chars)
         preds = {}
         for key, _ in self.groups:
             preds.update(self.heads[key].predict(hidden[key], lengths))

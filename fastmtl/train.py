@@ -44,7 +44,11 @@ class TrainConfig:
     num_layers: int = 1
     bidirectional: bool = True
     dropout: float = 0.5
-    pooling: str = "last"
+    pooling: str = "max"                # sequence tasks: max over time ("last": last_first on a BiLSTM)
+    char_dim: int = 32                  # >0: character CNN word features (char embedding size); 0: off
+    char_filters: int = 64
+    char_kernel: int = 3
+    token_context: bool = False         # token tasks also read the max-pooled sentence vector
     sequence_aux: float = 0.0           # >0: also train each sentence label on every token (auxiliary, this weight)
     label_smoothing: float = 0.1
     sharing: str = "hard"
@@ -67,7 +71,7 @@ class TrainConfig:
     ema: float = 0.0                    # >0: evaluate/keep an exponential moving average of the weights
     batch_size: int = 32
     eval_batch_size: int = 256
-    epochs: int = 25
+    epochs: int = 35
     patience: int = 8
     max_minutes: float = None
     seed: int = 1
@@ -192,7 +196,11 @@ def predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_
     out = [None] * len(examples)
     for idx in _batches(encoded, batch_size, False, 0):
         b = D.collate(encoded, idx, [], unk_probs=None).to(device)
-        preds = model.predict(b.ids, b.lengths)
+        chars = None
+        if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
+            chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in examples[i]["tokens"]] for i in idx])
+            chars = chars.to(device)
+        preds = model.predict(b.ids, b.lengths, chars=chars)
         for s in specs:
             p = preds[s.name].cpu().tolist()
             lv = label_vocabs[s.name]
@@ -259,7 +267,9 @@ def _model_from(cfg, vocab, label_vocabs, specs, pretrained=None):
     return MultiTaskLSTM(len(vocab), cfg.embedding_dim, cfg.hidden_size, tasks, num_layers=cfg.num_layers,
                          bidirectional=cfg.bidirectional, dropout=cfg.dropout, sharing=cfg.sharing,
                          task_layers=cfg.task_layers, soft_lambda=cfg.soft_lambda, pretrained=pretrained,
-                         freeze_embeddings=cfg.freeze_embeddings)
+                         freeze_embeddings=cfg.freeze_embeddings,
+                         char_words=vocab.itos if cfg.char_dim else None, char_dim=cfg.char_dim,
+                         char_filters=cfg.char_filters, char_kernel=cfg.char_kernel, token_context=cfg.token_context)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -406,8 +416,10 @@ def train(cfg=None, **overrides):
         if cfg.init_encoder:
             init_ck = torch.load(cfg.init_encoder, map_location="cpu", weights_only=False)
             vocab = D.Vocab.from_state_dict(init_ck["vocab"])
-            for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional"):
-                setattr(cfg, k, init_ck["config"][k])
+            for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional", "char_dim", "char_filters",
+                      "char_kernel"):
+                if k in init_ck["config"]:
+                    setattr(cfg, k, init_ck["config"][k])
         else:
             vocab = D.Vocab.build([ex["tokens"] for ex in train_ex], cfg.min_count, cfg.lower, cfg.normalize_digits)
         lvs = D.build_label_vocabs(train_ex, all_specs)
@@ -435,11 +447,11 @@ def train(cfg=None, **overrides):
             super().__init__()
             self.model, self.weighting = model, weighting
 
-        def forward(self, ids, lengths, targets, scale=None):
+        def forward(self, ids, lengths, targets, scale=None, chars=None):
             w = self.weighting.weights()
             if scale is not None:
                 w = scale(w)
-            out = self.model(ids, lengths, targets, w)
+            out = self.model(ids, lengths, targets, w, chars=chars)
             reg = self.weighting.regularizer()
             return out, (out.loss if reg is None else out.loss + reg)
 
@@ -556,12 +568,15 @@ def train(cfg=None, **overrides):
                 if distributed:
                     b = D.Batch(gb.ids[lo:hi, : max(len(enc_train[i][0]) for i in idx)], gb.lengths[lo:hi],
                                 {n: (t[lo:hi, : max(len(enc_train[i][0]) for i in idx)] if t.dim() == 2
-                                     else t[lo:hi]) for n, t in gb.targets.items()}, idx)
+                                     else t[lo:hi]) for n, t in gb.targets.items()}, idx,
+                                gb.raw_ids[lo:hi, : max(len(enc_train[i][0]) for i in idx)])
                 else:
                     b = gb
                 b = b.to(device)
                 scale = (lambda w: _scaled_weights(w, b.targets, counts, world)) if distributed else None
-                out, loss = wrapped(b.ids, b.lengths, b.targets, scale)
+                # character features of the words as written, also where the word id became <unk>
+                chars = model.char_cnn.char_ids[b.raw_ids] if model.char_cnn is not None else None
+                out, loss = wrapped(b.ids, b.lengths, b.targets, scale, chars)
                 opt.zero_grad(set_to_none=True)
                 if cfg.weighting == "gradnorm":
                     loss.backward(retain_graph=True)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastmtl
+from fastmtl.model import CharCNN
 from fastmtl.nn import SequenceTask, TokenTask
 
 
@@ -138,3 +139,65 @@ def test_pretrained_vectors(tmp_path):
     bad.write_text("a 1 2\nb 1\n")
     with pytest.raises(ValueError, match="bad.txt:2"):
         embedding_matrix(v, str(bad))
+
+
+def _words(V=40):
+    import random
+
+    rng = random.Random(0)
+    return ["<pad>", "<unk>"] + ["".join(rng.choice("abcdefgh0") for _ in range(rng.randint(1, 9)))
+                                 for _ in range(V - 2)]
+
+
+def test_char_cnn_shape_padding_and_specials():
+    words = ["<pad>", "<unk>", "a", "boston", "bos", "x" * 30]
+    enc = CharCNN(words, char_dim=4, filters=5, kernel_size=3, max_word_len=20)
+    assert enc.char_ids.shape == (6, 20)
+    assert (enc.char_ids[:2] == 0).all() and enc.char_ids[2].tolist()[:2] == [enc.char_itos.index("a"), 0]
+    ids = torch.tensor([[3, 4, 2, 5], [1, 0, 0, 0]])
+    out = enc(ids)
+    assert out.shape == (2, 4, 5)
+    assert (out[1] == 0).all()  # <unk> and <pad>: no characters, zero features
+    # a word's feature does not depend on the padding of its character row: compare with an unpadded conv
+    with torch.no_grad():
+        c = enc.char_ids[3, :6][None]
+        ref = torch.relu(enc.conv(enc.embedding(c).transpose(1, 2))).amax(dim=2)[0]
+    torch.testing.assert_close(out[0, 0], ref)
+    with pytest.raises(ValueError, match="kernel_size"):
+        CharCNN(words, kernel_size=2)
+    # explicit characters: the same as the table for vocabulary words, real features for unknown words
+    chars = enc.chars_tensor([["boston", "bos", "a", "x" * 30], ["zzq", "", "b", "a"]])
+    assert chars.shape == (2, 4, 20)
+    both = enc(torch.tensor([[3, 4, 2, 5], [1, 0, 1, 2]]), chars)
+    torch.testing.assert_close(both[0], out[0])
+    assert chars[1, 0, :3].tolist() == [1, 1, 1] and both[1, 0].abs().sum() > 0  # unknown characters -> id 1
+    assert (both[1, 1] == 0).all()
+    with pytest.raises(ValueError, match="chars"):
+        enc(ids, chars[:, :2])
+
+
+@pytest.mark.parametrize("char_dim,token_context", [(4, False), (0, True), (3, True)])
+def test_char_features_and_token_context(char_dim, token_context):
+    tasks = [SequenceTask("intent", 5, pooling="max"), TokenTask("slots", 7)]
+    m = fastmtl.MultiTaskLSTM(40, 8, 6, tasks, dropout=0.1, char_words=_words() if char_dim else None,
+                              char_dim=char_dim, char_filters=5, token_context=token_context)
+    ids, lengths, targets = _batch()
+    out = m(ids, lengths, targets)
+    out.loss.backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        if not n.startswith("embedding") and not n.startswith("char_cnn.embedding"):
+            assert p.grad.abs().sum() > 0, n
+    if char_dim:
+        assert m.char_cnn.embedding.weight.grad.abs().sum() > 0
+    m.eval()
+    junk = ids.clone()
+    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    junk[~mask] = torch.randint(2, 40, (int((~mask).sum()),))
+    pa, pb = m.predict(ids, lengths), m.predict(junk, lengths)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert (pa["slots"][ids == 0] == -1).all()
+    with pytest.raises(ValueError, match="char_words"):
+        fastmtl.MultiTaskLSTM(40, 8, 6, tasks, char_dim=4)
+    with pytest.raises(ValueError, match="token_context"):
+        fastmtl.MultiTaskLSTM(40, 8, 6, tasks, sharing="soft", token_context=True)

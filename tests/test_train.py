@@ -215,3 +215,25 @@ def test_sequence_aux_task_is_trained_not_reported(files, tmp_path):
     assert r["history"][0]["task_weights"]["label@token"] == 0.5
     preds = T.predict_sentences(os.path.join(out, "best.pt"), ["w1 w2"])
     assert set(preds[0]) == {"tokens", "tags", "label"}
+
+
+def test_char_features_train_and_unknown_words(files, tmp_path):
+    """--char-dim: trains, checkpoints, and an out-of-vocabulary word gets its real characters at prediction."""
+    out = str(tmp_path / "char")
+    rc = cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--char-dim", "4", "--char-filters",
+                                                                "6", "--output-dir", out])
+    assert rc == 0
+    model, vocab, lvs, specs, cfg = T.load_checkpoint(os.path.join(out, "best.pt"))
+    assert cfg.char_dim == 4 and model.char_cnn is not None
+    seen = []
+    orig = model.char_cnn.forward
+
+    def spy(ids, chars=None):
+        seen.append(chars)
+        return orig(ids, chars)
+
+    model.char_cnn.forward = spy
+    T.predict_examples(model, vocab, lvs, specs, [{"tokens": ["w1", "zz9q"]}], torch.device("cpu"))
+    assert seen[0] is not None and seen[0][0, 1, :4].tolist() == model.char_cnn.encode_words(["zz0q"])[0]
+    preds = T.predict_sentences(os.path.join(out, "best.pt"), ["w1 zz9q w3"])
+    assert len(preds[0]["tags"]) == 3

@@ -116,6 +116,7 @@ class Batch:
     lengths: torch.Tensor    # (B,) int64
     targets: dict            # task -> (B,) or (B, T) int64, padded with ignore_index
     indices: list            # positions in the dataset
+    raw_ids: torch.Tensor = None  # (B, T) the ids before the random <unk> replacement (None: same as ids)
 
     @property
     def num_tokens(self):
@@ -123,7 +124,8 @@ class Batch:
 
     def to(self, device):
         return Batch(self.ids.to(device), self.lengths.to(device),
-                     {k: v.to(device) for k, v in self.targets.items()}, self.indices)
+                     {k: v.to(device) for k, v in self.targets.items()}, self.indices,
+                     None if self.raw_ids is None else self.raw_ids.to(device))
 
 
 def collate(encoded, indices, tasks, ignore_index=-100, unk_probs=None, generator=None):
@@ -144,8 +146,9 @@ def collate(encoded, indices, tasks, ignore_index=-100, unk_probs=None, generato
                 targets[t.name][r, :len(x)] = torch.tensor(tg[t.name], dtype=torch.long)
             else:
                 targets[t.name][r] = tg[t.name]
+    raw = ids
     if unk_probs is not None:
         p = unk_probs[ids]
         drop = torch.rand(ids.shape, generator=generator) < p
         ids = ids.masked_fill(drop, 1)
-    return Batch(ids, torch.tensor(lens, dtype=torch.long), targets, list(indices))
+    return Batch(ids, torch.tensor(lens, dtype=torch.long), targets, list(indices), raw)
