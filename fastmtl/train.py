@@ -1,6 +1,7 @@
 """The trainer behind ``fastmtl train``: data -> vocabularies -> MultiTaskLSTM -> training with early stopping on
 dev -> test metrics. Also: checkpoints, resume, evaluation and prediction from a checkpoint, DDP under torchrun."""
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -679,6 +680,13 @@ def train(cfg=None, **overrides):
             atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(result["test"], indent=2) + "\n")
         if history:
             _plot(history, os.path.join(out_dir, "learning_curve.png"), cfg)
+    if distributed:
+        # Every rank is done with collectives, and the DDP reducer (which holds the process group and its gloo/nccl
+        # work objects) is gone before the group is destroyed: tearing them down in the other order can abort the
+        # process at exit.
+        dist.barrier()
+        del wrapped
+        gc.collect()
     if distributed and own_pg:
         dist.destroy_process_group()
     result["model"] = model
