@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fastmtl/checks.h"
+#include "fastmtl/heads_checks.h"
 #include "fastmtl/heads_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -652,51 +653,23 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Parsed P = parse_common(hidden, lengths, weights, biases, levels, poolings);
   const int64_t K = P.K, B = P.B, Tn = P.Tn;
-  FASTMTL_CHECK_VALUE(int64_t(targets.size()) == K, "targets has ", targets.size(), " entries, expected ", K,
-                      " (one per task)");
-  FASTMTL_CHECK_VALUE(int64_t(class_weights.size()) == K, "class_weights has ", class_weights.size(),
-                      " entries, expected ", K, " (one tensor or None per task)");
-  FASTMTL_CHECK_VALUE(int64_t(ignore_indices.size()) == K, "ignore_indices has ", ignore_indices.size(),
-                      " entries, expected ", K);
-  FASTMTL_CHECK_VALUE(int64_t(label_smoothings.size()) == K, "label_smoothings has ", label_smoothings.size(),
-                      " entries, expected ", K);
-  FASTMTL_CHECK_TYPE(at::isFloatingType(task_weights.scalar_type()), "task_weights must be a floating tensor, got ",
-                     task_weights.scalar_type());
-  FASTMTL_CHECK_VALUE(task_weights.dim() == 1 && task_weights.size(0) == K, "task_weights must have shape (", K,
-                      ",), got ", shape_str(task_weights));
-  check_same_device(task_weights, hidden, "task_weights", "hidden");
+  check_multitask_loss_args(hidden, B, Tn, K, weights, targets, class_weights, task_weights, levels,
+                            ignore_indices, label_smoothings);
   Tensor lam = task_weights.detach().to(at::kDouble).contiguous();
   const double* lamp = lam.data_ptr<double>();
 
   for (int64_t k = 0; k < K; ++k) {
     TaskInfo& t = P.tasks[k];
     const Tensor& y = targets[k];
-    FASTMTL_CHECK_TYPE(y.scalar_type() == at::kLong, "targets[", k, "] (task ", k,
-                       ") must be int64 (torch.long), got ", y.scalar_type());
-    check_same_device(y, hidden, "targets", "hidden");
-    if (t.level == heads::kSequence) {
-      FASTMTL_CHECK_VALUE(y.dim() == 1 && y.size(0) == B, "targets[", k, "] (task ", k,
-                          ", sequence level) must have shape (B,) = (", B, ",), got ", shape_str(y));
-    } else {
-      FASTMTL_CHECK_VALUE(y.dim() == 2 && y.size(0) == B && y.size(1) == Tn, "targets[", k, "] (task ", k,
-                          ", token level) must have shape (B, T) = (", B, ", ", Tn, "), got ", shape_str(y));
-    }
     t.tgt = y.contiguous();
     t.ignore = ignore_indices[k];
     t.eps = label_smoothings[k];
-    FASTMTL_CHECK_VALUE(t.eps >= 0.0 && t.eps <= 1.0, "label_smoothings[", k, "] (task ", k,
-                        ") must be in [0, 1], got ", t.eps);
     t.lambda = lamp[k];
     const std::optional<Tensor> cwo = class_weights.get(k);
     const double* cwd = nullptr;
     Tensor cw_d;
     if (cwo.has_value() && cwo->defined()) {
       const Tensor& cw = *cwo;
-      FASTMTL_CHECK_TYPE(at::isFloatingType(cw.scalar_type()), "class_weights[", k, "] (task ", k,
-                         ") must be a floating tensor, got ", cw.scalar_type());
-      FASTMTL_CHECK_VALUE(cw.dim() == 1 && cw.size(0) == t.C, "class_weights[", k, "] (task ", k,
-                          ") must have shape (", t.C, ",), got ", shape_str(cw));
-      check_same_device(cw, hidden, "class_weights", "hidden");
       t.cw = cw.detach().to(P.cdtype).contiguous();
       cw_d = cw.detach().to(at::kDouble).contiguous();
       cwd = cw_d.data_ptr<double>();
