@@ -74,6 +74,9 @@ def _add_train_args(p):
     g.add_argument("--token-context", type=_bool, default=d.token_context,
                    help="token tasks also read the max-pooled sentence vector (intent-conditioned slots)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--constrained-decoding", type=_bool, default=d.constrained_decoding,
+                   help="token tasks with BIO/IOBES tags: predict the best valid tag sequence (Viterbi), not the "
+                        "per-token argmax")
     g.add_argument("--sequence-aux", type=float, default=d.sequence_aux,
                    help="also train every sentence label on every token as an auxiliary task with this weight")
     g.add_argument("--sharing", default=d.sharing, choices=["hard", "soft", "hierarchical"])

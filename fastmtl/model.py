@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoding import viterbi_decode
 from .nn import MultiTaskHeads
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
@@ -138,6 +139,7 @@ class MultiTaskLSTM(torch.nn.Module):
             tasks = [_with_pooling(t, "last_first") if getattr(t, "pooling", None) == "last" else t for t in tasks]
         self.tasks = tasks
         self.task_names = names
+        self.decode_constraints = {}  # token task -> (allowed, start, end): constrained decoding in predict()
         self.sharing, self.soft_lambda, self.dropout = sharing, soft_lambda, dropout
         self.config = dict(vocab_size=vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
                            num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, sharing=sharing,
@@ -288,8 +290,20 @@ class MultiTaskLSTM(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, ids, lengths, chars=None):
+        """``{task: predictions}``: sequence tasks (B,) labels, token tasks (B, T) labels with -1 at padding.
+        Token tasks named in :attr:`decode_constraints` (``{task: (allowed, start, end)}`` from
+        :func:`fastmtl.decoding.span_constraints`) get the best *allowed* tag sequence (Viterbi over the log-
+        probabilities); the others the per-position argmax of the fused heads."""
         hidden = self.encode(ids, lengths, chars)
         preds = {}
-        for key, _ in self.groups:
-            preds.update(self.heads[key].predict(hidden[key], lengths))
+        for key, names in self.groups:
+            constrained = [n for n in names if n in self.decode_constraints]
+            free = [n for n in names if n not in self.decode_constraints]
+            if free:
+                preds.update(self.heads[key].predict(hidden[key], lengths, tasks=free))
+            if constrained:
+                lp = self.heads[key].predict(hidden[key], lengths, tasks=constrained, output="log_probs")
+                for n in constrained:
+                    allowed, start, end = self.decode_constraints[n]
+                    preds[n] = viterbi_decode(lp[n], lengths, allowed, start, end)
         return preds

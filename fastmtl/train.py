@@ -52,6 +52,7 @@ class TrainConfig:
     token_context: bool = False         # token tasks also read the max-pooled sentence vector
     sequence_aux: float = 0.0           # >0: also train each sentence label on every token (auxiliary, this weight)
     label_smoothing: float = 0.1
+    constrained_decoding: bool = True   # token tasks with BIO/IOBES tags: best valid tag sequence (Viterbi)
     sharing: str = "hard"
     task_layers: dict = None
     soft_lambda: float = 1e-3
@@ -273,6 +274,30 @@ def _model_from(cfg, vocab, label_vocabs, specs, pretrained=None):
                          char_filters=cfg.char_filters, char_kernel=cfg.char_kernel, token_context=cfg.token_context)
 
 
+def decoding_schemes(cfg, specs, train_ex, label_vocabs):
+    """``{task: "bio" | "iobes"}`` for the token tasks to decode under span constraints: those whose training tags
+    form a span tag set that every training sequence obeys (IOB1 data, whose ``I-`` may open a span, is left to
+    argmax). Empty when ``cfg.constrained_decoding`` is off."""
+    from .decoding import detect_scheme
+
+    out = {}
+    if not cfg.constrained_decoding:
+        return out
+    for s in specs:
+        if s.level != "token" or _is_aux(s) or not M.is_span_tagset(label_vocabs[s.name].itos):
+            continue
+        scheme = detect_scheme(ex[s.source] for ex in train_ex if ex.get(s.source) is not None)
+        if scheme:
+            out[s.name] = scheme
+    return out
+
+
+def _set_decoding(model, label_vocabs, schemes):
+    from .decoding import span_constraints
+
+    model.decode_constraints = {n: span_constraints(label_vocabs[n].itos, sc) for n, sc in (schemes or {}).items()}
+
+
 def load_checkpoint(path, device="cpu"):
     """Returns ``(model, vocab, label_vocabs, specs, cfg)`` from a checkpoint written by :func:`train`."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -285,6 +310,7 @@ def load_checkpoint(path, device="cpu"):
     all_specs = [D.TaskSpec(*s) for s in ck["tasks"]]
     model = _model_from(cfg, vocab, lvs, all_specs)
     model.load_state_dict(ck["model"])
+    _set_decoding(model, lvs, ck.get("decoding"))
     model.to(device).eval()
     return model, vocab, lvs, [s for s in all_specs if not _is_aux(s)], cfg
 
@@ -433,6 +459,11 @@ def train(cfg=None, **overrides):
         pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
         _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
     model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
+    schemes = resume_ck.get("decoding", {}) if resume_ck is not None else decoding_schemes(cfg, all_specs, train_ex,
+                                                                                          lvs)
+    _set_decoding(model, lvs, schemes)
+    for n, sc in schemes.items():
+        _log(cfg, "fastmtl: %s: constrained %s decoding" % (n, sc.upper()), rank)
     if init_ck is not None:
         model.load_encoder(init_ck["model"], freeze=cfg.freeze_encoder)
     model.to(device)
@@ -508,7 +539,7 @@ def train(cfg=None, **overrides):
     def checkpoint_common():
         return {"format_version": 1, "config": dataclasses.asdict(cfg), "vocab": vocab.state_dict(),
                 "label_vocabs": {k: v.state_dict() for k, v in lvs.items()},
-                "tasks": [(s.name, s.level, s.source) for s in all_specs]}
+                "tasks": [(s.name, s.level, s.source) for s in all_specs], "decoding": schemes}
 
     def save_last(epoch_done):
         if not out_dir or rank != 0:

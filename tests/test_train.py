@@ -237,3 +237,23 @@ def test_char_features_train_and_unknown_words(files, tmp_path):
     assert seen[0] is not None and seen[0][0, 1, :4].tolist() == model.char_cnn.encode_words(["zz0q"])[0]
     preds = T.predict_sentences(os.path.join(out, "best.pt"), ["w1 zz9q w3"])
     assert len(preds[0]["tags"]) == 3
+
+
+def test_constrained_decoding_checkpointed(files, tmp_path):
+    """BIO tags: the checkpoint records the scheme, evaluation decodes valid sequences; off: plain argmax."""
+    from fastmtl.decoding import _valid
+
+    out = str(tmp_path / "con")
+    assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", out]) == 0
+    ck = torch.load(os.path.join(out, "best.pt"), map_location="cpu", weights_only=False)
+    assert ck["decoding"] == {"tags": "bio"}
+    model, vocab, lvs, specs, cfg = T.load_checkpoint(os.path.join(out, "best.pt"))
+    assert set(model.decode_constraints) == {"tags"}
+    exs = [json.loads(l) for l in open(files["test"])]
+    preds = T.predict_examples(model, vocab, lvs, specs, exs, torch.device("cpu"))
+    assert all(_valid(p["tags"], "bio") and len(p["tags"]) == len(e["tokens"]) for p, e in zip(preds, exs))
+    off = str(tmp_path / "off")
+    assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", off,
+                                                                "--constrained-decoding", "false"]) == 0
+    model, *_ = T.load_checkpoint(os.path.join(off, "best.pt"))
+    assert model.decode_constraints == {}
