@@ -353,7 +353,10 @@ def _plot(history, path, cfg):
         ax[1].plot(ep, [h["dev"]["frame_accuracy"] for h in history], marker="o", label="frame accuracy")
     ax[1].set_xlabel("epoch")
     ax[1].set_title("dev")
-    ax[1].legend()
+    if ax[1].get_legend_handles_labels()[0]:
+        ax[1].legend()
+    else:  # no dev data
+        ax[1].text(0.5, 0.5, "no dev data", ha="center", va="center", transform=ax[1].transAxes)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
