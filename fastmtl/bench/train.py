@@ -3,7 +3,10 @@ fastmtl.nn.MultiTaskHeads) against the same model in plain PyTorch (torch.nn.LST
 one nn.Linear per task, summed F.cross_entropy), on the ATIS training batches, measured in one run.
 
 One "pass" = forward + backward + Adam step over the same ``--batches`` length-bucketed batches (the trainer's
-batching); the two providers alternate pass by pass and the median pass time is reported.
+batching); the two providers alternate pass by pass and the median pass time is reported. Two models are measured:
+``default`` is the model the default ``fastmtl train`` builds (character CNN word features, max-pooled intent,
+label smoothing 0.1; the plain side uses the same CharCNN module and a masked max over the padded LSTM output) and
+``basic`` the bare BiLSTM (word embeddings only, intent on each direction's final state).
 """
 import time
 
@@ -13,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .common import print_table
 
-COLUMNS = ["provider", "batch_size", "hidden_size", "batches", "tokens", "median_ms", "tokens_per_s", "speedup"]
+COLUMNS = ["model", "provider", "batch_size", "hidden_size", "batches", "tokens", "median_ms", "tokens_per_s", "speedup"]
 
 
 def add_arguments(p):
@@ -23,34 +26,48 @@ def add_arguments(p):
     p.add_argument("--batches", type=int, default=60, help="batches per pass (0: the whole epoch)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", choices=["default", "basic", "both"], default="both",
+                   help="default: the model of the default fastmtl train (char CNN, max pooling, label smoothing); "
+                        "basic: word embeddings + BiLSTM, intent on the final states")
 
 
 class PlainMultiTaskLSTM(torch.nn.Module):
-    """The baseline: what a user would write in plain PyTorch."""
+    """The baseline: what a user would write in plain PyTorch. ``char_cnn`` (a :class:`fastmtl.model.CharCNN`, plain
+    PyTorch) adds character features to the embeddings; ``pooling`` is ``"last"`` (each direction's final state,
+    ``h_n``) or ``"max"`` (masked max over time)."""
 
-    def __init__(self, vocab_size, embedding_dim, hidden_size, n_intents, n_slots, dropout):
+    def __init__(self, vocab_size, embedding_dim, hidden_size, n_intents, n_slots, dropout, char_cnn=None,
+                 pooling="last", label_smoothing=0.0):
         super().__init__()
         self.embedding = torch.nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        self.lstm = torch.nn.LSTM(embedding_dim, hidden_size, batch_first=True, bidirectional=True)
+        self.char_cnn = char_cnn
+        in_size = embedding_dim + (char_cnn.output_size if char_cnn is not None else 0)
+        self.lstm = torch.nn.LSTM(in_size, hidden_size, batch_first=True, bidirectional=True)
         self.intent = torch.nn.Linear(2 * hidden_size, n_intents)
         self.slots = torch.nn.Linear(2 * hidden_size, n_slots)
-        self.dropout, self.H = dropout, hidden_size
+        self.dropout, self.H, self.pooling, self.ls = dropout, hidden_size, pooling, label_smoothing
 
     def forward(self, ids, lengths, intent, slots):
-        x = F.dropout(self.embedding(ids), self.dropout, self.training)
+        x = self.embedding(ids)
+        if self.char_cnn is not None:
+            x = torch.cat([x, self.char_cnn(ids)], dim=2)
+        x = F.dropout(x, self.dropout, self.training)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
         out = F.dropout(out, self.dropout, self.training)
-        pooled = F.dropout(torch.cat([h[0], h[1]], -1), self.dropout, self.training)  # fwd last, bwd first
-        return F.cross_entropy(self.intent(pooled), intent) + F.cross_entropy(
-            self.slots(out).flatten(0, 1), slots.flatten(), ignore_index=-100)
+        if self.pooling == "max":
+            valid = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            pooled = out.masked_fill(~valid.to(out.device).unsqueeze(2), float("-inf")).amax(dim=1)
+        else:
+            pooled = F.dropout(torch.cat([h[0], h[1]], -1), self.dropout, self.training)  # fwd last, bwd first
+        return F.cross_entropy(self.intent(pooled), intent, label_smoothing=self.ls) + F.cross_entropy(
+            self.slots(out).flatten(0, 1), slots.flatten(), ignore_index=-100, label_smoothing=self.ls)
 
 
 def run(args):
     from .. import data as D
-    from ..train import TrainConfig, build_tasks
-    from ..model import MultiTaskLSTM
+    from ..train import TrainConfig
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -70,9 +87,28 @@ def run(args):
     batches = [D.collate(enc, i, specs).to(device) for i in idx[:nb]]
     tokens = sum(b.num_tokens for b in batches)
 
+    rows = []
+    for model in (["default", "basic"] if args.model == "both" else [args.model]):
+        rows += _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tokens)
+    print_table(rows, COLUMNS)
+    return rows
+
+
+def _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tokens):
+    from ..train import build_tasks
+    from ..model import CharCNN, MultiTaskLSTM
+
     torch.manual_seed(0)
-    fm = MultiTaskLSTM(len(vocab), E, H, build_tasks(specs, lvs), dropout=cfg.dropout).to(device)
-    pm = PlainMultiTaskLSTM(len(vocab), E, H, len(lvs["intent"]), len(lvs["slots"]), cfg.dropout).to(device)
+    if model == "default":
+        pooling, ls = cfg.pooling, cfg.label_smoothing
+        char = dict(char_words=vocab.itos, char_dim=cfg.char_dim, char_filters=cfg.char_filters,
+                    char_kernel=cfg.char_kernel)
+        plain_char = CharCNN(vocab.itos, cfg.char_dim, cfg.char_filters, cfg.char_kernel)
+    else:
+        pooling, ls, char, plain_char = "last", 0.0, {}, None
+    fm = MultiTaskLSTM(len(vocab), E, H, build_tasks(specs, lvs, pooling, ls), dropout=cfg.dropout, **char).to(device)
+    pm = PlainMultiTaskLSTM(len(vocab), E, H, len(lvs["intent"]), len(lvs["slots"]), cfg.dropout, plain_char,
+                            pooling, ls).to(device)
     fo = torch.optim.Adam(fm.parameters(), lr=1e-3)
     po = torch.optim.Adam(pm.parameters(), lr=1e-3)
 
@@ -106,11 +142,10 @@ def run(args):
         tf.append(timed(fast_pass))
         tp.append(timed(plain_pass))
     mf, mp = sorted(tf)[len(tf) // 2], sorted(tp)[len(tp) // 2]
-    common = {"batch_size": args.batch_size, "hidden_size": H, "embedding_dim": E, "batches": nb, "tokens": tokens,
-              "threads": torch.get_num_threads()}
+    common = {"model": model, "batch_size": args.batch_size, "hidden_size": H, "embedding_dim": E, "batches": nb,
+              "tokens": tokens, "threads": torch.get_num_threads()}
     rows = [dict(common, provider="fastmtl (MultiTaskLSTM)", median_ms=mf, tokens_per_s=tokens / (mf / 1e3),
                  speedup=mp / mf),
             dict(common, provider="plain PyTorch (nn.LSTM+pack, Linear, CE)", median_ms=mp,
                  tokens_per_s=tokens / (mp / 1e3), speedup=1.0)]
-    print_table(rows, COLUMNS)
     return rows
