@@ -24,7 +24,7 @@ def add_arguments(p):
     p.add_argument("--embedding-dim", type=int, default=None)
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--batches", type=int, default=60, help="batches per pass (0: the whole epoch)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model", choices=["default", "basic", "both"], default="both",
                    help="default: the model of the default fastmtl train (char CNN, max pooling, label smoothing); "
