@@ -16,7 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .common import print_table
 
-COLUMNS = ["model", "provider", "batch_size", "hidden_size", "batches", "tokens", "median_ms", "tokens_per_s", "speedup"]
+COLUMNS = ["model", "provider", "batch_size", "hidden_size", "batches", "tokens", "median_ms", "tokens_per_s",
+           "speedup"]
 
 
 def add_arguments(p):
