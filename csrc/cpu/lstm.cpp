@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "fastmtl/checks.h"
+#include "fastmtl/lstm_checks.h"
 #include "fastmtl/lstm_math.h"
 
 namespace fastmtl {
@@ -592,72 +593,11 @@ at::Tensor unpack_rows(const at::Tensor& p, const Steps& s, int64_t T, int64_t B
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks
 // ---------------------------------------------------------------------------------------------------------
-struct Dims {
-  int64_t T, B, I, H, D;
-  bool bias;
-};
+using Dims = LstmDims;
 
 Dims check_layer_args(const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
                       const at::Tensor& cx, at::TensorList weights, bool bidirectional, const char* op) {
-  Dims d{};
-  d.D = bidirectional ? 2 : 1;
-  FASTMTL_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, input_size), got shape ",
-                      shape_str(input));
-  FASTMTL_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                     ": input must be float32 or float64 on the CPU, got ", input.scalar_type());
-  d.T = input.size(0);
-  d.B = input.size(1);
-  d.I = input.size(2);
-  const int64_t nw = static_cast<int64_t>(weights.size());
-  FASTMTL_CHECK_VALUE(nw == 2 * d.D || nw == 4 * d.D, op, ": weights must hold ", 2 * d.D, " (no bias) or ",
-                      4 * d.D, " (with bias) tensors for ", d.D, " direction(s), got ", nw);
-  d.bias = nw == 4 * d.D;
-  const int64_t per = d.bias ? 4 : 2;
-  FASTMTL_CHECK_VALUE(weights[1].dim() == 2, op, ": weights[1] (w_hh) must be 2-D (4*hidden_size, hidden_size), ",
-                      "got shape ", shape_str(weights[1]));
-  d.H = weights[1].size(1);
-  static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
-  for (int64_t dir = 0; dir < d.D; ++dir) {
-    for (int64_t k = 0; k < per; ++k) {
-      const auto& w = weights[dir * per + k];
-      std::vector<int64_t> expected;
-      if (k == 0) expected = {4 * d.H, d.I};
-      else if (k == 1) expected = {4 * d.H, d.H};
-      else expected = {4 * d.H};
-      FASTMTL_CHECK_VALUE(w.sizes() == at::IntArrayRef(expected), op, ": weights[", dir * per + k, "] (",
-                          names[k], dir ? "_reverse" : "", ") must have shape ", at::IntArrayRef(expected),
-                          ", got ", shape_str(w));
-      FASTMTL_CHECK_TYPE(w.scalar_type() == input.scalar_type(), op, ": weights[", dir * per + k, "] (", names[k],
-                         ") has dtype ", w.scalar_type(), " but input has dtype ", input.scalar_type());
-      FASTMTL_CHECK_VALUE(w.device() == input.device(), op, ": weights[", dir * per + k, "] is on ", w.device(),
-                          " but input is on ", input.device());
-    }
-  }
-  const std::vector<int64_t> state{d.D, d.B, d.H};
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&hx, "hx"}, {&cx, "cx"}}) {
-    FASTMTL_CHECK_VALUE(t->sizes() == at::IntArrayRef(state), op, ": ", name, " must have shape (D, B, H) = ",
-                        at::IntArrayRef(state), ", got ", shape_str(*t));
-    FASTMTL_CHECK_TYPE(t->scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
-                       " but input has dtype ", input.scalar_type());
-    FASTMTL_CHECK_VALUE(t->device() == input.device(), op, ": ", name, " is on ", t->device(),
-                        " but input is on ", input.device());
-  }
-  if (lengths.has_value()) {
-    const auto& L = *lengths;
-    FASTMTL_CHECK_TYPE(L.scalar_type() == at::kLong, op, ": lengths must be int64, got ", L.scalar_type());
-    FASTMTL_CHECK_VALUE(L.device().is_cpu(), op, ": lengths must be on the CPU, got ", L.device());
-    FASTMTL_CHECK_VALUE(L.dim() == 1 && L.size(0) == d.B, op, ": lengths must have shape (B,) = (", d.B,
-                        ",), got ", shape_str(L));
-    auto Lc = L.contiguous();
-    const int64_t* p = Lc.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < d.B; ++b) {
-      FASTMTL_CHECK_VALUE(p[b] >= 1 && p[b] <= d.T, op, ": lengths[", b, "] = ", p[b],
-                          " is outside [1, T] with T = ", d.T);
-      FASTMTL_CHECK_VALUE(b == 0 || p[b] <= p[b - 1], op, ": lengths must be sorted in non-increasing order ",
-                          "(lengths[", b - 1, "] = ", p[b - 1], " < lengths[", b, "] = ", p[b], ")");
-    }
-  }
-  return d;
+  return check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/false);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -754,26 +694,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
   const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2;
-  const std::vector<int64_t> out_shape{T, B, D * H}, state{D, B, H}, res_shape{D, T, B, 5 * H};
-  FASTMTL_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(out_shape),
-                      "lstm_layer_backward: grad_output must have shape ", at::IntArrayRef(out_shape), ", got ",
-                      shape_str(grad_output_));
-  FASTMTL_CHECK_VALUE(output_.sizes() == at::IntArrayRef(out_shape), "lstm_layer_backward: output must have shape ",
-                      at::IntArrayRef(out_shape), ", got ", shape_str(output_));
-  FASTMTL_CHECK_VALUE(grad_hy_.sizes() == at::IntArrayRef(state), "lstm_layer_backward: grad_hy must have shape ",
-                      at::IntArrayRef(state), ", got ", shape_str(grad_hy_));
-  FASTMTL_CHECK_VALUE(grad_cy_.sizes() == at::IntArrayRef(state), "lstm_layer_backward: grad_cy must have shape ",
-                      at::IntArrayRef(state), ", got ", shape_str(grad_cy_));
-  FASTMTL_CHECK_VALUE(reserve_.sizes() == at::IntArrayRef(res_shape),
-                      "lstm_layer_backward: reserve must have shape (D, T, B, 5H) = ", at::IntArrayRef(res_shape),
-                      ", got ", shape_str(reserve_),
-                      " (run lstm_layer_forward with need_reserve=True when gradients are needed)");
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output_, "grad_output"},
-                         {&grad_hy_, "grad_hy"}, {&grad_cy_, "grad_cy"}, {&output_, "output"},
-                         {&reserve_, "reserve"}}) {
-    FASTMTL_CHECK_TYPE(t->scalar_type() == input_.scalar_type(), "lstm_layer_backward: ", name, " has dtype ",
-                       t->scalar_type(), " but input has dtype ", input_.scalar_type());
-  }
+  check_lstm_backward_args(grad_output_, grad_hy_, grad_cy_, output_, reserve_, input_, d, "lstm_layer_backward");
   auto input = input_.contiguous();
   auto output = output_.contiguous();
   auto reserve = reserve_.contiguous();

@@ -38,6 +38,7 @@
 
 #include "fastmtl/checks.h"
 #include "fastmtl/cuda_lstm.h"
+#include "fastmtl/lstm_checks.h"
 
 namespace {
 
@@ -69,83 +70,35 @@ struct Layer {
   std::vector<int64_t> bs;  // active rows per time step (prefix of the batch)
   bool full = true;         // every sequence has length T
   std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;  // contiguous, per direction
+  fastmtl::LstmDims dims;                          // as checked
 };
 
-// Same checks and messages as the CPU op (csrc/cpu/lstm.cpp), with the CUDA dtypes.
-void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op, const std::string& name) {
-  FASTMTL_CHECK_VALUE(t.defined(), op, ": ", name, " must be a tensor");
-  FASTMTL_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     " but input has dtype ", input.scalar_type());
-  FASTMTL_CHECK_VALUE(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
-                      input.device());
-}
-
+// The checks shared with the CPU op (fastmtl/lstm_checks.h), then the per-step active batch sizes.
 Layer check_layer(const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
                   const at::Tensor& cx, at::TensorList weights, bool bidirectional, const char* op) {
+  const fastmtl::LstmDims d = fastmtl::check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op,
+                                                             /*cuda=*/true);
   Layer L;
-  L.D = bidirectional ? 2 : 1;
-  FASTMTL_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, input_size), got shape ",
-                      fastmtl::shape_str(input));
-  const at::ScalarType st = input.scalar_type();
-  FASTMTL_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-                     ": input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
-  FASTMTL_CHECK_VALUE(input.is_cuda(), op, ": input must be a CUDA tensor here, got device ", input.device());
-  L.T = input.size(0);
-  L.B = input.size(1);
-  L.I = input.size(2);
-  const int64_t n = static_cast<int64_t>(weights.size());
-  FASTMTL_CHECK_VALUE(n == 2 * L.D || n == 4 * L.D, op, ": weights must hold ", 2 * L.D, " (no bias) or ",
-                      4 * L.D, " (with bias) tensors for ", L.D, " direction(s), got ", n);
-  L.has_bias = n == 4 * L.D;
+  L.dims = d;
+  L.T = d.T;
+  L.B = d.B;
+  L.I = d.I;
+  L.H = d.H;
+  L.D = d.D;
+  L.has_bias = d.bias;
   const int64_t per = L.has_bias ? 4 : 2;
-  FASTMTL_CHECK_VALUE(weights[1].dim() == 2, op, ": weights[1] (w_hh) must be 2-D (4*hidden_size, hidden_size), ",
-                      "got shape ", fastmtl::shape_str(weights[1]));
-  L.H = weights[1].size(1);
-  const int64_t G = 4 * L.H;
-  static const char* names[] = {"w_ih", "w_hh", "b_ih", "b_hh"};
-  for (int64_t d = 0; d < L.D; ++d) {
-    for (int64_t k = 0; k < per; ++k) {
-      const at::Tensor& w = weights[d * per + k];
-      std::vector<int64_t> expected;
-      if (k == 0) expected = {G, L.I};
-      else if (k == 1) expected = {G, L.H};
-      else expected = {G};
-      std::ostringstream nm;
-      nm << "weights[" << d * per + k << "] (" << names[k] << (d ? "_reverse" : "") << ")";
-      FASTMTL_CHECK_VALUE(w.defined() && w.sizes() == at::IntArrayRef(expected), op, ": ", nm.str(),
-                          " must have shape ", at::IntArrayRef(expected), ", got ",
-                          (w.defined() ? fastmtl::shape_str(w) : std::string("None")));
-      check_like_input(w, input, op, nm.str());
-    }
-    L.w_ih.push_back(weights[d * per].contiguous());
-    L.w_hh.push_back(weights[d * per + 1].contiguous());
+  for (int64_t k = 0; k < L.D; ++k) {
+    L.w_ih.push_back(weights[k * per].contiguous());
+    L.w_hh.push_back(weights[k * per + 1].contiguous());
     if (L.has_bias) {
-      L.b_ih.push_back(weights[d * per + 2].contiguous());
-      L.b_hh.push_back(weights[d * per + 3].contiguous());
+      L.b_ih.push_back(weights[k * per + 2].contiguous());
+      L.b_hh.push_back(weights[k * per + 3].contiguous());
     }
-  }
-  const std::vector<int64_t> state{L.D, L.B, L.H};
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&hx, "hx"}, {&cx, "cx"}}) {
-    FASTMTL_CHECK_VALUE(t->sizes() == at::IntArrayRef(state), op, ": ", name, " must have shape (D, B, H) = ",
-                        at::IntArrayRef(state), ", got ", fastmtl::shape_str(*t));
-    check_like_input(*t, input, op, name);
   }
   L.bs.assign(static_cast<size_t>(L.T), L.B);
   if (lengths.has_value() && lengths->defined()) {
-    const at::Tensor& len = *lengths;
-    FASTMTL_CHECK_TYPE(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ", len.scalar_type());
-    FASTMTL_CHECK_VALUE(len.device().is_cpu(), op, ": lengths must be on the CPU (the per-step batch sizes are ",
-                        "computed on the host without a device sync), got ", len.device());
-    FASTMTL_CHECK_VALUE(len.dim() == 1 && len.size(0) == L.B, op, ": lengths must have shape (B,) = (", L.B,
-                        ",), got ", fastmtl::shape_str(len));
-    const at::Tensor lc = len.contiguous();
+    const at::Tensor lc = lengths->contiguous();  // checked above
     const int64_t* lp = lc.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < L.B; ++b) {
-      FASTMTL_CHECK_VALUE(lp[b] >= 1 && lp[b] <= L.T, op, ": lengths[", b, "] = ", lp[b],
-                          " is outside [1, T] with T = ", L.T);
-      FASTMTL_CHECK_VALUE(b == 0 || lp[b] <= lp[b - 1], op, ": lengths must be sorted in non-increasing order ",
-                          "(lengths[", b - 1, "] = ", lp[b - 1], " < lengths[", b, "] = ", lp[b], ")");
-    }
     // bs[t] = #{b : lengths[b] > t}; lengths are non-increasing so the active rows are a prefix.
     int64_t b = L.B;
     for (int64_t t = 0; t < L.T; ++t) {
@@ -341,24 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   Layer L = check_layer(input, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
   const int64_t T = L.T, B = L.B, I = L.I, H = L.H, D = L.D, G = 4 * H;
   const char* op = "lstm_layer_backward";
-  const std::vector<int64_t> out_shape{T, B, D * H}, state{D, B, H}, res_shape{D, T, B, 5 * H};
-  FASTMTL_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output must have shape ",
-                      at::IntArrayRef(out_shape), ", got ", fastmtl::shape_str(grad_output));
-  FASTMTL_CHECK_VALUE(output.sizes() == at::IntArrayRef(out_shape), op, ": output must have shape ",
-                      at::IntArrayRef(out_shape), ", got ", fastmtl::shape_str(output));
-  FASTMTL_CHECK_VALUE(grad_hy.sizes() == at::IntArrayRef(state), op, ": grad_hy must have shape ",
-                      at::IntArrayRef(state), ", got ", fastmtl::shape_str(grad_hy));
-  FASTMTL_CHECK_VALUE(grad_cy.sizes() == at::IntArrayRef(state), op, ": grad_cy must have shape ",
-                      at::IntArrayRef(state), ", got ", fastmtl::shape_str(grad_cy));
-  FASTMTL_CHECK_VALUE(reserve.sizes() == at::IntArrayRef(res_shape), op,
-                      ": reserve must have shape (D, T, B, 5H) = ", at::IntArrayRef(res_shape), ", got ",
-                      fastmtl::shape_str(reserve),
-                      " (run lstm_layer_forward with need_reserve=True when gradients are needed)");
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output, "grad_output"},
-                         {&grad_hy, "grad_hy"}, {&grad_cy, "grad_cy"}, {&output, "output"},
-                         {&reserve, "reserve"}}) {
-    check_like_input(*t, input, op, name);
-  }
+  fastmtl::check_lstm_backward_args(grad_output, grad_hy, grad_cy, output, reserve, input, L.dims, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
 
