@@ -591,16 +591,6 @@ at::Tensor unpack_rows(const at::Tensor& p, const Steps& s, int64_t T, int64_t B
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Argument checks
-// ---------------------------------------------------------------------------------------------------------
-using Dims = LstmDims;
-
-Dims check_layer_args(const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
-                      const at::Tensor& cx, at::TensorList weights, bool bidirectional, const char* op) {
-  return check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/false);
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 // A fresh (D, H, B) copy of a (D, B, H) state (never a view: .contiguous() would alias when B or H is 1, and
@@ -616,7 +606,8 @@ inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
     const at::Tensor& cx, at::TensorList weights, bool bidirectional, bool need_reserve) {
-  const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_forward");
+  const LstmDims d = check_lstm_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_forward",
+                                           /*cuda=*/false);
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, per = d.bias ? 4 : 2;
   auto input = input_.contiguous();
   auto output = at::empty({T, B, D * H}, input.options());
@@ -692,7 +683,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     const at::Tensor& grad_output_, const at::Tensor& grad_hy_, const at::Tensor& grad_cy_,
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
-  const Dims d = check_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
+  const LstmDims d = check_lstm_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward",
+                                           /*cuda=*/false);
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2;
   check_lstm_backward_args(grad_output_, grad_hy_, grad_cy_, output_, reserve_, input_, d, "lstm_layer_backward");
   auto input = input_.contiguous();

@@ -64,33 +64,24 @@ inline void* ptr_at(const at::Tensor& t, int64_t elem_offset) {
   return static_cast<char*>(t.data_ptr()) + elem_offset * static_cast<int64_t>(t.element_size());
 }
 
-struct Layer {
-  int64_t T = 0, B = 0, I = 0, H = 0, D = 1;
-  bool has_bias = false;
+// The checked sizes (T, B, I, H, D, bias) plus what the kernels need.
+struct Layer : fastmtl::LstmDims {
   std::vector<int64_t> bs;  // active rows per time step (prefix of the batch)
   bool full = true;         // every sequence has length T
   std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;  // contiguous, per direction
-  fastmtl::LstmDims dims;                          // as checked
 };
 
 // The checks shared with the CPU op (fastmtl/lstm_checks.h), then the per-step active batch sizes.
 Layer check_layer(const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
                   const at::Tensor& cx, at::TensorList weights, bool bidirectional, const char* op) {
-  const fastmtl::LstmDims d = fastmtl::check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op,
-                                                             /*cuda=*/true);
   Layer L;
-  L.dims = d;
-  L.T = d.T;
-  L.B = d.B;
-  L.I = d.I;
-  L.H = d.H;
-  L.D = d.D;
-  L.has_bias = d.bias;
-  const int64_t per = L.has_bias ? 4 : 2;
+  static_cast<fastmtl::LstmDims&>(L) =
+      fastmtl::check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/true);
+  const int64_t per = L.bias ? 4 : 2;
   for (int64_t k = 0; k < L.D; ++k) {
     L.w_ih.push_back(weights[k * per].contiguous());
     L.w_hh.push_back(weights[k * per + 1].contiguous());
-    if (L.has_bias) {
+    if (L.bias) {
       L.b_ih.push_back(weights[k * per + 2].contiguous());
       L.b_hh.push_back(weights[k * per + 3].contiguous());
     }
@@ -217,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   // Input projection for every step and both directions in one GEMM: (T*B, D*4H), biases folded in.
   const at::Tensor wih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);
   at::Tensor xproj;
-  if (L.has_bias) {
+  if (L.bias) {
     at::Tensor bias = D == 1 ? L.b_ih[0] + L.b_hh[0] : at::cat({L.b_ih[0] + L.b_hh[0], L.b_ih[1] + L.b_hh[1]}, 0);
     xproj = at::addmm(bias, x2d, wih_cat.t());
   } else {
@@ -294,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   Layer L = check_layer(input, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward");
   const int64_t T = L.T, B = L.B, I = L.I, H = L.H, D = L.D, G = 4 * H;
   const char* op = "lstm_layer_backward";
-  fastmtl::check_lstm_backward_args(grad_output, grad_hy, grad_cy, output, reserve, input, L.dims, op);
+  fastmtl::check_lstm_backward_args(grad_output, grad_hy, grad_cy, output, reserve, input, L, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto opts = input.options();
 
@@ -308,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     for (int64_t d = 0; d < D; ++d) {
       grad_w.push_back(at::zeros_like(L.w_ih[d]));
       grad_w.push_back(at::zeros_like(L.w_hh[d]));
-      if (L.has_bias) {
+      if (L.bias) {
         grad_w.push_back(at::zeros_like(L.b_ih[d]));
         grad_w.push_back(at::zeros_like(L.b_hh[d]));
       }
@@ -410,11 +401,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   at::mm_out(gi2, dG2, wih_cat);
   const at::Tensor gwih = at::mm(dG2.t(), x2d);  // (D*4H, I)
   at::Tensor gbias;
-  if (L.has_bias) gbias = dG2.sum(0, /*keepdim=*/false, acc_type(input.scalar_type())).to(input.scalar_type());
+  if (L.bias) gbias = dG2.sum(0, /*keepdim=*/false, acc_type(input.scalar_type())).to(input.scalar_type());
   for (int64_t d = 0; d < D; ++d) {
     grad_w.push_back(D == 1 ? gwih : gwih.narrow(0, d * G, G).clone());
     grad_w.push_back(at::mm(dG2.narrow(1, d * G, G).t(), hprev.select(0, d).view({T * B, H})));
-    if (L.has_bias) {
+    if (L.bias) {
       at::Tensor gb = gbias.narrow(0, d * G, G);
       grad_w.push_back(gb.clone());
       grad_w.push_back(gb.clone());

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -106,9 +107,9 @@ inline void check_lstm_backward_args(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& grad_cy, const at::Tensor& output, const at::Tensor& reserve,
                                      const at::Tensor& input, const LstmDims& d, const char* op) {
   const std::vector<int64_t> out_shape{d.T, d.B, d.D * d.H}, state{d.D, d.B, d.H}, res_shape{d.D, d.T, d.B, 5 * d.H};
-  for (auto [t, name, shape] :
-       {std::tuple<const at::Tensor*, const char*, const std::vector<int64_t>*>{&grad_output, "grad_output", &out_shape},
-        {&output, "output", &out_shape}, {&grad_hy, "grad_hy", &state}, {&grad_cy, "grad_cy", &state}}) {
+  using Expect = std::tuple<const at::Tensor*, const char*, const std::vector<int64_t>*>;
+  for (auto [t, name, shape] : {Expect{&grad_output, "grad_output", &out_shape}, Expect{&output, "output", &out_shape},
+                                Expect{&grad_hy, "grad_hy", &state}, Expect{&grad_cy, "grad_cy", &state}}) {
     FASTMTL_CHECK_VALUE(t->defined() && t->sizes() == at::IntArrayRef(*shape), op, ": ", name, " must have shape ",
                         at::IntArrayRef(*shape), ", got ", t->defined() ? shape_str(*t) : std::string("None"));
   }
