@@ -53,7 +53,9 @@ def main():
     cxx_flags = opt + ["-std=c++17", "-fvisibility=hidden"]
     if not debug and sys.platform.startswith("linux"):
         cxx_flags += ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    sources = ["csrc/fastmtl.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/cpu/kernels/*_<isa>.cpp hold the per-ISA hot loops; they are compiled with the same flags as the rest
+    # (their entry points carry target attributes) and chosen at run time from the CPU's features.
+    sources = ["csrc/fastmtl.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
     define_macros = [("FASTMTL_TORCH_VERSION", '"%s"' % torch.__version__)]
     extra = {"cxx": cxx_flags}
     if with_cuda:

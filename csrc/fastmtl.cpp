@@ -35,6 +35,8 @@
 #include <torch/extension.h>
 #endif
 
+#include "fastmtl/cpu_isa.h"
+
 #ifndef FASTMTL_TORCH_VERSION
 #define FASTMTL_TORCH_VERSION "unknown"
 #endif
@@ -84,6 +86,11 @@ pybind11::dict build_info() {
 #else
       std::string("unknown");
 #endif
+  std::vector<std::string> compiled;
+  for (int i = 0; i < fastmtl::cpu::kNumIsa; ++i)
+    if (fastmtl::cpu::isa_compiled(static_cast<fastmtl::cpu::Isa>(i)))
+      compiled.emplace_back(fastmtl::cpu::isa_name(static_cast<fastmtl::cpu::Isa>(i)));
+  d["cpu_kernels_compiled"] = compiled;
   return d;
 }
 }  // namespace
@@ -91,5 +98,12 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmtl native extension: fused LSTM and multi-task head kernels";
   m.def("build_info", &build_info, "How this extension was built (torch version, CUDA, flags).");
+  m.def(
+      "cpu_kernel", [] { return std::string(fastmtl::cpu::isa_name(fastmtl::cpu::active_isa())); },
+      "The instruction set the CPU kernels use now (scalar, avx2 or avx512).");
+  m.def("set_cpu_kernel", &fastmtl::cpu::set_active_isa, pybind11::arg("name"),
+        "Selects the CPU kernels' instruction set: auto, scalar, avx2 or avx512 (must be supported here).");
+  m.def("cpu_kernels", &fastmtl::cpu::supported_isa_names,
+        "The instruction sets this CPU and build support, baseline first.");
 }
 #endif  // FASTMTL_NO_PYTHON

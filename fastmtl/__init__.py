@@ -4,14 +4,14 @@ Layers: ``fastmtl.nn`` (drop-in modules) -> ``fastmtl.functional`` -> ``fastmtl.
 ``torch.ops.fastmtl``) -> the native extension. The multi-task learning layer (data, metrics, weighting,
 sharing, trainer, command line) sits on top of ``fastmtl.nn``.
 """
-from ._native import build_info
+from ._native import build_info, cpu_kernel, cpu_kernels, set_cpu_kernel, use_cpu_kernel
 from . import ops  # noqa: F401  registers fake kernels and autograd
 from . import functional  # noqa: F401
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "functional", "nn", "ops", "__version__"]
+__all__ = ["build_info", "cpu_kernel", "cpu_kernels", "set_cpu_kernel", "use_cpu_kernel", "functional", "nn", "ops", "__version__"]
 
 
 def __getattr__(name):

@@ -1,4 +1,8 @@
-"""Loads the compiled extension ``fastmtl._C`` with a clear message when it is missing or stale."""
+"""Loads the compiled extension ``fastmtl._C`` with a clear message when it is missing or stale; build facts and the
+choice of the CPU kernels' instruction set."""
+import contextlib
+from typing import Iterator, List
+
 import torch
 
 _REBUILD = (
@@ -32,3 +36,36 @@ def build_info():
     info = dict(_C.build_info())
     info["cuda_version"] = _build_meta.CUDA_VERSION
     return info
+
+
+def cpu_kernels() -> List[str]:
+    """The instruction sets of the CPU kernels that this CPU and build can run, baseline first: a subset of
+    ``["scalar", "avx2", "avx512"]`` (``"scalar"`` is the portable baseline, the only one on aarch64)."""
+    return list(_C.cpu_kernels())
+
+
+def cpu_kernel() -> str:
+    """The instruction set the CPU kernels use now: the best of :func:`cpu_kernels` unless overridden by
+    :func:`set_cpu_kernel` or the environment variable ``FASTMTL_CPU_KERNEL`` (read once, on first use)."""
+    return _C.cpu_kernel()
+
+
+def set_cpu_kernel(name: str) -> None:
+    """Selects the CPU kernels' instruction set for the whole process: ``"auto"`` (the best this CPU supports),
+    ``"scalar"``, ``"avx2"`` or ``"avx512"``. Raises ValueError for a name this CPU or build cannot run.
+    Meant for tests and debugging; the default choice is made from the CPU's features."""
+    if not isinstance(name, str):
+        raise TypeError("fastmtl.set_cpu_kernel: name must be a str, got %s" % type(name).__name__)
+    _C.set_cpu_kernel(name)
+
+
+@contextlib.contextmanager
+def use_cpu_kernel(name: str) -> Iterator[str]:
+    """Context manager: run the CPU kernels with instruction set ``name`` inside the block, then restore the
+    previous choice (see :func:`set_cpu_kernel`)."""
+    previous = cpu_kernel()
+    set_cpu_kernel(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_kernel(previous)

@@ -6,7 +6,8 @@
 // A segment is processed a chunk of rows at a time, so logits never exist beyond one (rows x classes) chunk:
 //   logits = X_chunk @ W^T + b                        (at::addmm, MKL)
 //   fused pass per row and task: max, logsumexp, item loss, and (compute_grad) the scaled gradient of the logits
-//   written in place over the logits                   (vectorised, at::parallel_for over rows)
+//   written in place over the logits                   (csrc/cpu/kernels/heads_rows_<isa>.cpp, chosen at run
+//                                                       time from the CPU; at::parallel_for over rows)
 //   grad_X_chunk (+)= G @ W,  grad_W (+)= G^T @ X_chunk,  grad_b (+)= sum_rows G
 // The per-task normalisers (sum of class weights over non-ignored items) are computed first in a cheap pass over
 // the targets (which also validates them), so the chunk gradients already carry lambda_k / N_k.
@@ -27,14 +28,8 @@
 #include "fastmtl/heads_checks.h"
 #include "fastmtl/heads_math.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// Runtime-dispatched clones of the hot row loop: the extension is compiled for baseline x86-64, the clones let
-// GCC vectorise the float row pass with AVX2/AVX-512 where the CPU has them.
-#define FASTMTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTMTL_CLONES
-#endif
-#define FASTMTL_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "fastmtl/cpu_isa.h"
+#include "kernels/heads_rows.h"
 
 namespace fastmtl {
 namespace heads_cpu {
@@ -47,135 +42,14 @@ constexpr int64_t kChunkElems = int64_t(1) << 22;
 // Tasks with at most this many classes share one GEMM with the other small tasks on the same rows.
 constexpr int64_t kConcatMaxClasses = 4096;
 
-// ----------------------------------------------------------------------------------------------------------
-// exp: a branch-free float exp (Cephes expf: Cody-Waite range reduction + degree-7 polynomial, ~1 ulp) that GCC
-// vectorises inside the cloned row loops; double uses std::exp.
-FASTMTL_ALWAYS_INLINE float exp_approx(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // n = round(x / ln 2) with the 1.5 * 2^23 trick (no floor: GCC vectorises this without -ffast-math).
-  const float magic = 12582912.0f;
-  const float nm = x * 1.44269504088896341f + magic;
-  const float n = nm - magic;
-  int32_t ni;
-  std::memcpy(&ni, &nm, sizeof(ni));
-  ni -= 0x4B400000;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = uint32_t(ni + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-FASTMTL_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
+using cpu_kernels::SegTask;
 
-template <typename T>
-struct SegTask {
-  int64_t offset;    // first column of this task in the segment's logits
-  int64_t C;         // classes
-  const int64_t* tgt;
-  int64_t ignore;
-  const T* cw;       // class weights or nullptr
-  T sum_w;           // sum of class weights (C without)
-  T eps;             // label smoothing
-  T scale;           // lambda_k / N_k
-  bool active;       // N_k > 0
-};
-
-// Loss (and gradient in place) for rows [rb, re) of a chunk. Row r of the chunk is source row row0 + r; its
-// target index is rowpos[row0 + r] (token positions b*T + t) or row0 + r.
-template <typename T>
-FASTMTL_ALWAYS_INLINE void xent_rows_impl(T* L, int64_t ld, int64_t rb, int64_t re, int64_t row0,
-                                          const int64_t* rowpos, const SegTask<T>* st, int64_t nt, bool write_grad,
-                                          double* row_losses) {
-  constexpr int V = 16;
-  for (int64_t r = rb; r < re; ++r) {
-    T* zr = L + r * ld;
-    const int64_t gi = rowpos ? rowpos[row0 + r] : row0 + r;
-    for (int64_t j = 0; j < nt; ++j) {
-      const SegTask<T>& t = st[j];
-      T* z = zr + t.offset;
-      const int64_t C = t.C;
-      const int64_t y = t.active ? t.tgt[gi] : t.ignore;
-      if (!t.active || y == t.ignore) {
-        row_losses[r * nt + j] = 0.0;
-        if (write_grad) std::fill(z, z + C, T(0));
-        continue;
-      }
-      // max
-      T accm[V];
-      for (int v = 0; v < V; ++v) accm[v] = -std::numeric_limits<T>::infinity();
-      int64_t i = 0;
-      for (; i + V <= C; i += V)
-        for (int v = 0; v < V; ++v) accm[v] = z[i + v] > accm[v] ? z[i + v] : accm[v];
-      T m = -std::numeric_limits<T>::infinity();
-      for (int v = 0; v < V; ++v) m = accm[v] > m ? accm[v] : m;
-      for (; i < C; ++i) m = z[i] > m ? z[i] : m;
-      // sum exp(z - m)
-      T accs[V];
-      for (int v = 0; v < V; ++v) accs[v] = T(0);
-      i = 0;
-      for (; i + V <= C; i += V)
-        for (int v = 0; v < V; ++v) accs[v] += exp_approx(z[i + v] - m);
-      double s = 0.0;
-      for (int v = 0; v < V; ++v) s += double(accs[v]);
-      for (; i < C; ++i) s += double(exp_approx(z[i] - m));
-      // sum_c w_c z_c (only with label smoothing)
-      double swz = 0.0;
-      if (t.eps != T(0)) {
-        T accz[V];
-        for (int v = 0; v < V; ++v) accz[v] = T(0);
-        i = 0;
-        if (t.cw) {
-          for (; i + V <= C; i += V)
-            for (int v = 0; v < V; ++v) accz[v] += t.cw[i + v] * z[i + v];
-          for (; i < C; ++i) swz += double(t.cw[i]) * double(z[i]);
-        } else {
-          for (; i + V <= C; i += V)
-            for (int v = 0; v < V; ++v) accz[v] += z[i + v];
-          for (; i < C; ++i) swz += double(z[i]);
-        }
-        for (int v = 0; v < V; ++v) swz += double(accz[v]);
-      }
-      const double lse = double(m) + std::log(s);
-      const double w_y = t.cw ? double(t.cw[y]) : 1.0;
-      const double eps = double(t.eps);
-      row_losses[r * nt + j] =
-          heads::xent_item_loss<double>(lse, double(z[y]), swz, w_y, double(t.sum_w), eps, double(C));
-      if (write_grad) {
-        const T a = T(double(t.scale) * heads::xent_softmax_coeff<double>(w_y, double(t.sum_w), eps, double(C)));
-        const T lse_t = T(lse);
-        const T neg = T(double(t.scale) * eps / double(C));
-        if (t.cw && eps != 0.0) {
-          for (int64_t c = 0; c < C; ++c) z[c] = a * exp_approx(z[c] - lse_t) - neg * t.cw[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) z[c] = a * exp_approx(z[c] - lse_t) - neg;
-        }
-        z[y] -= T(double(t.scale) * (1.0 - eps) * w_y);
-      }
-    }
-  }
+// The cross-entropy row pass (csrc/cpu/kernels/heads_rows_<isa>.cpp) of the ISA chosen for this call.
+inline cpu_kernels::XentRowsFn<float> xent_rows_fn(const cpu_kernels::HeadsRowKernels& k, float*) {
+  return k.xent_f32;
 }
-
-FASTMTL_CLONES void xent_rows_f32(float* L, int64_t ld, int64_t rb, int64_t re, int64_t row0, const int64_t* rowpos,
-                                  const SegTask<float>* st, int64_t nt, bool write_grad, double* row_losses) {
-  xent_rows_impl<float>(L, ld, rb, re, row0, rowpos, st, nt, write_grad, row_losses);
-}
-
-void xent_rows(float* L, int64_t ld, int64_t rb, int64_t re, int64_t row0, const int64_t* rowpos,
-               const SegTask<float>* st, int64_t nt, bool write_grad, double* row_losses) {
-  xent_rows_f32(L, ld, rb, re, row0, rowpos, st, nt, write_grad, row_losses);
-}
-void xent_rows(double* L, int64_t ld, int64_t rb, int64_t re, int64_t row0, const int64_t* rowpos,
-               const SegTask<double>* st, int64_t nt, bool write_grad, double* row_losses) {
-  xent_rows_impl<double>(L, ld, rb, re, row0, rowpos, st, nt, write_grad, row_losses);
+inline cpu_kernels::XentRowsFn<double> xent_rows_fn(const cpu_kernels::HeadsRowKernels& k, double*) {
+  return k.xent_f64;
 }
 
 // Arg-max per row and task (first maximal index, as torch.argmax), for prediction.
@@ -531,6 +405,8 @@ void loss_segment(Source& src, const std::vector<int64_t>& ids, Parsed& P, bool 
   std::vector<double> row_losses(R * nt);
   std::vector<double> seg_loss(nt, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / Cs);
+  const cpu_kernels::XentRowsFn<T> xent_rows =
+      xent_rows_fn(cpu_kernels::heads_row_kernels(), static_cast<T*>(nullptr));
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rc = std::min(R, N - r0);
     Tensor Lc = L.narrow(0, 0, rc);
@@ -753,6 +629,24 @@ std::vector<Tensor> multitask_predict_cpu(const Tensor& hidden, const std::optio
 }
 
 }  // namespace heads_cpu
+}  // namespace fastmtl
+
+namespace fastmtl {
+namespace cpu_kernels {
+const HeadsRowKernels& heads_row_kernels() {
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      if (const HeadsRowKernels* k = heads_row_kernels_avx512()) return *k;
+      break;
+    case cpu::Isa::kAvx2:
+      if (const HeadsRowKernels* k = heads_row_kernels_avx2()) return *k;
+      break;
+    default:
+      break;
+  }
+  return *heads_row_kernels_scalar();
+}
+}  // namespace cpu_kernels
 }  // namespace fastmtl
 
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {

@@ -6,8 +6,10 @@
 //     X_packed holds, for t = 0..T-1, the rows x[t, :n_t] (n_t = number of sequences with length > t, a prefix of
 //     the batch because the caller sorts by length). With equal lengths X_packed is the input itself (no copy).
 //   * per step and direction one recurrent GEMM on the n_t active rows, accumulated in place into gx
-//     (beta = 1, so no separate gate buffer), then one fused vectorised pass over the rows (at::parallel_for,
-//     at::vec::Vectorized when the CPU has AVX2+FMA) computing the activations and the new (c, h).
+//     (beta = 1, so no separate gate buffer), then one fused vectorised pass over the rows (at::parallel_for;
+//     the pass is csrc/cpu/kernels/lstm_cell_<isa>.cpp, chosen at run time from the CPU's features) computing
+//     the activations and the new (c, h).
+//   * GEMMs go through ATen's public API (at::mm_out, addmm_) on strided views; nothing private of torch.
 //     The running (h, c) live in hy/cy themselves: a row that stops keeps its state at its last real token, and
 //     the reverse direction starts a row at its last real token simply because the row only becomes active then.
 // Backward: the same walk in the other order; per step one fused pass producing the pre-activation gradients
@@ -18,446 +20,61 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <cstring>
-#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "fastmtl/checks.h"
+#include "fastmtl/cpu_isa.h"
 #include "fastmtl/lstm_checks.h"
-#include "fastmtl/lstm_math.h"
+#include "kernels/lstm_cell.h"
 
 namespace fastmtl {
 namespace {
 
-namespace lm = fastmtl::lstm_math;
-
-// ---------------------------------------------------------------------------------------------------------
-// Fused per-step kernels. Per step everything is kept "transposed" (hidden unit j major, batch b minor), because
-// the recurrent GEMM runs fastest as gates^T (4H x n) = W_hh (4H x H) @ h^T (H x n): the weights are the large
-// left operand and the few active rows the small right one. A kernel call handles hidden units [j0, j1) for the
-// n active sequences (vectorised along b).
-// ---------------------------------------------------------------------------------------------------------
-template <typename T>
-struct FwdCols {
-  const T* gates;    // pre-activation of gate k (i, f, g, o), unit j, sequence b: gates[(k*H + j) * g_ld + b]
-  int64_t g_ld;
-  const T* bias;     // 4H combined bias b_ih + b_hh, or nullptr
-  T* h;              // running h^T, c^T: [j * s_ld + b], updated in place
-  T* c;
-  int64_t s_ld;
-  T* reserve;        // this step's (5H x B) block: [(k*H + j) * B + b], k = i, f, g, o, c; or nullptr
-  T* out;            // output row of sequence b: out + b * out_ld (H values of this direction)
-  int64_t out_ld;
-  int64_t H, n, B;
-};
-
-template <typename T>
-struct BwdCols {
-  const T* reserve;  // this step's (5H x B) block
-  const T* cp_a;     // c_prev^T of sequences b < split: cp_a[j * B + b]
-  const T* cp_b;     // c_prev^T of sequences b >= split (the initial cell state): cp_b[j * B + b]
-  int64_t split;
-  const T* gout;     // gradient of this step's output, transposed: gout[j * B + b]
-  T* dh;             // running dL/dh^T, dL/dc^T: [j * B + b]; dc becomes dL/dc_prev
-  T* dc;
-  T* dgates;         // [(k*H + j) * g_ld + b]
-  int64_t g_ld;
-  int64_t H, n, B;
-};
-
-// After a block of units is computed: h^T[j0:j1, :n] -> output rows (a small transpose in cache), and the
-// padded part of the reserve block zeroed (so the reserve is fully defined).
-template <typename T>
-inline void fwd_cols_finish(const FwdCols<T>& a, int64_t j0, int64_t j1) {
-  for (int64_t b = 0; b < a.n; ++b) {
-    T* o = a.out + b * a.out_ld;
-    const T* hp = a.h + b;
-    for (int64_t j = j0; j < j1; ++j) o[j] = hp[j * a.s_ld];
-  }
-  if (a.reserve && a.n < a.B) {
-    for (int64_t k = 0; k < 5; ++k)
-      for (int64_t j = j0; j < j1; ++j)
-        std::memset(a.reserve + (k * a.H + j) * a.B + a.n, 0, (a.B - a.n) * sizeof(T));
-  }
-}
-
-template <typename T>
-void fwd_cols_scalar(const FwdCols<T>& a, int64_t j0, int64_t j1) {
-  const int64_t H = a.H, L = a.g_ld, RB = a.B;
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* Gi = a.gates + j * L;
-    const T bi = a.bias ? a.bias[j] : T(0), bf = a.bias ? a.bias[H + j] : T(0);
-    const T bg = a.bias ? a.bias[2 * H + j] : T(0), bo = a.bias ? a.bias[3 * H + j] : T(0);
-    T* hr = a.h + j * a.s_ld;
-    T* cr = a.c + j * a.s_ld;
-    T* r = a.reserve ? a.reserve + j * RB : nullptr;
-    for (int64_t b = 0; b < a.n; ++b) {
-      T i, f, g, o, c, h;
-      lm::cell_forward<lm::ScalarAct>(Gi[b] + bi, Gi[H * L + b] + bf, Gi[2 * H * L + b] + bg,
-                                      Gi[3 * H * L + b] + bo, cr[b], i, f, g, o, c, h);
-      cr[b] = c;
-      hr[b] = h;
-      if (r) {
-        r[b] = i;
-        r[H * RB + b] = f;
-        r[2 * H * RB + b] = g;
-        r[3 * H * RB + b] = o;
-        r[4 * H * RB + b] = c;
-      }
-    }
-  }
-  fwd_cols_finish(a, j0, j1);
-}
-
-template <typename T>
-void bwd_cols_scalar(const BwdCols<T>& a, int64_t j0, int64_t j1) {
-  const int64_t H = a.H, L = a.g_ld, RB = a.B;
-  const T one(1);
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* r = a.reserve + j * RB;
-    const T* go = a.gout + j * RB;
-    const T* dh = a.dh + j * RB;
-    T* dc = a.dc + j * RB;
-    T* dG = a.dgates + j * L;
-    for (int64_t b = 0; b < a.n; ++b) {
-      const T cp = b < a.split ? a.cp_a[j * RB + b] : a.cp_b[j * RB + b];
-      T di, df, dg, do_, dcp;
-      lm::cell_backward<lm::ScalarAct>(r[b], r[H * RB + b], r[2 * H * RB + b], r[3 * H * RB + b],
-                                       r[4 * H * RB + b], cp, dh[b] + go[b], dc[b], one, di, df, dg, do_, dcp);
-      dG[b] = di;
-      dG[H * L + b] = df;
-      dG[2 * H * L + b] = dg;
-      dG[3 * H * L + b] = do_;
-      dc[b] = dcp;
-    }
-  }
-}
-
-}  // namespace
-}  // namespace fastmtl
-
-
-// ---------------------------------------------------------------------------------------------------------
-// AVX2 + FMA versions of the row kernels with at::vec::Vectorized. The extension is compiled for the baseline
-// ISA, so this block is compiled for AVX2 (its own CPU_CAPABILITY namespace, like ATen's own kernels) and
-// selected at run time when the CPU supports it.
-// ---------------------------------------------------------------------------------------------------------
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(FASTMTL_NO_AVX2)
-#define FASTMTL_HAVE_AVX2_KERNELS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-// g++ does not define the ISA macros for `#pragma GCC target`; sleef.h (included by the AVX2 vector headers)
-// declares its AVX2 entry points only under them.
-#ifndef __AVX__
-#define __AVX__ 1
-#define FASTMTL_UNDEF_AVX
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#define FASTMTL_UNDEF_AVX2
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#define FASTMTL_UNDEF_FMA
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-// the shared cell formulas again, compiled for AVX2 in their own namespace (see lstm_math.h)
-#define FASTMTL_LSTM_MATH_AGAIN
-#define FASTMTL_LSTM_MATH_NS lstm_math_avx2
-#include "fastmtl/lstm_math.h"
-#undef FASTMTL_LSTM_MATH_AGAIN
-
-namespace fastmtl {
-namespace {
-
-// sigmoid(x) = 1 / (1 + e^-x); tanh(x) = 2 sigmoid(2x) - 1 (one exp instead of Sleef's much slower tanh; the
-// absolute error stays at float rounding level, which is what the LSTM's products see).
-struct VecAct {
-  template <typename V>
-  static inline __attribute__((always_inline)) V sigmoid(const V& x) {
-    return V(1) / (V(1) + (V(0) - x).exp());
-  }
-  template <typename V>
-  static inline __attribute__((always_inline)) V tanh(const V& x) {
-    return V(2) / (V(1) + (V(-2) * x).exp()) - V(1);
-  }
-};
-
-template <typename T>
-void fwd_cols_avx2(const FwdCols<T>& a, int64_t j0, int64_t j1) {
-  using V = at::vec::Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const int64_t H = a.H, L = a.g_ld, RB = a.B, n = a.n;
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* Gi = a.gates + j * L;
-    const V bi(a.bias ? a.bias[j] : T(0)), bf(a.bias ? a.bias[H + j] : T(0));
-    const V bg(a.bias ? a.bias[2 * H + j] : T(0)), bo(a.bias ? a.bias[3 * H + j] : T(0));
-    T* hr = a.h + j * a.s_ld;
-    T* cr = a.c + j * a.s_ld;
-    T* r = a.reserve ? a.reserve + j * RB : nullptr;
-    for (int64_t b = 0; b < n; b += W) {
-      const int64_t cnt = std::min<int64_t>(W, n - b);
-      const bool full = cnt == W;
-      auto ld = [&](const T* p) { return full ? V::loadu(p) : V::loadu(p, cnt); };
-      auto st = [&](const V& v, T* p) {
-        if (full) v.store(p); else v.store(p, cnt);
-      };
-      V i, f, g, o, c, h;
-      lstm_math_avx2::cell_forward<VecAct>(ld(Gi + b) + bi, ld(Gi + H * L + b) + bf, ld(Gi + 2 * H * L + b) + bg,
-                                           ld(Gi + 3 * H * L + b) + bo, ld(cr + b), i, f, g, o, c, h);
-      st(c, cr + b);
-      st(h, hr + b);
-      if (r) {
-        st(i, r + b);
-        st(f, r + H * RB + b);
-        st(g, r + 2 * H * RB + b);
-        st(o, r + 3 * H * RB + b);
-        st(c, r + 4 * H * RB + b);
-      }
-    }
-  }
-  fwd_cols_finish(a, j0, j1);
-}
-
-template <typename T>
-void bwd_cols_avx2(const BwdCols<T>& a, int64_t j0, int64_t j1) {
-  using V = at::vec::Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const int64_t H = a.H, L = a.g_ld, RB = a.B;
-  const V one(T(1));
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* r = a.reserve + j * RB;
-    const T* go = a.gout + j * RB;
-    const T* dh = a.dh + j * RB;
-    T* dc = a.dc + j * RB;
-    T* dG = a.dgates + j * L;
-    // two ranges: c_prev from the neighbouring step (b < split) or the initial state
-    const int64_t split = std::min(a.split, a.n);
-    for (int part = 0; part < 2; ++part) {
-      const int64_t lo = part == 0 ? 0 : split, hi = part == 0 ? split : a.n;
-      const T* cp = (part == 0 ? a.cp_a : a.cp_b) + j * RB;
-      for (int64_t b = lo; b < hi; b += W) {
-        const int64_t cnt = std::min<int64_t>(W, hi - b);
-        const bool full = cnt == W;
-        auto ld = [&](const T* p) { return full ? V::loadu(p) : V::loadu(p, cnt); };
-        auto st = [&](const V& v, T* p) {
-          if (full) v.store(p); else v.store(p, cnt);
-        };
-        V di, df, dg, do_, dcp;
-        lstm_math_avx2::cell_backward<VecAct>(ld(r + b), ld(r + H * RB + b), ld(r + 2 * H * RB + b),
-                                              ld(r + 3 * H * RB + b), ld(r + 4 * H * RB + b), ld(cp + b),
-                                              ld(dh + b) + ld(go + b), ld(dc + b), one, di, df, dg, do_, dcp);
-        st(di, dG + b);
-        st(df, dG + H * L + b);
-        st(dg, dG + 2 * H * L + b);
-        st(do_, dG + 3 * H * L + b);
-        st(dcp, dc + b);
-      }
-    }
-  }
-}
-
-void fwd_cols_avx2_f(const FwdCols<float>& a, int64_t j0, int64_t j1) { fwd_cols_avx2<float>(a, j0, j1); }
-void fwd_cols_avx2_d(const FwdCols<double>& a, int64_t j0, int64_t j1) { fwd_cols_avx2<double>(a, j0, j1); }
-void bwd_cols_avx2_f(const BwdCols<float>& a, int64_t j0, int64_t j1) { bwd_cols_avx2<float>(a, j0, j1); }
-void bwd_cols_avx2_d(const BwdCols<double>& a, int64_t j0, int64_t j1) { bwd_cols_avx2<double>(a, j0, j1); }
-
-}  // namespace
-}  // namespace fastmtl
-
-#undef CPU_CAPABILITY_AVX2
-#undef CPU_CAPABILITY
-#ifdef FASTMTL_UNDEF_AVX
-#undef __AVX__
-#endif
-#ifdef FASTMTL_UNDEF_AVX2
-#undef __AVX2__
-#endif
-#ifdef FASTMTL_UNDEF_FMA
-#undef __FMA__
-#endif
-#pragma GCC pop_options
-#endif
-
-namespace fastmtl {
-namespace {
+using cpu_kernels::BwdCols;
+using cpu_kernels::FwdCols;
 
 template <typename T>
 using FwdFn = void (*)(const FwdCols<T>&, int64_t, int64_t);
 template <typename T>
 using BwdFn = void (*)(const BwdCols<T>&, int64_t, int64_t);
 
-bool use_avx2() {
-#ifdef FASTMTL_HAVE_AVX2_KERNELS
-  static const bool ok = [] {
-    const char* env = std::getenv("FASTMTL_LSTM_SIMD");  // "0": the portable scalar kernels (testing)
-    if (env && std::string(env) == "0") return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
+// The cell passes of the ISA chosen for this call (fastmtl/cpu_isa.h).
 template <typename T>
-FwdFn<T> fwd_kernel();
+FwdFn<T> fwd_kernel(const cpu_kernels::LstmCellKernels& k) {
+  if constexpr (std::is_same_v<T, float>) return k.fwd_f32;
+  else return k.fwd_f64;
+}
 template <typename T>
-BwdFn<T> bwd_kernel();
-template <>
-FwdFn<float> fwd_kernel<float>() {
-#ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &fwd_cols_avx2_f;
-#endif
-  return &fwd_cols_scalar<float>;
-}
-template <>
-FwdFn<double> fwd_kernel<double>() {
-#ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &fwd_cols_avx2_d;
-#endif
-  return &fwd_cols_scalar<double>;
-}
-template <>
-BwdFn<float> bwd_kernel<float>() {
-#ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &bwd_cols_avx2_f;
-#endif
-  return &bwd_cols_scalar<float>;
-}
-template <>
-BwdFn<double> bwd_kernel<double>() {
-#ifdef FASTMTL_HAVE_AVX2_KERNELS
-  if (use_avx2()) return &bwd_cols_avx2_d;
-#endif
-  return &bwd_cols_scalar<double>;
+BwdFn<T> bwd_kernel(const cpu_kernels::LstmCellKernels& k) {
+  if constexpr (std::is_same_v<T, float>) return k.bwd_f32;
+  else return k.bwd_f64;
 }
 
-// The two directions of a layer are independent. With few threads they run concurrently, one thread each, with
-// no synchronisation at all inside the time loop (the per-step GEMMs and passes then run single-threaded: oneDNN,
-// the BLAS and at::parallel_for all run serially inside a parallel region). With more threads each direction in
-// turn gets all of them per step. FASTMTL_LSTM_CONCURRENT_DIRECTIONS=0/1 overrides the choice.
-// Per-step work below FASTMTL_LSTM_SERIAL_STEP_MFLOP MFLOP (recurrent GEMM, 8 H^2 B) runs the time loop on one
-// thread (the large GEMMs after it still use all threads). Default 0 = off: on the shared 2-core development
-// machine the benefit could not be measured reliably; it is a tuning knob for small hidden sizes.
-double serial_step_mflop() {
-  static const double v = [] {
-    const char* env = std::getenv("FASTMTL_LSTM_SERIAL_STEP_MFLOP");
-    return env ? std::atof(env) : 0.0;
-  }();
-  return v;
-}
-
-// Limits the calling thread's OpenMP team (oneDNN, at::parallel_for) to one thread for its lifetime.
-struct SerialSection {
-#ifdef _OPENMP
-  int saved = 0;
-  bool active = false;
-  explicit SerialSection(bool on) : active(on && !omp_in_parallel()) {
-    if (active) {
-      saved = omp_get_max_threads();
-      omp_set_num_threads(1);
-    }
-  }
-  ~SerialSection() {
-    if (active) omp_set_num_threads(saved);
-  }
-#else
-  explicit SerialSection(bool) {}
-#endif
-};
-
+// The two directions of a layer are independent. With two or three threads they run concurrently, one thread
+// each, with no synchronisation at all inside the time loop (the per-step GEMMs and passes then run
+// single-threaded: the BLAS and at::parallel_for run serially inside a parallel region). With more threads each
+// direction in turn gets all of them per step.
 template <typename F>
-void run_directions(int64_t D, const F& run_direction, double step_mflop) {
-  static const int forced = [] {
-    const char* env = std::getenv("FASTMTL_LSTM_CONCURRENT_DIRECTIONS");
-    return env ? std::atoi(env) : -1;
-  }();
+void run_directions(int64_t D, const F& run_direction) {
   const int nt = at::get_num_threads();
-  const bool concurrent = D == 2 && !at::in_parallel_region() && (forced >= 0 ? forced == 1 : (nt >= 2 && nt <= 3));
+  const bool concurrent = D == 2 && !at::in_parallel_region() && nt >= 2 && nt <= 3;
   if (concurrent) {
     at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t dir = d0; dir < d1; ++dir) run_direction(dir);
     });
   } else {
-    SerialSection serial(nt > 1 && step_mflop < serial_step_mflop());
     for (int64_t dir = 0; dir < D; ++dir) run_direction(dir);
   }
 }
 
-
-// BLAS: torch's own (MKL or OpenBLAS) Fortran entry points when the installed torch exports them (it does on the
-// x86-64 builds), called without the dispatcher for the many small per-step GEMMs; otherwise ATen's mm.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
-
-template <typename T>
-inline bool fortran_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                         const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const int64_t lim = std::numeric_limits<int>::max();
-  if (m > lim || n > lim || k > lim || lda > lim || ldb > lim || ldc > lim) return false;
-  const int M = int(m), N = int(n), K = int(k), LDA = int(lda), LDB = int(ldb), LDC = int(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (!sgemm_) return false;
-    sgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LDA, b, &LDB, &beta, c, &LDC);
-    return true;
-  } else {
-    if (!dgemm_) return false;
-    dgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LDA, b, &LDB, &beta, c, &LDC);
-    return true;
-  }
-}
-
-// Row-major C (m x n, ldc) = A (m x k, lda) @ op(B) + beta * C, op(B) = B^T with B (n x k, ldb) when trans_b,
-// else B (k x n, ldb).
-// oneDNN matmul through ATen (exported by torch's CPU library when built with oneDNN, as the x86-64 wheels are).
-// On this project's machines it runs float32 GEMMs about twice as fast as the BLAS (AVX-512 kernels on CPUs where
-// MKL takes its AVX2 path), and it is what torch.nn.LSTM's oneDNN path uses. Weak, so a torch without it still
-// loads the extension and the BLAS is used instead. FASTMTL_LSTM_GEMM=blas forces the BLAS.
-}  // namespace
-}  // namespace fastmtl
-namespace at {
-namespace native {
-TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
-                             float alpha) __attribute__((weak));
-}  // namespace native
-}  // namespace at
-namespace fastmtl {
-namespace {
-
-bool use_dnnl() {
-  static const bool ok = [] {
-    if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN()) return false;
-    const char* env = std::getenv("FASTMTL_LSTM_GEMM");
-    return !(env && std::string(env) == "blas");
-  }();
-  return ok;
-}
-
-// c = beta * c + a @ b for 2-D (possibly strided, last-dim-contiguous) tensors.
+// c = beta * c + a @ b for 2-D (possibly strided, last-dim-contiguous) tensors, through ATen's public API.
 void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
   if (c.numel() == 0) return;
   if (a.size(1) == 0) {
     if (beta == 0.f) c.zero_();
-    return;
-  }
-  // oneDNN for float32, except degenerate shapes (a size-1 dimension makes the strides ambiguous for it).
-  const bool degenerate = a.size(0) == 1 || a.size(1) == 1 || b.size(1) == 1;
-  if (c.scalar_type() == at::kFloat && use_dnnl() && !degenerate) {
-    at::native::mkldnn_matmul(a, b, c, beta, 1.f);
     return;
   }
   if (beta == 0.f) {
@@ -473,48 +90,34 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
 }
 
 // Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C; op(A) = A^T with A stored (k x m, lda) when trans_a, else
-// A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb).
-// The per-step GEMMs: oneDNN for float32, else the BLAS directly.
+// A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb). beta is 0 or 1.
+// The per-step GEMMs, on strided views of the caller's buffers (no copies), through ATen's public API.
 template <typename T>
 inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
                     const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto views = [&] {
-    auto Av = trans_a ? at::from_blob(const_cast<T*>(A), {k, m}, {lda, 1}, opts).t()
-                      : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
-    auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
-                      : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
-    return std::make_pair(Av, Bv);
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    if (k > 1 && m > 1 && n > 1 && use_dnnl()) {  // degenerate shapes: the BLAS (unambiguous strides)
-      auto [Av, Bv] = views();
-      at::native::mkldnn_matmul(Av, Bv, at::from_blob(C, {m, n}, {ldc, 1}, opts), float(beta), 1.f);
-      return;
-    }
-  }
-  // Column-major view: C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m).
-  if (k > 0 && fortran_gemm<T>(trans_b ? 'T' : 'N', trans_a ? 'T' : 'N', n, m, k, T(1), B, ldb, A, lda, beta, C,
-                               ldc))
-    return;
-  auto [Av, Bv] = views();
   auto Cv = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  if (beta == T(0)) Cv.copy_(at::mm(Av, Bv));
+  if (k == 0) {
+    if (beta == T(0)) Cv.zero_();
+    return;
+  }
+  auto Av = trans_a ? at::from_blob(const_cast<T*>(A), {k, m}, {lda, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+  auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
+                    : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
+  if (beta == T(0)) at::mm_out(Cv, Av, Bv);
   else Cv.addmm_(Av, Bv);
 }
 
 // Scratch buffers reused across calls, per thread and per purpose ("slot"). A fresh multi-MiB allocation costs a
 // page fault and a page clear per 4 KiB on first touch (the allocator hands large blocks back to the OS), which
-// measured as 20-35 % of a layer's time here. A slot keeps its largest buffer up to FASTMTL_LSTM_SCRATCH_MB MiB
-// (default 64; 0 disables); larger requests are allocated per call. Scratch never escapes an op call.
+// measured as 20-35 % of a layer's time here. A slot keeps its largest buffer up to 64 MiB; larger requests
+// are allocated per call. Scratch never escapes an op call.
 enum ScratchSlot { kGates = 0, kPackedX, kGradOutT, kDGates, kHPrev0, kHPrev1, kNumSlots };
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
-  static const int64_t cap_bytes = [] {
-    const char* env = std::getenv("FASTMTL_LSTM_SCRATCH_MB");
-    return (env ? std::atoll(env) : 64LL) << 20;
-  }();
+  constexpr int64_t cap_bytes = int64_t(64) << 20;
   thread_local at::Tensor cache[kNumSlots];
   const int64_t numel = c10::multiply_integers(shape);
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
@@ -641,9 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   auto hT = transposed_copy(hx);
   auto cT = transposed_copy(cx);
 
+  const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
-    const FwdFn<T_> kernel = fwd_kernel<T_>();
+    const FwdFn<T_> kernel = fwd_kernel<T_>(kernels);
     T_* gxp = gxT.data_ptr<T_>();
     T_* outp = output.data_ptr<T_>();
     T_* hp = hT.data_ptr<T_>();
@@ -671,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
         for (int64_t b = n; b < B; ++b) std::memset(out_t + b * D * H, 0, H * sizeof(T_));  // padding: zero
       }
     };
-    run_directions(D, run_direction, 8.0 * H * H * B / 1e6);
+    run_directions(D, run_direction);
   });
   return {output, transposed_copy(hT), transposed_copy(cT), reserve};
 }
@@ -712,9 +316,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   std::vector<at::Tensor> hprev(D);                    // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
   for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = scratch(dir == 0 ? kHPrev0 : kHPrev1, {N, H}, input.options());
 
+  const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T_ = scalar_t;
-    const BwdFn<T_> kernel = bwd_kernel<T_>();
+    const BwdFn<T_> kernel = bwd_kernel<T_>(kernels);
     const T_* resp = reserve.const_data_ptr<T_>();
     const T_* gop = goT.const_data_ptr<T_>();
     const T_* outp = output.const_data_ptr<T_>();
@@ -774,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
         }
       });
     };
-    run_directions(D, run_direction, 8.0 * H * H * B / 1e6);
+    run_directions(D, run_direction);
   });
 
   // Weight gradients and the input gradient: large GEMMs over all steps.
@@ -800,6 +405,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
 }
 
 }  // namespace
+}  // namespace fastmtl
+
+namespace fastmtl {
+namespace cpu_kernels {
+const LstmCellKernels& lstm_cell_kernels() {
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      if (const LstmCellKernels* k = lstm_cell_kernels_avx512()) return *k;
+      break;
+    case cpu::Isa::kAvx2:
+      if (const LstmCellKernels* k = lstm_cell_kernels_avx2()) return *k;
+      break;
+    default:
+      break;
+  }
+  return *lstm_cell_kernels_scalar();
+}
+}  // namespace cpu_kernels
 }  // namespace fastmtl
 
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {

@@ -1,0 +1,38 @@
+// Run-time choice of the CPU kernels' instruction set.
+//
+// The hot loops of the CPU ops (LSTM cell passes, cross-entropy row passes) are compiled once per instruction set
+// in csrc/cpu/kernels/<op>_<isa>.cpp (baseline "scalar", "avx2" = AVX2 + FMA, "avx512" = AVX-512 F/BW/DQ/VL), the
+// extension itself for the baseline ISA. Which one runs is decided at run time from the CPU's real features
+// (CPUID, with the operating system's support for the vector state), so one binary runs on every x86-64 and
+// aarch64 CPU. One override, for tests and debugging: the environment variable FASTMTL_CPU_KERNEL=auto|scalar|
+// avx2|avx512 (read on first use), or set_active_isa() (Python: fastmtl.set_cpu_kernel). Asking for an ISA this
+// CPU or build lacks is an error, never a silent fallback and never an illegal instruction.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace fastmtl {
+namespace cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kNumIsa = 3;
+
+const char* isa_name(Isa isa);
+// Compiled into this build (x86-64 with GCC or Clang for avx2/avx512; always for scalar).
+bool isa_compiled(Isa isa);
+// Compiled and executable on this CPU.
+bool isa_supported(Isa isa);
+// The best supported ISA.
+Isa best_isa();
+// The ISA the kernels use now: the override when set, else best_isa(). Throws (c10::Error, a RuntimeError in
+// Python) when FASTMTL_CPU_KERNEL names an unknown or unsupported ISA.
+Isa active_isa();
+// "auto" (back to best_isa()), "scalar", "avx2" or "avx512"; throws ValueError-type errors for unknown or
+// unsupported names. Takes effect for the next op call (process-wide).
+void set_active_isa(const std::string& name);
+// Names of the supported ISAs, baseline first.
+std::vector<std::string> supported_isa_names();
+
+}  // namespace cpu
+}  // namespace fastmtl

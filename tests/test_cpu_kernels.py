@@ -1,0 +1,139 @@
+"""The CPU kernels under every instruction set this machine can run (scalar always, AVX2 and AVX-512 where the CPU
+has them), so that a machine with AVX-512 also tests what an AVX2-only or aarch64 user runs; the run-time choice
+and its one override (FASTMTL_CPU_KERNEL / fastmtl.set_cpu_kernel)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmtl
+import test_heads
+import test_lstm
+
+ISAS = fastmtl.cpu_kernels()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with fastmtl.use_cpu_kernel(request.param):
+        assert fastmtl.cpu_kernel() == request.param
+        yield request.param
+
+
+def test_choice_follows_the_cpu():
+    assert ISAS[0] == "scalar"
+    assert set(ISAS) <= {"scalar", "avx2", "avx512"}
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    if flags:  # Linux x86-64: what /proc/cpuinfo reports must match the run-time detection
+        have = set(flags.split(":", 1)[1].split())
+        assert ("avx2" in ISAS) == ({"avx2", "fma"} <= have)
+        assert ("avx512" in ISAS) == ({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= have)
+    assert fastmtl.cpu_kernel() == ISAS[-1]  # the best one by default
+    assert set(fastmtl.build_info()["cpu_kernels_compiled"]) >= set(ISAS)
+
+
+@pytest.mark.parametrize("case", test_lstm.GRID, ids=lambda c: "L%d-%s-B%d-%s" % (
+    c[0], "bi" if c[1] else "uni", c[6], c[8]))
+def test_lstm_parity_with_torch(isa, case):
+    test_lstm.test_parity_with_torch(case, torch.float32, "cpu")
+
+
+# Batch sizes around every vector width (4, 8, 16 floats) so that the vector bodies and the scalar tails run.
+@pytest.mark.parametrize("B", [1, 3, 4, 7, 8, 9, 15, 16, 17, 33])
+def test_lstm_isas_agree(B):
+    T, E, H = 6, 5, 7
+    m = fastmtl.nn.LSTM(E, H, bidirectional=True)
+    x = torch.randn(T, B, E) * 3  # large pre-activations reach the saturated ranges of sigmoid/tanh
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    results = {}
+    for name in ISAS:
+        with fastmtl.use_cpu_kernel(name):
+            xx = x.clone().requires_grad_(True)
+            out, (h, c) = m(xx, lengths=lengths)
+            grads = torch.autograd.grad((out.sin().sum() + h.sum() + c.cos().sum()), [xx] + list(m.parameters()))
+            results[name] = [out, h, c] + list(grads)
+    for name in ISAS[1:]:
+        for a, b in zip(results["scalar"], results[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda s: "%s vs scalar: %s" % (name, s))
+
+
+def test_lstm_float64_every_isa(isa):
+    test_lstm.test_gradcheck_float64("cpu")
+
+
+@pytest.mark.parametrize("case", sorted(test_heads.CASES))
+def test_heads_match_reference_float64(isa, case):
+    test_heads.test_matches_reference_float64("cpu", case)
+
+
+def test_heads_float32(isa):
+    test_heads.test_float32_noncontiguous_mixed_bias("cpu")
+
+
+# Class counts around every vector width, with and without class weights and label smoothing.
+@pytest.mark.parametrize("C", [1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100])
+def test_heads_isas_agree(C):
+    tasks = [dict(C=C, level="token", label_smoothing=0.1, class_weights=True), dict(C=C + 2, level="token"),
+             dict(C=C, level="sequence", pooling="max")]
+    hidden, weights, targets, levels, kw = test_heads.make_problem("cpu", torch.float32, 5, 7, 6, tasks)
+    with torch.no_grad():
+        hidden.mul_(4)  # a wide spread of logits
+    results = {}
+    for name in ISAS:
+        with fastmtl.use_cpu_kernel(name):
+            total, losses = fastmtl.functional.multitask_cross_entropy(hidden, weights, targets, levels, **kw)
+            grads = torch.autograd.grad(total, test_heads.params_of(hidden, weights, kw))
+            results[name] = [total, losses] + list(grads)
+    for name in ISAS[1:]:
+        for a, b in zip(results["scalar"], results[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda s: "%s vs scalar: %s" % (name, s))
+
+
+def test_set_cpu_kernel_errors():
+    with pytest.raises(ValueError, match="not a CPU kernel name"):
+        fastmtl.set_cpu_kernel("sse9")
+    with pytest.raises(TypeError, match="must be a str"):
+        fastmtl.set_cpu_kernel(2)
+    before = fastmtl.cpu_kernel()
+    for name in ("avx2", "avx512"):
+        if name not in ISAS:
+            with pytest.raises(ValueError, match="not available"):
+                fastmtl.set_cpu_kernel(name)
+    assert fastmtl.cpu_kernel() == before
+    with fastmtl.use_cpu_kernel("scalar"):
+        with pytest.raises(ValueError):
+            fastmtl.set_cpu_kernel("nope")
+        assert fastmtl.cpu_kernel() == "scalar"
+    assert fastmtl.cpu_kernel() == before
+
+
+def _run_with_env(value, code):
+    env = dict(os.environ, FASTMTL_CPU_KERNEL=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_override():
+    r = _run_with_env("scalar", "import fastmtl; print(fastmtl.cpu_kernel())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "scalar"
+    r = _run_with_env("auto", "import fastmtl; print(fastmtl.cpu_kernel())")
+    assert r.stdout.strip() == ISAS[-1], r.stderr
+    # An unknown or unsupported ISA is a clear error on the first op, never an illegal instruction.
+    code = ("import torch, fastmtl\n"
+            "try:\n"
+            "    fastmtl.nn.LSTM(3, 4)(torch.randn(2, 1, 3))\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    r = _run_with_env("avx1024", code)
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "FASTMTL_CPU_KERNEL=avx1024" in r.stdout, r.stdout
+    missing = [n for n in ("avx2", "avx512") if n not in ISAS]
+    if missing:
+        r = _run_with_env(missing[0], code)
+        assert "ERR" in r.stdout and "supported here" in r.stdout, r.stdout
