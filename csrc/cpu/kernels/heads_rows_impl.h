@@ -6,9 +6,9 @@
 #include <cstdint>
 #include <limits>
 
+#include "simd_math.h"  // first: its diagnostic settings cover the instantiations below
 #include "fastmtl/heads_math.h"
 #include "heads_rows.h"
-#include "simd_math.h"
 
 namespace fastmtl {
 namespace cpu_kernels {

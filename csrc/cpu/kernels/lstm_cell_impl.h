@@ -6,9 +6,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd_math.h"  // first: its diagnostic settings cover the instantiations below
 #include "fastmtl/lstm_math.h"
 #include "lstm_cell.h"
-#include "simd_math.h"
 
 namespace fastmtl {
 namespace cpu_kernels {

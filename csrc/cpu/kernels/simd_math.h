@@ -60,7 +60,9 @@ FASTMTL_KERNEL_INLINE double exp_approx(double x) { return std::exp(x); }
 #define FASTMTL_HAVE_VECTOR_EXT 1
 // Passing wide vectors by value between functions of different ISAs would change the ABI; these helpers are only
 // ever inlined into one entry point, so the warning does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wpsabi"
+#elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 // Explicit SIMD through the compiler's generic vector types (GCC/Clang vector extensions): VB bytes of float, e.g.
