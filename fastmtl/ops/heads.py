@@ -16,9 +16,23 @@ Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``):
 * The kernel's precomputed gradients are held from forward to backward (they replace the saved activations). On
   the first backward with ``grad_total == 1`` (``loss.backward()``) on the CPU they are handed over without a copy;
   a repeated backward (``retain_graph=True``) recomputes them.
-* The gradient outputs of the op are not differentiable (no double backward).
+* Double backward: the gradient outputs (grad_hidden, grad_weights, grad_biases) are differentiable too, so
+  ``create_graph=True``, gradient penalties, ``jacrev(jacrev(...))`` etc. are exact. The usual backward stays as
+  above; only when a gradient it returned is differentiated again does the backward receive cotangents for those
+  outputs, and then it adds their vector-Hessian product, computed by recomputing the heads in differentiable
+  pure-PyTorch ops (:func:`_reference_total`, ``F.cross_entropy`` semantics) and differentiating twice with
+  ``torch.func.vjp`` (itself differentiable, so any order works). ``class_weights`` and ``targets`` get no
+  gradient.
+* vmap (``torch.library.register_vmap``): ``multitask_loss`` runs once per vmapped index (each loss is a mean over
+  its own batch, so samples cannot share one call); ``multitask_predict`` folds the vmapped dimension into the
+  batch (one call) when no weight or bias is vmapped, and loops otherwise. Legacy vmap (``gradcheck`` with
+  ``check_batched_grad=True``) loops too.
 """
 import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from . import _transforms as _vmap
 
 __all__ = []
 
@@ -101,7 +115,7 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
 
     grad_tw = None
     if g_total is not None:
-        grad_tw = (g_total * losses.detach()).to(task_weights.dtype)
+        grad_tw = (g_total * losses).to(task_weights.dtype)
 
     grad_hidden = None
     grad_weights = [None] * K
@@ -122,7 +136,7 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
         else:
             if g_losses is None:
                 g_losses = torch.zeros_like(losses)
-            lam = task_weights.detach().to(torch.float64)
+            lam = task_weights.to(torch.float64)
             lam_eff = g_losses.to(torch.float64)
             if g_total is not None:
                 lam_eff = lam_eff + g_total.to(torch.float64) * lam
@@ -132,12 +146,126 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
                 lam_eff.to(task_weights.dtype), levels, poolings, ignore_indices, label_smoothings, True)
             grad_weights = list(grad_weights)
             grad_biases = [g if hb else None for g, hb in zip(grad_biases, ctx.has_bias)]
-    # torch.library flattens a list argument only when it holds tensors and no None: a list with a None is one
-    # opaque argument and gets a single None gradient (the functional layer never passes a mixed bias list).
-    grad_biases = grad_biases if all(ctx.has_bias) else None
-    grad_cw = [None] * K if all(ctx.has_cw) else None
-    return (grad_hidden, None, grad_weights, grad_biases, [None] * K, grad_cw, grad_tw, None, None, None, None,
-            None)
+    g_gw = list(g_gw) if g_gw is not None else [None] * K
+    g_gb = list(g_gb) if g_gb is not None else [None] * K
+    if ctx.compute_grad and any(g is not None for g in [g_gh] + g_gw + g_gb):
+        # A returned gradient is being differentiated (double backward): add its vector-Hessian product.
+        levels, poolings, ignore_indices, label_smoothings = ctx.attrs
+        v_h = g_gh if g_gh is not None else torch.zeros_like(hidden)
+        v_w = [g if g is not None else torch.zeros_like(w) for g, w in zip(g_gw, weights)]
+        v_b = [g if g is not None else torch.zeros_like(b) for g, b in zip(g_gb, biases) if b is not None]
+        d_h, d_w, d_b, d_tw = _hessian_vector_product(
+            hidden, lengths if ctx.has_lengths else None, weights, biases, targets, class_weights, task_weights,
+            levels, poolings, ignore_indices, label_smoothings, v_h, v_w, v_b)
+        add = lambda a, b: b if a is None else a + b  # noqa: E731
+        grad_hidden = add(grad_hidden, d_h)
+        grad_weights = [add(a, b) for a, b in zip(grad_weights, d_w)]
+        it = iter(d_b)
+        grad_biases = [add(a, next(it)) if hb else None for a, hb in zip(grad_biases, ctx.has_bias)]
+        grad_tw = add(grad_tw, d_tw)
+    return (grad_hidden, None, grad_weights, grad_biases, None, None, grad_tw, None, None, None, None, None)
 
 
-torch.library.register_autograd("fastmtl::multitask_loss", _backward, setup_context=_setup_context)
+_vmap.register_autograd("multitask_loss", _backward, _setup_context,
+                        lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[2]), [0] * len(args[2]))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Double backward: a differentiable pure-PyTorch recomputation of the heads (no host synchronisation, vmap-safe).
+# ---------------------------------------------------------------------------------------------------------------
+def _pool(hidden, lengths, pooling):
+    B, T, D = hidden.shape
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=hidden.device)
+    lengths = lengths.to(hidden.device)
+    if pooling == 1:  # first
+        return hidden[:, 0]
+    last = hidden.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, D)).squeeze(1)
+    if pooling == 0:  # last
+        return last
+    mask = (torch.arange(T, device=hidden.device)[None, :] < lengths[:, None])[..., None]
+    if pooling == 2:  # mean
+        return (hidden * mask.to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
+    if pooling == 3:  # max
+        return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
+    h = D // 2  # last_first
+    return torch.cat([last[:, :h], hidden[:, 0, h:]], dim=1)
+
+
+def _reference_total(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels, poolings,
+                     ignore_indices, label_smoothings):
+    """total = sum_k lambda_k L_k with F.cross_entropy semantics (a task with every item ignored: L_k = 0), in
+    differentiable pure-PyTorch ops without data-dependent control flow."""
+    B, T, _ = hidden.shape
+    total = hidden.new_zeros(())
+    for k in range(len(weights)):
+        y = targets[k]
+        ign = ignore_indices[k]
+        if levels[k] == 0:
+            logits = F.linear(_pool(hidden, lengths, poolings[k]), weights[k], biases[k])
+        else:
+            logits = F.linear(hidden, weights[k], biases[k]).reshape(B * T, -1)
+            if lengths is not None:
+                mask = torch.arange(T, device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None]
+                y = y.masked_fill(~mask, ign)
+            y = y.reshape(B * T)
+        cw = class_weights[k]
+        cw = cw.to(logits.dtype) if cw is not None else None
+        valid = y != ign
+        s = F.cross_entropy(logits, y, weight=cw, ignore_index=ign, label_smoothing=label_smoothings[k],
+                            reduction="sum")
+        if cw is None:
+            norm = valid.sum().to(logits.dtype)
+        else:
+            norm = (cw.gather(0, y.masked_fill(~valid, 0)) * valid.to(logits.dtype)).sum()
+        total = total + task_weights[k].to(logits.dtype) * (s / torch.where(norm > 0, norm, torch.ones_like(norm)))
+    return total
+
+
+def _hessian_vector_product(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels,
+                            poolings, ignore_indices, label_smoothings, v_h, v_w, v_b):
+    """d <v, d total / d(hidden, W, b)> / d(hidden, W, b, task_weights): the vector-Hessian product of the heads
+    (``v_b`` and the returned bias part hold the tasks with a bias only)."""
+    has_bias = [b is not None for b in biases]
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def grads(h, ws, bs, lam):
+        def total(h, ws, bs):
+            it = iter(bs)
+            full_b = [next(it).to(cdt) if hb else None for hb in has_bias]
+            return _reference_total(h.to(cdt), lengths, [w.to(cdt) for w in ws], full_b, targets, class_weights,
+                                    lam, levels, poolings, ignore_indices, label_smoothings)
+        tot, vjp_fn = torch.func.vjp(total, h, ws, bs)
+        return vjp_fn(torch.ones_like(tot))
+
+    bs = [b for b in biases if b is not None]
+    _, vjp2 = torch.func.vjp(grads, hidden, list(weights), bs, task_weights)
+    d_h, d_w, d_b, d_tw = vjp2((v_h, list(v_w), list(v_b)))
+    return d_h, list(d_w), list(d_b), d_tw
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vmap rules.
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_vmap("fastmtl::multitask_loss")
+def _multitask_loss_vmap(info, in_dims, *args):
+    # Each L_k is a mean over its own batch: one call per vmapped index.
+    return _vmap.loop(_loss, info.batch_size, in_dims, args)
+
+
+@torch.library.register_vmap("fastmtl::multitask_predict")
+def _multitask_predict_vmap(info, in_dims, hidden, lengths, weights, biases, levels, poolings):
+    N = info.batch_size
+    h_d, len_d, w_d, b_d = in_dims[:4]
+    if N == 0 or not _vmap.all_none(w_d) or not _vmap.all_none(b_d):
+        return _vmap.loop(_predict, N, in_dims, (hidden, lengths, weights, biases, levels, poolings))
+    # Rows are independent (lengths may be in any order): row b * N + j of one call is row b of sample j.
+    if lengths is not None:
+        lengths = lengths.repeat_interleave(N) if len_d is None else _vmap.fold(lengths, len_d, 0, N)
+    out = _predict(_vmap.fold(hidden, h_d, 0, N), lengths, weights, biases, levels, poolings)
+    return [_vmap.unfold(o, 0, N) for o in out], [1] * len(out)
+
+
+# Legacy vmap (gradcheck's check_batched_grad): one call per index.
+_vmap.register_legacy_batched("multitask_loss")
+_vmap.register_legacy_batched("multitask_predict")
