@@ -316,7 +316,7 @@ def test_unbatched_input(device):
         out2, (h2, c2) = ref(x, hx)
         torch.testing.assert_close(out, out2)
         torch.testing.assert_close(c, c2)
-        with pytest.raises(ValueError, match="h_0 and c_0 must be 2-D"):
+        with pytest.raises(RuntimeError, match="For unbatched 2-D input, hx and cx should also be 2-D"):
             ours(x, (hx[0].unsqueeze(1), hx[1].unsqueeze(1)))
 
 
@@ -340,21 +340,28 @@ def test_proj_size_not_implemented():
         LSTM(4, 8, proj_size=3)
 
 
-def test_bfloat16_rejected_on_cpu():
+def test_bfloat16_runs_on_cpu():
+    # float32 math inside, bfloat16 in and out, as torch.nn.LSTM on the CPU (accuracy: tests/test_lstm_dropin.py)
     m = LSTM(4, 5).to(torch.bfloat16)
-    with pytest.raises(TypeError, match="bfloat16"):
-        m(torch.randn(3, 2, 4, dtype=torch.bfloat16))
+    out, (h, c) = m(torch.randn(3, 2, 4, dtype=torch.bfloat16))
+    assert out.dtype == h.dtype == c.dtype == torch.bfloat16 and out.shape == (3, 2, 5)
 
 
 BAD = [
     # (description, kwargs builder, exception, message regex)
-    ("4-D input", lambda d: dict(x=torch.randn(2, 3, 4, 5, device=d)), ValueError, r"2-D .*or 3-D"),
-    ("1-D input", lambda d: dict(x=torch.randn(4, device=d)), ValueError, r"input must be 2-D"),
-    ("feature size", lambda d: dict(x=torch.randn(5, 3, 6, device=d)), ValueError, r"input_size. Expected 4, got 6"),
-    ("dtype mismatch", lambda d: dict(x=torch.randn(5, 3, 4, dtype=torch.float64, device=d)), TypeError,
-     r"float64 .*weights\[0\] has dtype torch.float32"),
-    ("integer input", lambda d: dict(x=torch.ones(5, 3, 4, dtype=torch.long, device=d)), TypeError,
-     r"input dtype torch.int64"),
+    # (the types and leading wording are torch.nn.LSTM's; tests/test_lstm_dropin.py compares them with torch's)
+    ("4-D input", lambda d: dict(x=torch.randn(2, 3, 4, 5, device=d)), ValueError,
+     r"Expected input to be 2D or 3D, got 4D instead .*\(T, input_size\) unbatched"),
+    ("1-D input", lambda d: dict(x=torch.randn(4, device=d)), ValueError, r"Expected input to be 2D or 3D, got 1D"),
+    ("feature size", lambda d: dict(x=torch.randn(5, 3, 6, device=d)), RuntimeError,
+     r"input.size\(-1\) must be equal to input_size. Expected 4, got 6"),
+    ("dtype mismatch", lambda d: dict(x=torch.randn(5, 3, 4, dtype=torch.float64, device=d)), ValueError,
+     r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\).*float64 .*weights\[0\] "
+     r"has dtype torch.float32"),
+    ("integer input", lambda d: dict(x=torch.ones(5, 3, 4, dtype=torch.long, device=d)), ValueError,
+     r"RNN input dtype \(torch.int64\) does not match weight dtype"),
+    ("empty sequence", lambda d: dict(x=torch.randn(0, 3, 4, device=d)), RuntimeError,
+     r"Expected sequence length to be larger than 0 in RNN"),
     ("length > T", lambda d: dict(lengths=torch.tensor([5, 6, 2])), ValueError, r"must not exceed .*T = 5"),
     ("zero length", lambda d: dict(lengths=torch.tensor([5, 0, 2])), ValueError, r">= 1"),
     ("negative length", lambda d: dict(lengths=torch.tensor([5, -1, 2])), ValueError, r">= 1"),
@@ -362,16 +369,18 @@ BAD = [
     ("2-D lengths", lambda d: dict(lengths=torch.tensor([[5, 2, 1]])), ValueError, r"lengths must be 1-D"),
     ("float lengths", lambda d: dict(lengths=torch.tensor([5.0, 2.0, 1.0])), TypeError, r"lengths must be an integer"),
     ("float list lengths", lambda d: dict(lengths=[5, 2.5, 1]), TypeError, r"lengths must hold integers"),
-    ("h0 shape", lambda d: dict(hx=(torch.randn(2, 3, 7, device=d), torch.randn(2, 3, 8, device=d))), ValueError,
-     r"h_0 must have shape .*\(2, 3, 8\), got \(2, 3, 7\)"),
-    ("c0 batch", lambda d: dict(hx=(torch.randn(2, 3, 8, device=d), torch.randn(2, 4, 8, device=d))), ValueError,
-     r"c_0 must have shape"),
+    ("h0 shape", lambda d: dict(hx=(torch.randn(2, 3, 7, device=d), torch.randn(2, 3, 8, device=d))), RuntimeError,
+     r"Expected hidden\[0\] size \(2, 3, 8\), got \[2, 3, 7\] .*h_0 must have shape"),
+    ("c0 batch", lambda d: dict(hx=(torch.randn(2, 3, 8, device=d), torch.randn(2, 4, 8, device=d))), RuntimeError,
+     r"Expected hidden\[1\] size \(2, 3, 8\), got \[2, 4, 8\] .*c_0 must have shape"),
     ("h0 dtype", lambda d: dict(hx=(torch.randn(2, 3, 8, dtype=torch.float64, device=d),
-                                    torch.randn(2, 3, 8, device=d))), TypeError, r"h_0 has dtype torch.float64"),
+                                    torch.randn(2, 3, 8, device=d))), RuntimeError, r"h_0 has dtype torch.float64"),
     ("h0 2-D for batched", lambda d: dict(hx=(torch.randn(2, 8, device=d), torch.randn(2, 8, device=d))),
-     ValueError, r"must be 3-D"),
-    ("device mismatch", lambda d: dict(x=torch.randn(5, 3, 4, device="meta")), ValueError, r"same device"),
-    ("hx not a pair", lambda d: dict(hx=torch.randn(2, 3, 8, device=d)), TypeError, r"hx must be a tuple"),
+     RuntimeError, r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 2-D\) tensors"),
+    ("device mismatch", lambda d: dict(x=torch.randn(5, 3, 4, device="meta")), RuntimeError,
+     r"Input and parameter tensors are not at the same device, found input tensor at meta"),
+    ("hx not a pair", lambda d: dict(hx=torch.randn(2, 3, 8, device=d)), RuntimeError,
+     r"lstm expects two hidden states .*hx must be a tuple"),
 ]
 
 

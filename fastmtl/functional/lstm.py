@@ -3,8 +3,16 @@
 The batch is normalised once (batch-first -> time-major), sorted once by length (when lengths are given and not
 already non-increasing) and unsorted at the end; each layer is one call of the fused op
 ``torch.ops.fastmtl.lstm_layer_forward`` (both directions at once), with dropout between layers in training.
+
+Errors follow ``torch.nn.LSTM``: the same exception types and the same leading wording for the same mistakes
+(wrong hidden size, input/weight dtype mismatch, empty sequence, wrong feature size, tensors on different devices),
+with fastmtl's detail appended. bfloat16/float16 on the CPU run the fused kernel in float32 (differentiable casts in
+and out) and are rounded back to the input's dtype; autocast (CPU and CUDA) casts as it does for torch.nn.LSTM. Under
+``torch.onnx.export`` the layers are written with standard ops (``aten::lstm``, or the reference loop with lengths)
+so the exporter can translate them.
 """
-from typing import Optional, Sequence, Tuple, Union
+import contextlib
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +23,23 @@ from ..ops.lstm import lstm_layer
 __all__ = ["lstm"]
 
 _SUPPORTED = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
+# On the CPU the fused kernels compute in float32/float64; lower precisions run in float32 and are rounded back.
+_CPU_UPCAST = (torch.bfloat16, torch.float16)
 
 
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def _onnx_exporting() -> bool:
+    try:
+        return torch.onnx.is_in_onnx_export()
     except AttributeError:  # pragma: no cover
         return False
 
@@ -62,16 +79,38 @@ def _check_lengths(lengths, B: int, T: int) -> Tensor:
     return lengths
 
 
-def _autocast(input, hx, weights):
-    """Under CUDA autocast, run in the autocast dtype as torch.nn.LSTM (cuDNN) does; the casts are differentiable,
-    so float32 parameters get float32 gradients. (CPU autocast keeps float32: the CPU kernel has no bfloat16.)"""
-    if input.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
-        return input, hx, weights
-    dt = torch.get_autocast_dtype("cuda")
-    cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device_type`` (cpu or cuda), or None."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(input, hx, weights, dt: torch.dtype):
+    """Autocast's casts for an op on its lower-precision list, as torch.nn.LSTM gets them: every floating tensor
+    except float64 goes to ``dt``. The casts are differentiable, so float32 parameters get float32 gradients."""
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dt)
+        return t
     if hx is not None and isinstance(hx, (tuple, list)):
         hx = tuple(cast(h) for h in hx)
     return cast(input), hx, [cast(w) for w in weights]
+
+
+def _check_hidden(name: str, index: int, t, input: Tensor, expected: Tuple[int, int, int]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError("fastmtl.lstm: %s must be a Tensor, got %s" % (name, type(t).__name__))
+    if tuple(t.shape) != expected:
+        raise RuntimeError("Expected hidden[%d] size %s, got %s (fastmtl.lstm: %s must have shape (num_layers * "
+                           "num_directions, batch, hidden_size) = %s)"
+                           % (index, expected, list(t.shape), name, expected))
+    if t.device != input.device:
+        raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at %s and "
+                           "hidden tensor at %s (fastmtl.lstm: %s)" % (input.device, t.device, name))
+    if t.dtype != input.dtype:
+        raise RuntimeError("Expected hidden[%d] dtype %s, got %s (fastmtl.lstm: %s has dtype %s but input has "
+                           "dtype %s; they must match)" % (index, input.dtype, t.dtype, name, t.dtype, input.dtype))
 
 
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[Tensor], num_layers: int = 1,
@@ -88,69 +127,91 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
             their output is zero and the final states are those at each sequence's last real token (the reverse
             direction starts there), as torch.nn.LSTM with ``pack_padded_sequence`` gives.
 
-    Returns ``(output, (h_n, c_n))`` as torch.nn.LSTM (output is (T, B, D*H), or (B, T, D*H) when batch_first).
+    Returns ``(output, (h_n, c_n))`` as torch.nn.LSTM (output is (T, B, D*H), or (B, T, D*H) when batch_first),
+    in the input's dtype.
+
+    Raises what torch.nn.LSTM raises for the same mistake: ValueError for an input that is not 3-D and for an
+    input dtype that differs from the weights' ("RNN input dtype ... does not match weight dtype ..."),
+    RuntimeError for a wrong feature size ("input.size(-1) must be equal to input_size ..."), an empty sequence
+    ("Expected sequence length to be larger than 0 in RNN"), a wrong hidden size ("Expected hidden[0] size ...,
+    got [...]"), a hidden state of another dtype, tensors on different devices, and an ``hx`` that is not two
+    states ("lstm expects two hidden states"); ValueError/TypeError for bad ``lengths`` (fastmtl's own argument).
     """
     D = 2 if bidirectional else 1
     if not isinstance(input, Tensor):
         raise TypeError("fastmtl.lstm: input must be a Tensor, got %s" % type(input).__name__)
-    input, hx, weights = _autocast(input, hx, weights)
-    if input.dim() != 3:
-        raise ValueError("fastmtl.lstm: input must be 3-D (%s, input_size), got shape %s"
-                         % ("B, T" if batch_first else "T, B", tuple(input.shape)))
-    dev = input.device.type
-    if input.dtype not in _SUPPORTED.get(dev, (torch.float32, torch.float64)):
-        raise TypeError("fastmtl.lstm: input dtype %s is not supported on %s (supported: %s)"
-                        % (input.dtype, dev, ", ".join(str(d) for d in _SUPPORTED.get(dev, ()))))
     weights = list(weights)
+    ac_dtype = _autocast_dtype(input.device.type)
+    if ac_dtype is not None:
+        input, hx, weights = _autocast(input, hx, weights, ac_dtype)
+    if input.dim() != 3:
+        raise ValueError("LSTM: Expected input to be 3D, got %dD instead (fastmtl.lstm: input must be (%s, "
+                         "input_size), got shape %s)"
+                         % (input.dim(), "B, T" if batch_first else "T, B", tuple(input.shape)))
     num_layers = int(num_layers)
     if num_layers < 1:
         raise ValueError("fastmtl.lstm: num_layers must be >= 1, got %d" % num_layers)
-    per_layer = len(weights) // num_layers if num_layers else 0
+    per_layer = len(weights) // num_layers
     if per_layer * num_layers != len(weights) or per_layer not in (2 * D, 4 * D):
         raise ValueError("fastmtl.lstm: expected %d (no bias) or %d (bias) weight tensors for num_layers=%d, "
                          "bidirectional=%s; got %d" % (2 * D * num_layers, 4 * D * num_layers, num_layers,
                                                        bidirectional, len(weights)))
-    per_dir = per_layer // D
     for i, w in enumerate(weights):
         if not isinstance(w, Tensor):
             raise TypeError("fastmtl.lstm: weights[%d] must be a Tensor, got %s" % (i, type(w).__name__))
+    for i, w in enumerate(weights):
         if w.dtype != input.dtype:
-            raise TypeError("fastmtl.lstm: input has dtype %s but weights[%d] has dtype %s; they must match"
-                            % (input.dtype, i, w.dtype))
+            raise ValueError("RNN input dtype (%s) does not match weight dtype (%s). Convert input: input.to(%s), "
+                             "or convert model: model.to(%s) (fastmtl.lstm: input has dtype %s but weights[%d] has "
+                             "dtype %s; they must match)" % (input.dtype, w.dtype, w.dtype, input.dtype,
+                                                            input.dtype, i, w.dtype))
+    dev = input.device.type
+    if input.dtype not in _SUPPORTED.get(dev, (torch.float32, torch.float64)):
+        raise TypeError("fastmtl.lstm: input dtype %s is not supported on %s (supported: %s)"
+                        % (input.dtype, dev, ", ".join(str(d) for d in _SUPPORTED.get(dev, ()))))
+    for i, w in enumerate(weights):
         if w.device != input.device:
-            raise ValueError("fastmtl.lstm: input is on %s but weights[%d] is on %s; they must be on the same device"
-                             % (input.device, i, w.device))
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at %s "
+                               "and parameter tensor at %s (fastmtl.lstm: weights[%d])"
+                               % (input.device, w.device, i))
     if weights[1].dim() != 2:
         raise ValueError("fastmtl.lstm: weights[1] (weight_hh_l0) must be 2-D, got shape %s"
                          % (tuple(weights[1].shape),))
     H = weights[1].shape[1]
     E = weights[0].shape[1] if weights[0].dim() == 2 else -1
     if input.shape[-1] != E:
-        raise ValueError("fastmtl.lstm: input.size(-1) must be equal to input_size. Expected %d, got %d"
-                         % (E, input.shape[-1]))
+        raise RuntimeError("input.size(-1) must be equal to input_size. Expected %d, got %d (fastmtl.lstm: input "
+                           "has shape %s)" % (E, input.shape[-1], tuple(input.shape)))
 
     x = input.transpose(0, 1) if batch_first else input
     T, B = x.shape[0], x.shape[1]
+    if T == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN (fastmtl.lstm: input has shape %s, "
+                           "%s)" % (tuple(input.shape), "batch_first" if batch_first else "time-major"))
 
     # Initial states.
     if hx is None:
         h0 = c0 = x.new_zeros((num_layers * D, B, H))
     else:
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("fastmtl.lstm: hx must be a tuple (h_0, c_0), got %s" % type(hx).__name__)
+            raise RuntimeError("lstm expects two hidden states (fastmtl.lstm: hx must be a tuple (h_0, c_0), "
+                               "got %s)" % (type(hx).__name__ if not isinstance(hx, (tuple, list))
+                                            else "%d elements" % len(hx)))
         h0, c0 = hx
-        for name, t in (("h_0", h0), ("c_0", c0)):
-            if not isinstance(t, Tensor):
-                raise TypeError("fastmtl.lstm: %s must be a Tensor, got %s" % (name, type(t).__name__))
-            if tuple(t.shape) != (num_layers * D, B, H):
-                raise ValueError("fastmtl.lstm: %s must have shape (num_layers * num_directions, batch, hidden_size)"
-                                 " = %s, got %s" % (name, (num_layers * D, B, H), tuple(t.shape)))
-            if t.dtype != input.dtype:
-                raise TypeError("fastmtl.lstm: %s has dtype %s but input has dtype %s; they must match"
-                                % (name, t.dtype, input.dtype))
-            if t.device != input.device:
-                raise ValueError("fastmtl.lstm: %s is on %s but input is on %s; they must be on the same device"
-                                 % (name, t.device, input.device))
+        expected = (num_layers * D, B, H)
+        _check_hidden("h_0", 0, h0, input, expected)
+        _check_hidden("c_0", 1, c0, input, expected)
+
+    if _onnx_exporting():
+        return _lstm_standard_ops(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout,
+                                  training, lengths, per_layer == 4 * D)
+
+    # bfloat16/float16 on the CPU: float32 math inside (differentiable casts), rounded back at the end.
+    out_dtype = None
+    if dev == "cpu" and x.dtype in _CPU_UPCAST:
+        out_dtype = x.dtype
+        x, h0, c0 = x.float(), h0.float(), c0.float()
+        weights = [w.float() for w in weights]
 
     # Lengths: sort once (non-increasing) so the running sequences are a prefix at every step.
     perm = inv = None
@@ -180,15 +241,21 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
 
     hys, cys = [], []
     layer_in = x
-    for layer in range(num_layers):
-        w = weights[layer * per_layer:(layer + 1) * per_layer]
-        out, hy, cy = lstm_layer(layer_in, lengths, h0[layer * D:(layer + 1) * D], c0[layer * D:(layer + 1) * D],
-                                 w, bidirectional)
-        hys.append(hy)
-        cys.append(cy)
-        if layer + 1 < num_layers and dropout > 0 and training:
-            out = F.dropout(out, p=dropout, training=True)
-        layer_in = out
+    # The fused op runs in the dtype it is given: autocast must not recast anything inside it.
+    no_autocast = torch.autocast(dev, enabled=False) if ac_dtype is not None else contextlib.nullcontext()
+    # torch.jit.trace records need_reserve as a constant (and check_trace re-traces under no_grad): a traced graph
+    # always keeps what backward needs, so it can be trained.
+    need_reserve = True if torch.jit.is_tracing() else None
+    with no_autocast:
+        for layer in range(num_layers):
+            w = weights[layer * per_layer:(layer + 1) * per_layer]
+            out, hy, cy = lstm_layer(layer_in, lengths, h0[layer * D:(layer + 1) * D],
+                                     c0[layer * D:(layer + 1) * D], w, bidirectional, need_reserve)
+            hys.append(hy)
+            cys.append(cy)
+            if layer + 1 < num_layers and dropout > 0 and training:
+                out = F.dropout(out, p=dropout, training=True)
+            layer_in = out
     output = layer_in
     h_n = torch.cat(hys, 0) if num_layers > 1 else hys[0]
     c_n = torch.cat(cys, 0) if num_layers > 1 else cys[0]
@@ -200,4 +267,128 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
         output = F.pad(output, (0, 0, 0, 0, 0, T - T_run))
     if batch_first:
         output = output.transpose(0, 1)
+    if out_dtype is not None:
+        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+    return output, (h_n, c_n)
+
+
+def _lstm_standard_ops(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_layers: int,
+                       bidirectional: bool, batch_first: bool, dropout: float, training: bool, lengths,
+                       has_biases: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """The same LSTM in standard PyTorch ops, for exporters that cannot see inside the fused op (ONNX): without
+    lengths ``aten::lstm`` (the ONNX exporter writes an ONNX LSTM per layer), with lengths the masked reference
+    loop (unrolled over the T of the example input)."""
+    if lengths is None:
+        output, h_n, c_n = torch.lstm(input, (h0, c0), weights, has_biases, num_layers, float(dropout),
+                                      bool(training), bidirectional, batch_first)
+        return output, (h_n, c_n)
+    if training and dropout > 0 and num_layers > 1:
+        raise NotImplementedError("fastmtl.lstm: exporting a training-mode LSTM with dropout and lengths= is not "
+                                  "supported; export the model in eval() mode")
+    from ..reference.lstm import lstm_reference
+    if not isinstance(lengths, Tensor):
+        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
+    return lstm_reference(input, (h0, c0), weights, num_layers, bidirectional, batch_first, lengths)
+
+
+def _lstm_script(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor], num_layers: int,
+                 bidirectional: bool, batch_first: bool, dropout: float, training: bool,
+                 lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """The TorchScript path of :func:`lstm` (what ``torch.jit.script`` of ``fastmtl.nn.LSTM`` runs): the same
+    computation with typed arguments (``lengths`` a tensor or None), calling ``torch.ops.fastmtl.lstm_layer_forward``
+    directly (its autograd is the one ``fastmtl.ops`` registers) and raising the same errors as :func:`lstm`."""
+    D = 2 if bidirectional else 1
+    if input.dim() != 3:
+        raise ValueError("LSTM: Expected input to be 3D, got " + str(input.dim()) + "D instead (fastmtl.lstm)")
+    per_layer = len(weights) // num_layers
+    for i in range(len(weights)):
+        if weights[i].dtype != input.dtype:
+            raise ValueError("RNN input dtype (" + str(input.dtype) + ") does not match weight dtype ("
+                             + str(weights[i].dtype) + "). Convert input: input.to(" + str(weights[i].dtype)
+                             + "), or convert model: model.to(" + str(input.dtype) + ") (fastmtl.lstm)")
+    H = weights[1].size(1)
+    E = weights[0].size(1)
+    if input.size(-1) != E:
+        raise RuntimeError("input.size(-1) must be equal to input_size. Expected " + str(E) + ", got "
+                           + str(input.size(-1)) + " (fastmtl.lstm)")
+    x = input.transpose(0, 1) if batch_first else input
+    T = x.size(0)
+    B = x.size(1)
+    if T == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN (fastmtl.lstm)")
+    expected = [num_layers * D, B, H]
+    if hx is None:
+        h0 = x.new_zeros(expected)
+        c0 = x.new_zeros(expected)
+    else:
+        h0, c0 = hx
+        if h0.size() != expected:
+            raise RuntimeError("Expected hidden[0] size (" + str(expected[0]) + ", " + str(expected[1]) + ", "
+                               + str(expected[2]) + "), got " + str(h0.size()) + " (fastmtl.lstm)")
+        if c0.size() != expected:
+            raise RuntimeError("Expected hidden[1] size (" + str(expected[0]) + ", " + str(expected[1]) + ", "
+                               + str(expected[2]) + "), got " + str(c0.size()) + " (fastmtl.lstm)")
+        if h0.dtype != input.dtype or c0.dtype != input.dtype:
+            raise RuntimeError("Expected hidden dtype " + str(input.dtype) + " (fastmtl.lstm)")
+    out_dtype = x.dtype
+    upcast = x.device.type == "cpu" and (x.dtype == torch.bfloat16 or x.dtype == torch.float16)
+    ws: List[Tensor] = weights
+    if upcast:
+        x = x.float()
+        h0 = h0.float()
+        c0 = c0.float()
+        ws = [w.float() for w in weights]
+    inv: Optional[Tensor] = None
+    T_run = T
+    lens: Optional[Tensor] = None
+    if lengths is not None:
+        lens = lengths.to(device=torch.device("cpu"), dtype=torch.int64).reshape(-1)
+        if lens.numel() != B:
+            raise ValueError("fastmtl.lstm: lengths has " + str(lens.numel()) + " entries but the batch has B = "
+                             + str(B) + " sequences")
+        if B > 0:
+            if int(lens.min()) < 1:
+                raise ValueError("fastmtl.lstm: every length must be >= 1")
+            if int(lens.max()) > T:
+                raise ValueError("fastmtl.lstm: lengths must not exceed the sequence length T = " + str(T))
+            p = torch.argsort(lens, dim=0, descending=True, stable=True)
+            inv = torch.argsort(p)
+            lens = lens.index_select(0, p)
+            T_run = int(lens[0])
+            dp = p.to(x.device)
+            x = x.index_select(1, dp)
+            h0 = h0.index_select(1, dp)
+            c0 = c0.index_select(1, dp)
+            x = x[:T_run]
+    need_reserve = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad)
+    for w in ws:
+        need_reserve = need_reserve or (torch.is_grad_enabled() and w.requires_grad)
+    hys: List[Tensor] = []
+    cys: List[Tensor] = []
+    layer_in = x.contiguous()
+    for layer in range(num_layers):
+        out, hy, cy, _ = torch.ops.fastmtl.lstm_layer_forward(
+            layer_in, lens, h0[layer * D:(layer + 1) * D].contiguous(), c0[layer * D:(layer + 1) * D].contiguous(),
+            ws[layer * per_layer:(layer + 1) * per_layer], bidirectional, need_reserve)
+        hys.append(hy)
+        cys.append(cy)
+        if layer + 1 < num_layers and dropout > 0 and training:
+            out = F.dropout(out, p=dropout, training=True)
+        layer_in = out
+    output = layer_in
+    h_n = torch.cat(hys, 0)
+    c_n = torch.cat(cys, 0)
+    if inv is not None:
+        di = inv.to(output.device)
+        output = output.index_select(1, di)
+        h_n = h_n.index_select(1, di)
+        c_n = c_n.index_select(1, di)
+    if T_run < T:
+        output = F.pad(output, [0, 0, 0, 0, 0, T - T_run])
+    if batch_first:
+        output = output.transpose(0, 1)
+    if upcast:
+        output = output.to(out_dtype)
+        h_n = h_n.to(out_dtype)
+        c_n = c_n.to(out_dtype)
     return output, (h_n, c_n)
