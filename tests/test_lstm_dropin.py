@@ -60,6 +60,32 @@ def test_functional_call_uses_the_substituted_parameters():
     _close(ours(x, (h0, c0))[0], ref(x, (h0, c0))[0])
 
 
+def test_maml_step_through_functional_call():
+    # torch.func.grad of a loss of functional_call, and a second-order MAML outer gradient (through one inner SGD
+    # step taken with create_graph=True), both against torch.nn.LSTM with the same weights
+    ours, ref = _pair(E=3, H=4, L=1, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, 8, dtype=torch.float64)
+    params = {k: v.detach().clone() for k, v in ours.named_parameters()}
+
+    def loss(module, p):
+        return (functional_call(module, p, (x,))[0] - y).square().mean()
+
+    g = torch.func.grad(lambda p: loss(ours, p))(params)
+    g_t = torch.func.grad(lambda p: loss(ref, p))(params)
+    for k in params:
+        _close(g[k], g_t[k], msg=k)
+
+    def outer(module):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        inner = torch.autograd.grad(loss(module, p), list(p.values()), create_graph=True)
+        adapted = {k: v - 0.1 * gk for (k, v), gk in zip(p.items(), inner)}
+        return torch.autograd.grad(loss(module, adapted), list(p.values()))
+
+    for a, b, k in zip(outer(ours), outer(ref), params):
+        _close(a, b, msg=k)
+
+
 def test_functional_call_with_lengths_and_packed_input():
     ours, ref = _pair(bf=True, dtype=torch.float64)
     x = torch.randn(5, 6, 5, dtype=torch.float64)
