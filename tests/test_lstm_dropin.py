@@ -562,6 +562,10 @@ def test_quantize_dynamic():
         assert type(skipped.lstm) is LSTM
         with pytest.warns(UserWarning, match="dynamic_quant_mapping"):
             skipped(x)
+        # the usual spelling, {torch.nn.LSTM}, cannot reach it either: a warning at quantization time, not silence
+        with pytest.warns(UserWarning, match="stays float"):
+            q_usual = quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear})
+        assert type(q_usual.lstm) is LSTM
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # the original model was never given a qconfig: no warning

@@ -25,6 +25,7 @@ does not pick it up from ``{torch.nn.LSTM}``: pass ``fastmtl.nn.LSTM`` in the sp
 
 ``proj_size > 0`` is not implemented and raises NotImplementedError at construction.
 """
+import sys
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union, overload
 
@@ -48,6 +49,23 @@ def _fx_tracer(*args):
                 if isinstance(b, torch.fx.Proxy):
                     return b.tracer
     return None
+
+
+def _quantizer_asked_for_torch_lstm(frame) -> bool:
+    """Whether ``frame`` (or one of its two callers) is torch.ao.quantization propagating a qconfig spec that names torch.nn.LSTM (the setter
+    of ``qconfig`` is then being handed None for this module because its type is not in the spec). Best effort: a
+    different torch layout gives False (no warning), never an error."""
+    try:
+        for _ in range(3):  # the setter may be reached through nn.Module.__setattr__
+            if frame is None:
+                return False
+            if frame.f_code.co_name == "_propagate_qconfig_helper":
+                spec = frame.f_locals.get("qconfig_dict")
+                return isinstance(spec, dict) and spec.get(torch.nn.LSTM) is not None
+            frame = frame.f_back
+        return False
+    except Exception:  # pragma: no cover
+        return False
 
 
 class LSTM(torch.nn.RNNBase):
@@ -76,6 +94,12 @@ class LSTM(torch.nn.RNNBase):
         self.__dict__["_qconfig"] = value
         if value is not None:
             self.__dict__["_quantization_requested"] = True
+        elif _quantizer_asked_for_torch_lstm(sys._getframe(1)):
+            warnings.warn(
+                "torch.ao.quantization was asked to quantize torch.nn.LSTM modules, but it matches exact types, so "
+                "this fastmtl.nn.LSTM stays float. Pass fastmtl.nn.LSTM in qconfig_spec together with "
+                "mapping=fastmtl.nn.dynamic_quant_mapping() to quantize_dynamic, or convert it with .to_torch() "
+                "first.", UserWarning, stacklevel=2)
 
     @qconfig.deleter
     def qconfig(self) -> None:
