@@ -347,6 +347,28 @@ def test_grad_of_per_sample_grads(device):
     _all_close(grad(penalty(_op_layer))(ws), grad(penalty(_ref_layer))(ws), atol=1e-9, rtol=1e-7)
 
 
+def test_nested_vmap(device):
+    # vmap(vmap(grad(...))) and vmap(vmap(backward op)): the inner rules see tensors batched at the outer level.
+    x, lens, hx, cx, ws = _layer(device, True, True, True, requires_grad=False)
+    X = torch.randn(2, 3, *x.shape, dtype=F64, device=device)
+
+    def loss(fn):
+        return lambda w, xx: (fn(xx, lens, hx, cx, w, True)[0] ** 2).sum() + fn(xx, lens, hx, cx, w, True)[2].sum()
+
+    def per_sample(fn):
+        return vmap(vmap(grad(loss(fn)), in_dims=(None, 0)), in_dims=(None, 0))(ws, X)
+
+    _all_close(per_sample(_op_layer), per_sample(_ref_layer), atol=1e-9, rtol=1e-7)
+    out, hy, cy, reserve = FWD(x, lens, hx, cx, ws, True, True)
+    GO = torch.randn(2, 3, *out.shape, dtype=F64, device=device)
+    got = vmap(vmap(lambda go: BWD(go, hy, cy, x, lens, hx, cx, ws, True, out, reserve)))(GO)
+    for i in range(2):
+        for j in range(3):
+            want = BWD(GO[i, j], hy, cy, x, lens, hx, cx, ws, True, out, reserve)
+            _all_close([got[0][i, j], got[1][i, j]] + [g[i, j] for g in got[3]],
+                       [want[0], want[1]] + list(want[3]))
+
+
 def test_vmap_without_grad_returns_a_reserve_placeholder(device):
     # Under vmap the reserve is not per-sample data: the forward returns a zero-memory placeholder of the right
     # shape, and a vmapped backward recomputes what it needs.

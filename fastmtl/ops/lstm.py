@@ -253,11 +253,14 @@ def _backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths,
     # per sample (loop). An unvmapped reserve comes from an unvmapped forward and is used as it is.
     fwd_vmapped = not _vmap.all_none([in_dims[i] for i in (3, 4, 5, 6, 7, 9, 10)])
     tensors = [grad_output, grad_hy, grad_cy, input, hx, cx, output, reserve, *weights]
-    # The fold's selector weights make it exact but not differentiable for an autograd level below this vmap:
-    # fold only when nothing below needs a graph; float32/float64 only (low precision keeps the kernel's
-    # accumulation of the weight gradients).
+    # The fold calls the backward op with selector weights and a zero input next to a reserve of the real ones: exact
+    # for plain tensors, but neither differentiable for an autograd level below this vmap nor valid for an outer vmap
+    # level (whose rule would recompute the reserve from those arguments). So it runs only on plain tensors that
+    # nothing below needs a graph of; and for float32/float64 only (low precision keeps the kernel's accumulation of
+    # the weight gradients).
     fold_ok = (N > 0 and in_dims[4] is None and _vmap.all_none(in_dims[7])
                and input.dtype in (torch.float32, torch.float64)
+               and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
                and not (torch.is_grad_enabled() and _vmap.any_requires_grad(tensors)))
     if fold_ok:
         return _backward_vmap_fold(N, in_dims, grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
