@@ -1,6 +1,7 @@
 """Multi-task heads ops: fake (meta) kernels and autograd over ``torch.ops.fastmtl.multitask_loss`` / ``_predict``.
 
-Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``):
+Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``), registered with
+:func:`fastmtl.ops._transforms.register_autograd` (plain autograd, ``torch.func`` and ``torch.compile``):
 
 * The kernel forms d total / d (hidden, W_k, b_k) in the forward pass when ``compute_grad`` is set (the task
   weights lambda_k are already folded in), so the usual backward only multiplies those by ``grad_total``.
@@ -22,7 +23,7 @@ Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``):
   outputs, and then it adds their vector-Hessian product, computed by recomputing the heads in differentiable
   pure-PyTorch ops (:func:`_reference_total`, ``F.cross_entropy`` semantics) and differentiating twice with
   ``torch.func.vjp`` (itself differentiable, so any order works). ``class_weights`` and ``targets`` get no
-  gradient.
+  gradient. A bias list mixing tensors and None gets gradients for the biases it holds.
 * vmap (``torch.library.register_vmap``): ``multitask_loss`` runs once per vmapped index (each loss is a mean over
   its own batch, so samples cannot share one call); ``multitask_predict`` folds the vmapped dimension into the
   batch (one call) when no weight or bias is vmapped, and loops otherwise. Legacy vmap (``gradcheck`` with
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from . import _transforms as _vmap
+from . import _transforms as _tr
 
 __all__ = []
 
@@ -166,7 +167,7 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
     return (grad_hidden, None, grad_weights, grad_biases, None, None, grad_tw, None, None, None, None, None)
 
 
-_vmap.register_autograd("multitask_loss", _backward, _setup_context,
+_tr.register_autograd("multitask_loss", _backward, _setup_context,
                         lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[2]), [0] * len(args[2]))))
 
 
@@ -250,22 +251,22 @@ def _hessian_vector_product(hidden, lengths, weights, biases, targets, class_wei
 @torch.library.register_vmap("fastmtl::multitask_loss")
 def _multitask_loss_vmap(info, in_dims, *args):
     # Each L_k is a mean over its own batch: one call per vmapped index.
-    return _vmap.loop(_loss, info.batch_size, in_dims, args)
+    return _tr.loop(_loss, info.batch_size, in_dims, args)
 
 
 @torch.library.register_vmap("fastmtl::multitask_predict")
 def _multitask_predict_vmap(info, in_dims, hidden, lengths, weights, biases, levels, poolings):
     N = info.batch_size
     h_d, len_d, w_d, b_d = in_dims[:4]
-    if N == 0 or not _vmap.all_none(w_d) or not _vmap.all_none(b_d):
-        return _vmap.loop(_predict, N, in_dims, (hidden, lengths, weights, biases, levels, poolings))
+    if N == 0 or not _tr.all_none(w_d) or not _tr.all_none(b_d):
+        return _tr.loop(_predict, N, in_dims, (hidden, lengths, weights, biases, levels, poolings))
     # Rows are independent (lengths may be in any order): row b * N + j of one call is row b of sample j.
     if lengths is not None:
-        lengths = lengths.repeat_interleave(N) if len_d is None else _vmap.fold(lengths, len_d, 0, N)
-    out = _predict(_vmap.fold(hidden, h_d, 0, N), lengths, weights, biases, levels, poolings)
-    return [_vmap.unfold(o, 0, N) for o in out], [1] * len(out)
+        lengths = lengths.repeat_interleave(N) if len_d is None else _tr.fold(lengths, len_d, 0, N)
+    out = _predict(_tr.fold(hidden, h_d, 0, N), lengths, weights, biases, levels, poolings)
+    return [_tr.unfold(o, 0, N) for o in out], [1] * len(out)
 
 
 # Legacy vmap (gradcheck's check_batched_grad): one call per index.
-_vmap.register_legacy_batched("multitask_loss")
-_vmap.register_legacy_batched("multitask_predict")
+_tr.register_legacy_batched("multitask_loss")
+_tr.register_legacy_batched("multitask_predict")

@@ -2,8 +2,9 @@
 
 The schema and tensor layouts are documented in ``csrc/fastmtl.cpp``.
 
-* Autograd: ``lstm_layer_forward`` is differentiable (:func:`fastmtl.ops._transforms.register_autograd`, which also works under ``torch.func``) with respect to
-  ``input``, ``hx``, ``cx`` and every weight; its backward is one fused ``lstm_layer_backward`` call per layer.
+* Autograd: ``lstm_layer_forward`` is differentiable with respect to ``input``, ``hx``, ``cx`` and every weight
+  (:func:`fastmtl.ops._transforms.register_autograd`: plain autograd, ``torch.func`` and ``torch.compile``); its
+  backward is one fused ``lstm_layer_backward`` call per layer.
 * Double backward: ``lstm_layer_backward`` is differentiable too, so ``create_graph=True``, ``torch.func.grad``
   of a gradient, ``jacrev(jacrev(...))`` etc. work and are exact. The first backward always stays the fused kernel;
   only when its result is differentiated again does the backward of ``lstm_layer_backward`` recompute the layer
@@ -16,9 +17,13 @@ The schema and tensor layouts are documented in ``csrc/fastmtl.cpp``.
 * vmap (``torch.library.register_vmap``): ``lstm_layer_forward`` folds the vmapped dimension into the batch
   (one call; row ``b * N + j`` is row b of sample j, so lengths stay non-increasing) when neither ``lengths`` nor
   any weight is vmapped, and runs once per vmapped index otherwise. ``lstm_layer_backward`` folds the same way
-  when neither ``lengths`` nor any weight is vmapped and computes the per-sample weight gradients from the gate
-  gradients (see :func:`_backward_vmap`); otherwise it loops. So ``torch.func.vmap``, ``jacrev``,
-  ``vmap(grad(...))`` (per-sample gradients) and ``gradcheck(check_batched_grad=True)`` work.
+  when neither ``lengths`` nor any weight is vmapped (float32/float64, plain tensors) and computes the per-sample
+  weight gradients from the gate gradients (:func:`_backward_vmap_fold`); otherwise it loops. The reserve is the
+  backend's own memory layout, so under vmap the forward returns a zero-memory placeholder for it and the vmapped
+  backward recomputes the reserve it needs with one fused forward (fold) or one per sample (loop; a loop with an
+  unvmapped reserve, i.e. only the incoming gradients vmapped, uses it as it is). So
+  ``torch.func.vmap``, ``jacrev``, ``vmap(grad(...))`` (per-sample gradients), nested vmaps and
+  ``gradcheck(check_batched_grad=True)`` (legacy vmap: one call per index) work.
 * Both ops have fake kernels, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 from typing import List, Optional, Sequence, Tuple
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import _transforms as _vmap
+from . import _transforms as _tr
 
 __all__ = ["lstm_layer"]
 
@@ -81,7 +86,7 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, grad_reserve):
     return gi, None, ghx, gcx, list(gw), None, None
 
 
-_vmap.register_autograd("lstm_layer_forward", _backward, _setup_context,
+_tr.register_autograd("lstm_layer_forward", _backward, _setup_context,
                         lambda args: pytree.tree_structure((0, 0, 0, 0)))
 
 
@@ -126,7 +131,7 @@ def _bwd_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
     return d_go, d_ghy, d_gcy, d_x, None, d_hx, d_cx, list(d_ws), None, None, None
 
 
-_vmap.register_autograd("lstm_layer_backward", _bwd_backward, _bwd_setup_context,
+_tr.register_autograd("lstm_layer_backward", _bwd_backward, _bwd_setup_context,
                         lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[7]))))
 
 
@@ -157,22 +162,22 @@ def _forward_vmap(info, in_dims, input, lengths, hx, cx, weights, bidirectional,
     x_d, len_d, hx_d, cx_d, w_d = in_dims[:5]
     # The reserve returned under vmap is a placeholder (see _reserve_placeholder); the call below computes a real
     # one only for an autograd level below this vmap that records it (grad(vmap(...))).
-    below = need_reserve and torch.is_grad_enabled() and _vmap.any_requires_grad((input, hx, cx, weights))
-    if len_d is not None or not _vmap.all_none(w_d) or N == 0:
-        (out, hy, cy, _), dims = _vmap.loop(_call_forward, N, in_dims,
-                                            (input, lengths, hx, cx, weights, bidirectional, below))
+    below = need_reserve and torch.is_grad_enabled() and _tr.any_requires_grad((input, hx, cx, weights))
+    if len_d is not None or not _tr.all_none(w_d) or N == 0:
+        (out, hy, cy, _), dims = _tr.loop(_call_forward, N, in_dims,
+                                          (input, lengths, hx, cx, weights, bidirectional, below))
     else:
         # One call: row b * N + j of the folded batch is row b of sample j; repeat_interleave keeps the lengths
         # non-increasing.
         lens = None if lengths is None else lengths.repeat_interleave(N)
         out, hy, cy, _ = torch.ops.fastmtl.lstm_layer_forward(
-            _vmap.fold(input, x_d, 1, N), lens, _vmap.fold(hx, hx_d, 1, N), _vmap.fold(cx, cx_d, 1, N),
+            _tr.fold(input, x_d, 1, N), lens, _tr.fold(hx, hx_d, 1, N), _tr.fold(cx, cx_d, 1, N),
             [w.contiguous() for w in weights], bidirectional, below)
-        out, hy, cy = _vmap.unfold(out, 1, N), _vmap.unfold(hy, 1, N), _vmap.unfold(cy, 1, N)
+        out, hy, cy = _tr.unfold(out, 1, N), _tr.unfold(hy, 1, N), _tr.unfold(cy, 1, N)
         dims = (2, 2, 2, None)
     if need_reserve:
-        T, B = _vmap.sample_shape(input, x_d)[:2]
-        H = _vmap.sample_shape(hx, hx_d)[-1]
+        T, B = _tr.sample_shape(input, x_d)[:2]
+        H = _tr.sample_shape(hx, hx_d)[-1]
         reserve, res_d = _reserve_placeholder(N, T, B, H, 2 if bidirectional else 1, out), 0
     else:
         reserve, res_d = out.new_empty((0,)), None
@@ -195,9 +200,9 @@ def _backward_vmap_fold(N, in_dims, go, ghy, gcy, input, lengths, hx, cx, weight
     H = weights[1].shape[1]
     G = 4 * H
     weights = [w.contiguous() for w in weights]
-    x = _vmap.fold(input, x_d, 1, N)            # (T, BN, I)
-    hxf = _vmap.fold(hx, hx_d, 1, N)            # (D, BN, H)
-    cxf = _vmap.fold(cx, cx_d, 1, N)
+    x = _tr.fold(input, x_d, 1, N)            # (T, BN, I)
+    hxf = _tr.fold(hx, hx_d, 1, N)            # (D, BN, H)
+    cxf = _tr.fold(cx, cx_d, 1, N)
     T, BN = x.shape[0], x.shape[1]
     B = BN // N
     lens = None if lengths is None else lengths.repeat_interleave(N)
@@ -209,7 +214,7 @@ def _backward_vmap_fold(N, in_dims, go, ghy, gcy, input, lengths, hx, cx, weight
         w_ih[:, d * G:(d + 1) * G] = eye
         sel_w += [w_ih] + weights[d * per + 1:(d + 1) * per]
     dG, ghx, gcx, _ = torch.ops.fastmtl.lstm_layer_backward(
-        _vmap.fold(go, go_d, 1, N), _vmap.fold(ghy, ghy_d, 1, N), _vmap.fold(gcy, gcy_d, 1, N),
+        _tr.fold(go, go_d, 1, N), _tr.fold(ghy, ghy_d, 1, N), _tr.fold(gcy, gcy_d, 1, N),
         x.new_zeros((T, BN, D * G)), lens, hxf, cxf, sel_w, bidirectional, outf, reserve)
     dG = dG.view(T, B, N, D, G)  # zero at padded positions
     xs = x.view(T, B, N, -1)
@@ -233,7 +238,7 @@ def _backward_vmap_fold(N, in_dims, go, ghy, gcy, input, lengths, hx, cx, weight
         if bias:
             db = g.sum((0, 1))
             grad_w += [db, db.clone()]
-    return ((grad_input, _vmap.unfold(ghx, 1, N), _vmap.unfold(gcx, 1, N), grad_w),
+    return ((grad_input, _tr.unfold(ghx, 1, N), _tr.unfold(gcx, 1, N), grad_w),
             (0, 2, 2, [0] * len(grad_w)))
 
 
@@ -249,32 +254,33 @@ def _backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths,
                    output, reserve):
     N = info.batch_size
     # A vmapped reserve is never read: its layout is the backend's own, and the vmapped forward returns a
-    # placeholder (_reserve_placeholder). It is recomputed, in one fused forward of the folded batch (fold) or one
-    # per sample (loop). An unvmapped reserve comes from an unvmapped forward and is used as it is.
-    fwd_vmapped = not _vmap.all_none([in_dims[i] for i in (3, 4, 5, 6, 7, 9, 10)])
+    # placeholder (_reserve_placeholder). The fold recomputes the reserve of the folded batch in one fused forward;
+    # the loop recomputes one per sample when any forward argument is vmapped, and otherwise (only the incoming
+    # gradients vmapped) uses the unvmapped reserve, which came from an unvmapped forward, as it is.
+    fwd_vmapped = not _tr.all_none([in_dims[i] for i in (3, 4, 5, 6, 7, 9, 10)])
     tensors = [grad_output, grad_hy, grad_cy, input, hx, cx, output, reserve, *weights]
     # The fold calls the backward op with selector weights and a zero input next to a reserve of the real ones: exact
     # for plain tensors, but neither differentiable for an autograd level below this vmap nor valid for an outer vmap
     # level (whose rule would recompute the reserve from those arguments). So it runs only on plain tensors that
     # nothing below needs a graph of; and for float32/float64 only (low precision keeps the kernel's accumulation of
     # the weight gradients).
-    fold_ok = (N > 0 and in_dims[4] is None and _vmap.all_none(in_dims[7])
+    fold_ok = (N > 0 and in_dims[4] is None and _tr.all_none(in_dims[7])
                and input.dtype in (torch.float32, torch.float64)
                and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-               and not (torch.is_grad_enabled() and _vmap.any_requires_grad(tensors)))
+               and not (torch.is_grad_enabled() and _tr.any_requires_grad(tensors)))
     if fold_ok:
         return _backward_vmap_fold(N, in_dims, grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
                                    bidirectional)
     if fwd_vmapped:
         output, reserve = None, None
         in_dims = in_dims[:9] + (None, None)
-    return _vmap.loop(_backward_one, N, in_dims, (grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
-                                                  bidirectional, output, reserve))
+    return _tr.loop(_backward_one, N, in_dims, (grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
+                                                bidirectional, output, reserve))
 
 
 # Legacy vmap (gradcheck's check_batched_grad): one call per index.
-_vmap.register_legacy_batched("lstm_layer_forward")
-_vmap.register_legacy_batched("lstm_layer_backward")
+_tr.register_legacy_batched("lstm_layer_forward")
+_tr.register_legacy_batched("lstm_layer_backward")
 
 
 def lstm_layer(input: Tensor, lengths: Optional[Tensor], hx: Tensor, cx: Tensor, weights: Sequence[Tensor],
