@@ -149,7 +149,8 @@ _SMOKE = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sdist_installs_in_clean_venv_and_runs(sdist, tmp_path, _fresh_seed):
-    """Installs the sdist into a fresh venv that sees the installed torch (--system-site-packages) with
+    """Installs the sdist into a fresh venv that sees the installed torch (--system-site-packages, or the site
+    directories of the venv these tests run in) with
     `pip install --no-build-isolation --no-deps --no-index`: pip can reach no index, so it cannot pull another torch.
     Compiles the extension (~1-2 min on 2 cores)."""
     venv = tmp_path / "venv"
@@ -157,12 +158,18 @@ def test_sdist_installs_in_clean_venv_and_runs(sdist, tmp_path, _fresh_seed):
     py = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(FASTMTL_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if sys.prefix != sys.base_prefix:
+        # These tests run inside a virtual environment: --system-site-packages gives the base interpreter's packages,
+        # not this environment's, so its site directories (and so its torch) are added, after the new venv's own.
+        outer = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+        with open(os.path.join(site, "_outer_environment.pth"), "w") as f:
+            f.write("".join(p + "\n" for p in outer))
     # --ignore-installed: the outer (editable) fastmtl is visible through the system site-packages; install beside it
     r = subprocess.run([py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                         "--ignore-installed", str(sdist)], env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, "pip install of the sdist failed:\n" + r.stdout[-6000:] + r.stderr[-6000:]
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env,
-                          capture_output=True, text=True, check=True).stdout.strip()
     assert not [d for d in os.listdir(site) if d.lower().startswith("torch")], "a torch was installed into the venv"
 
     elsewhere = tmp_path / "elsewhere"  # outside the source tree: `import fastmtl` must find the installed package
