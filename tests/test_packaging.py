@@ -149,10 +149,9 @@ _SMOKE = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sdist_installs_in_clean_venv_and_runs(sdist, tmp_path, _fresh_seed):
-    """Installs the sdist into a fresh venv that sees the installed torch (--system-site-packages, or the site
-    directories of the venv these tests run in) with
-    `pip install --no-build-isolation --no-deps --no-index`: pip can reach no index, so it cannot pull another torch.
-    Compiles the extension (~1-2 min on 2 cores)."""
+    """Installs the sdist with `pip install --no-build-isolation --no-deps --no-index` into a fresh venv that sees
+    the installed torch (--system-site-packages, plus the site directories of the venv these tests run in, if any):
+    pip reaches no index, so it cannot pull another torch. Compiles the extension (~1-2 min on 2 cores)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
@@ -192,7 +191,8 @@ def test_sdist_installs_in_clean_venv_and_runs(sdist, tmp_path, _fresh_seed):
 _FORBIDDEN = [
     ("torch internals (at::native)", re.compile(r"\bat::native\b|\bnamespace\s+at\s*\{\s*namespace\s+native\b"
                                                 r"|ATen/native/")),
-    ("weak symbol", re.compile(r"__attribute__\s*\(\(\s*(__)?weak(__)?\b|#\s*pragma\s+weak\b|\[\[\s*gnu::weak\s*\]\]")),
+    ("weak symbol", re.compile(r"__attribute__\s*\(\((?:(?!\)\)).)*?\b(__)?weak(__)?\b|#\s*pragma\s+weak\b"
+                               r"|\[\[\s*gnu::(__)?weak(__)?\s*\]\]", re.S)),
     ("BLAS/LAPACK entry point", re.compile(
         r"\b[sdcz](gemm|gemv|ger|axpy|dot|scal|copy|swap|nrm2|asum|symm|syrk|syr2k|trmm|trsm|gesv|getrf|getrs|getri"
         r"|potrf|potrs|geqrf|gesdd|gesvd|syev|syevd)_\b|\bcblas_\w+|\bLAPACKE_\w+")),
@@ -255,11 +255,13 @@ def test_violation_scan_catches_what_it_must():
            "extern \"C\" void sgemm_(); void h() { cblas_sgemm(); at::native::f(); }\n"
            "#define CPU_CAPABILITY AVX2\n#  define CPU_CAPABILITY_AVX512\n"
            "const char* s = \"// not a comment\"; [[gnu::weak]] void k(); void dgemm_(); // sgemm_\n"
-           "#include <ATen/ATen.h>\nauto y = at::matmul(a, b); at::native_x(); int sgemm_count;\n")
+           "#include <ATen/ATen.h>\nauto y = at::matmul(a, b); at::native_x(); int sgemm_count;\n"
+           "void m() __attribute__((visibility(\"default\"), __weak__)); void n() __attribute__((weakref(\"x\")));\n")
     kinds = dict(_FORBIDDEN)
     native, weak, blas, cap = list(kinds)
     assert [(line, what) for line, what, _ in _violations_in_text(src)] == sorted([
-        (4, native), (6, weak), (8, weak), (9, blas), (9, native), (10, cap), (11, cap), (12, weak), (12, blas)])
+        (4, native), (6, weak), (8, weak), (9, blas), (9, native), (10, cap), (11, cap), (12, weak), (12, blas),
+        (15, weak)])
 
 
 def test_csrc_uses_public_apis_only():
