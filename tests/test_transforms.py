@@ -389,6 +389,23 @@ def test_opcheck_backward_op_with_grad(device):
     torch.library.opcheck(BWD.default, args)
 
 
+def test_forward_mode_is_a_clear_error(device):
+    # No jvp rule: forward-mode AD must fail loudly rather than drop the tangents.
+    x, lens, hx, cx, ws = _layer(device, True, True, True, requires_grad=False)
+    with pytest.raises(RuntimeError, match="forward-mode AD.*fastmtl::lstm_layer_forward"):
+        torch.func.jacfwd(lambda x: _op_layer(x, lens, hx, cx, ws, True)[0])(x)
+    with pytest.raises(RuntimeError, match="forward-mode AD.*fastmtl::lstm_layer_"):
+        torch.func.jacfwd(grad(lambda x: _op_layer(x, lens, hx, cx, ws, True)[0].sum()))(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            _op_layer(dual, lens, hx, cx, ws, True)
+    hidden, weights, biases, targets, levels, kw, lam = _heads(device, TASKS)
+    with pytest.raises(RuntimeError, match="forward-mode AD.*fastmtl::multitask_loss"):
+        torch.func.jvp(lambda h: multitask_cross_entropy(h, weights, targets, levels, biases=biases, **kw)[0],
+                       (hidden,), (torch.randn_like(hidden),))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Transform support shared by the fastmtl ops: autograd registration that works under ``torch.func``, the helpers
 of the vmap rules (``torch.library.register_vmap``) and the kernel for the legacy vmap of ``gradcheck``.
 
-Autograd (:func:`register_autograd`): ``torch.library.register_autograd`` builds an old-style
-``autograd.Function`` (no ``setup_context``), which ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``,
+Autograd (:func:`register_autograd`): in torch 2.13 ``torch.library.register_autograd`` builds an old-style
+``autograd.Function`` (no ``setup_context``), which ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, and
 ``vmap`` of those) reject. :func:`register_autograd` registers the same kind of Python ``Autograd`` kernel around a
-new-style Function (``setup_context``, ``generate_vmap_rule=True``) that takes the op's arguments flattened (a
-``Tensor[]`` argument becomes one Function input per tensor), so it works with plain autograd, ``torch.func`` and
-``torch.compile`` alike. Its ``setup_context`` and ``backward`` see the op's arguments, outputs and gradients in
-the schema's structure (lists as lists); ``backward`` returns one gradient per argument (a list, or None, for a
-list argument).
+new-style Function (``setup_context``, ``backward``) that takes the op's arguments flattened (a ``Tensor[]``
+argument becomes one Function input per tensor). The kernel applies it the way a built-in op's autograd kernel
+records: at the transform level whose tensors it sees, with the forward
+redispatched below autograd and grad mode left on for the levels underneath. So one registration serves plain
+autograd (also ``create_graph``), ``torch.func`` (nested too) and ``torch.compile``. Forward-mode AD raises a
+clear RuntimeError: without a jvp rule the tangents would otherwise be dropped silently. The op's
+``setup_context``/``backward`` see arguments, outputs and gradients in the schema's structure (lists as lists);
+``backward`` returns one gradient per argument (a list, or None, for a list argument).
 
 vmap:
 
@@ -141,9 +144,18 @@ def _plain_apply(cls, *args):
         return super(torch.autograd.Function, cls).apply(*args)
 
 
+def has_tangent(args) -> bool:
+    """Whether a tensor in ``args`` carries a forward-mode tangent (forward AD, torch.func.jvp/jacfwd)."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(isinstance(t, Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+               for t in pytree.tree_leaves(list(args)))
+
+
 def register_autograd(opname: str, backward: Callable, setup_context: Callable, out_spec: Callable) -> None:
-    """Makes ``fastmtl::<opname>`` differentiable. ``out_spec(args)`` gives the pytree spec of the op's outputs
-    for these arguments (e.g. how many tensors a ``Tensor[]`` output holds)."""
+    """Makes ``fastmtl::<opname>`` differentiable (reverse mode). ``out_spec(args)`` gives the pytree spec of the
+    op's outputs for these arguments (e.g. how many tensors a ``Tensor[]`` output holds). Forward-mode AD raises a
+    clear error."""
     global _autograd_lib
     if _autograd_lib is None:
         _autograd_lib = torch.library.Library("fastmtl", "IMPL")
@@ -152,9 +164,10 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(in_spec, *flat):
-            # Below this autograd level only, with grad mode back on: an autograd level underneath (an outer
-            # torch.func.grad/vjp) records the op too, as it does for any built-in op's autograd kernel.
-            with torch.enable_grad(), torch._C._AutoDispatchBelowAutograd():
+            # Below this autograd level only, with grad modes back on: a transform level underneath (an outer
+            # torch.func.grad/vjp/jvp) sees the op too, as it does for any built-in op's autograd kernel.
+            with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
+                    torch._C._AutoDispatchBelowAutograd():
                 out = op(*pytree.tree_unflatten(list(flat), in_spec))
             return tuple(pytree.tree_leaves(out))
 
@@ -186,6 +199,11 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
     Function.__name__ = Function.__qualname__ = "FastmtlBackward_" + opname
 
     def autograd_kernel(keyset, *args):
+        if has_tangent(args):
+            raise RuntimeError(
+                "fastmtl: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+                "supported by fastmtl::%s; use reverse mode (torch.func.vjp, grad, jacrev; jacrev(jacrev(f)) for "
+                "a Hessian)" % opname)
         if torch.is_grad_enabled() and any_requires_grad(args):
             flat, in_spec = pytree.tree_flatten(list(args))
             # The plain (C++) apply, also under torch.func: this kernel runs at the transform level whose tensors

@@ -21,9 +21,11 @@ Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``), 
   ``create_graph=True``, gradient penalties, ``jacrev(jacrev(...))`` etc. are exact. The usual backward stays as
   above; only when a gradient it returned is differentiated again does the backward receive cotangents for those
   outputs, and then it adds their vector-Hessian product, computed by recomputing the heads in differentiable
-  pure-PyTorch ops (:func:`_reference_total`, ``F.cross_entropy`` semantics) and differentiating twice with
+  pure-PyTorch ops (:func:`_reference_losses`, ``F.cross_entropy`` semantics) and differentiating twice with
   ``torch.func.vjp`` (itself differentiable, so any order works). ``class_weights`` and ``targets`` get no
   gradient. A bias list mixing tensors and None gets gradients for the biases it holds.
+* Forward-mode AD (``torch.func.jvp``/``jacfwd``/``hessian``, ``torch.autograd.forward_ad``) is not supported:
+  a clear RuntimeError (never a silently zero tangent); ``jacrev(jacrev(f))`` gives Hessians.
 * vmap (``torch.library.register_vmap``): ``multitask_loss`` runs once per vmapped index (each loss is a mean over
   its own batch, so samples cannot share one call); ``multitask_predict`` folds the vmapped dimension into the
   batch (one call) when no weight or bias is vmapped, and loops otherwise. Legacy vmap (``gradcheck`` with
@@ -168,7 +170,7 @@ def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
 
 
 _tr.register_autograd("multitask_loss", _backward, _setup_context,
-                        lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[2]), [0] * len(args[2]))))
+                      lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[2]), [0] * len(args[2]))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,12 +195,13 @@ def _pool(hidden, lengths, pooling):
     return torch.cat([last[:, :h], hidden[:, 0, h:]], dim=1)
 
 
-def _reference_total(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels, poolings,
-                     ignore_indices, label_smoothings):
-    """total = sum_k lambda_k L_k with F.cross_entropy semantics (a task with every item ignored: L_k = 0), in
-    differentiable pure-PyTorch ops without data-dependent control flow."""
+def _reference_losses(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels, poolings,
+                      ignore_indices, label_smoothings):
+    """(total, losses): total = sum_k lambda_k L_k with F.cross_entropy semantics (a task with every item ignored:
+    L_k = 0), in differentiable pure-PyTorch ops without data-dependent control flow."""
     B, T, _ = hidden.shape
     total = hidden.new_zeros(())
+    losses = []
     for k in range(len(weights)):
         y = targets[k]
         ign = ignore_indices[k]
@@ -219,14 +222,17 @@ def _reference_total(hidden, lengths, weights, biases, targets, class_weights, t
             norm = valid.sum().to(logits.dtype)
         else:
             norm = (cw.gather(0, y.masked_fill(~valid, 0)) * valid.to(logits.dtype)).sum()
-        total = total + task_weights[k].to(logits.dtype) * (s / torch.where(norm > 0, norm, torch.ones_like(norm)))
-    return total
+        loss = s / torch.where(norm > 0, norm, torch.ones_like(norm))
+        losses.append(loss)
+        total = total + task_weights[k].to(logits.dtype) * loss
+    return total, torch.stack(losses)
 
 
 def _hessian_vector_product(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels,
                             poolings, ignore_indices, label_smoothings, v_h, v_w, v_b):
     """d <v, d total / d(hidden, W, b)> / d(hidden, W, b, task_weights): the vector-Hessian product of the heads
-    (``v_b`` and the returned bias part hold the tasks with a bias only)."""
+    (``v_b`` and the returned bias part hold the tasks with a bias only), computed in float32 (float64 for float64
+    hidden)."""
     has_bias = [b is not None for b in biases]
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -234,8 +240,8 @@ def _hessian_vector_product(hidden, lengths, weights, biases, targets, class_wei
         def total(h, ws, bs):
             it = iter(bs)
             full_b = [next(it).to(cdt) if hb else None for hb in has_bias]
-            return _reference_total(h.to(cdt), lengths, [w.to(cdt) for w in ws], full_b, targets, class_weights,
-                                    lam, levels, poolings, ignore_indices, label_smoothings)
+            return _reference_losses(h.to(cdt), lengths, [w.to(cdt) for w in ws], full_b, targets, class_weights,
+                                     lam, levels, poolings, ignore_indices, label_smoothings)[0]
         tot, vjp_fn = torch.func.vjp(total, h, ws, bs)
         return vjp_fn(torch.ones_like(tot))
 

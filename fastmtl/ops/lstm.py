@@ -24,6 +24,8 @@ The schema and tensor layouts are documented in ``csrc/fastmtl.cpp``.
   unvmapped reserve, i.e. only the incoming gradients vmapped, uses it as it is). So
   ``torch.func.vmap``, ``jacrev``, ``vmap(grad(...))`` (per-sample gradients), nested vmaps and
   ``gradcheck(check_batched_grad=True)`` (legacy vmap: one call per index) work.
+* Forward-mode AD (``torch.func.jvp``/``jacfwd``/``hessian``, ``torch.autograd.forward_ad``) is not supported:
+  a clear RuntimeError (never a silently zero tangent); ``jacrev(jacrev(f))`` gives Hessians.
 * Both ops have fake kernels, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 from typing import List, Optional, Sequence, Tuple
@@ -87,7 +89,7 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, grad_reserve):
 
 
 _tr.register_autograd("lstm_layer_forward", _backward, _setup_context,
-                        lambda args: pytree.tree_structure((0, 0, 0, 0)))
+                      lambda args: pytree.tree_structure((0, 0, 0, 0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def _bwd_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
 
 
 _tr.register_autograd("lstm_layer_backward", _bwd_backward, _bwd_setup_context,
-                        lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[7]))))
+                      lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[7]))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
