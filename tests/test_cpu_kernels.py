@@ -1,7 +1,10 @@
 """The CPU kernels under every instruction set this machine can run (scalar always, AVX2 and AVX-512 where the CPU
 has them), so that a machine with AVX-512 also tests what an AVX2-only or aarch64 user runs; the run-time choice
 and its one override (FASTMTL_CPU_KERNEL / fastmtl.set_cpu_kernel)."""
+import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -137,3 +140,50 @@ def test_environment_override():
     if missing:
         r = _run_with_env(missing[0], code)
         assert "ERR" in r.stdout and "supported here" in r.stdout, r.stdout
+
+
+# The regression this design prevents: the extension crashed on CPUs without AVX-512. Where qemu's user-mode
+# emulator exists, the installed build runs on emulated older CPUs: Haswell (AVX2 + FMA, no AVX-512) must choose the
+# avx2 kernels and SandyBridge (AVX, no AVX2/FMA: torch's own baseline) the scalar ones, and both must match
+# torch.nn.LSTM and run the heads. (Nehalem, without AVX, cannot run torch itself.)
+_EMULATED = [("Haswell", ["scalar", "avx2"]), ("SandyBridge", ["scalar"])]
+_SMOKE = r"""
+import json, torch, fastmtl
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from fastmtl.functional import multitask_cross_entropy
+from fastmtl.reference.heads import multitask_cross_entropy_reference
+torch.manual_seed(0)
+ref = torch.nn.LSTM(5, 7, bidirectional=True)
+m = fastmtl.nn.LSTM(5, 7, bidirectional=True)
+m.load_state_dict(ref.state_dict())
+x = torch.randn(6, 9, 5, requires_grad=True)
+lens = torch.tensor([6, 5, 5, 4, 3, 3, 2, 1, 6])
+out, (h, c) = m(x, lengths=lens)
+(out.sum() + h.sum()).backward()
+gx = x.grad.clone()
+x.grad = None
+po, (rh, rc) = ref(pack_padded_sequence(x, lens, enforce_sorted=False))
+ro, _ = pad_packed_sequence(po, total_length=6)
+(ro.sum() + rh.sum()).backward()
+hid = torch.randn(4, 6, 14)
+W = [torch.randn(26, 14), torch.randn(33, 14)]
+args = (hid, W, [torch.randint(0, 26, (4,)), torch.randint(0, 33, (4, 6))], ["sequence", "token"])
+tot = multitask_cross_entropy(*args)[0]
+tot_ref = multitask_cross_entropy_reference(*args)[0]
+print(json.dumps({"isas": fastmtl.cpu_kernels(), "active": fastmtl.cpu_kernel(),
+                  "out": (out - ro).abs().max().item(), "grad": (gx - x.grad).abs().max().item(),
+                  "heads": abs(float(tot) - float(tot_ref))}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="needs qemu-x86_64 (Debian: qemu-user) on an x86-64 host")
+@pytest.mark.parametrize("cpu,expected", _EMULATED, ids=[c for c, _ in _EMULATED])
+def test_runs_on_emulated_older_cpus(cpu, expected):
+    env = {k: v for k, v in os.environ.items() if k != "FASTMTL_CPU_KERNEL"}
+    r = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", _SMOKE], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["isas"] == expected and res["active"] == expected[-1], res
+    assert res["out"] < 1e-5 and res["grad"] < 1e-5 and res["heads"] < 1e-4, res
