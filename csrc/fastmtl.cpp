@@ -103,6 +103,8 @@ PYBIND11_MODULE(_C, m) {
       "The instruction set the CPU kernels use now (scalar, avx2 or avx512).");
   m.def("set_cpu_kernel", &fastmtl::cpu::set_active_isa, pybind11::arg("name"),
         "Selects the CPU kernels' instruction set: auto, scalar, avx2 or avx512 (must be supported here).");
+  m.def("cpu_kernel_override", &fastmtl::cpu::isa_override,
+        "'auto', or the instruction set forced by set_cpu_kernel / FASTMTL_CPU_KERNEL.");
   m.def("cpu_kernels", &fastmtl::cpu::supported_isa_names,
         "The instruction sets this CPU and build support, baseline first.");
 }

@@ -52,8 +52,9 @@ def cpu_kernel() -> str:
 
 def set_cpu_kernel(name: str) -> None:
     """Selects the CPU kernels' instruction set for the whole process: ``"auto"`` (the best this CPU supports),
-    ``"scalar"``, ``"avx2"`` or ``"avx512"``. Raises ValueError for a name this CPU or build cannot run.
-    Meant for tests and debugging; the default choice is made from the CPU's features."""
+    ``"scalar"``, ``"avx2"`` or ``"avx512"``. Raises ValueError for a name this CPU or build cannot run. It applies
+    to every thread from the next op call on and replaces ``FASTMTL_CPU_KERNEL``'s choice. Meant for tests and
+    debugging; the default choice is made from the CPU's features."""
     if not isinstance(name, str):
         raise TypeError("fastmtl.set_cpu_kernel: name must be a str, got %s" % type(name).__name__)
     _C.set_cpu_kernel(name)
@@ -61,9 +62,10 @@ def set_cpu_kernel(name: str) -> None:
 
 @contextlib.contextmanager
 def use_cpu_kernel(name: str) -> Iterator[str]:
-    """Context manager: run the CPU kernels with instruction set ``name`` inside the block, then restore the
-    previous choice (see :func:`set_cpu_kernel`)."""
-    previous = cpu_kernel()
+    """Context manager: run the CPU kernels with instruction set ``name`` inside the block, then restore the previous
+    setting (``"auto"`` stays automatic). Like :func:`set_cpu_kernel` it is process-wide: other threads running
+    fastmtl ops meanwhile use ``name`` too."""
+    previous = _C.cpu_kernel_override()
     set_cpu_kernel(name)
     try:
         yield name

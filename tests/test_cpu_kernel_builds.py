@@ -63,3 +63,16 @@ def test_vector_paths_use_the_wide_registers(tmp_path):
             assert "ymm" in asm and "zmm" not in asm, base
         elif base.endswith("_scalar.cpp"):
             assert "ymm" not in asm and "zmm" not in asm, base
+
+
+def test_no_wide_isa_flags_outside_the_entry_points():
+    # The invariant that keeps AVX2/AVX-512 code out of baseline paths: the wider ISAs are enabled only by function
+    # target attributes on the per-ISA entry points, never for a whole file (pragma) or the whole build (-m flags).
+    import re
+    for src in glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True):
+        if src.endswith((".cpp", ".h", ".cc")):
+            text = open(src, encoding="utf-8").read()
+            assert not re.search(r"#\s*pragma\s+(GCC|clang)\s+(target|attribute)", text), src
+    for build_file in ("setup.py", "CMakeLists.txt"):
+        text = open(os.path.join(ROOT, build_file), encoding="utf-8").read()
+        assert not re.search(r"-m(avx|fma|arch=|cpu=|tune=native|sse4|f16c)", text), build_file

@@ -594,4 +594,13 @@ def test_compile_fullgraph_with_functional_call():
 
     got = torch.compile(f, fullgraph=True, backend="eager")(params, x, lens)
     _close(got, f(params, x, lens))
+    # through AOTAutograd too (fake kernels, the traced backward): values and gradients of the substituted params
+    p2 = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    got2 = torch.compile(f, fullgraph=True, backend="aot_eager")(p2, x, lens)
+    _close(got2, got)
+    g = torch.autograd.grad(got2.sum(), list(p2.values()))
+    p3 = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    g_ref = torch.autograd.grad(f(p3, x, lens).sum(), list(p3.values()))
+    for a, b in zip(g, g_ref):
+        _close(a, b)
     assert not torch.allclose(got, m(x, lengths=lens)[0])

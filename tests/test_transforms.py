@@ -569,3 +569,22 @@ def test_heads_predict_vmap(device):
                                               poolings=poolings))(H, W)
     for n in range(N):
         check(got, n, [w[n] for w in W], kw["lengths"])
+
+
+def test_vjp_fn_called_after_vjp_exits(device):
+    # torch.func.vjp's vjp_fn used outside the transform, with a cotangent that requires grad (the autograd
+    # Function then receives dead functorch wrappers and must unwrap them as Function.apply does)
+    m = fastmtl.nn.LSTM(3, 4, bidirectional=True).double().to(device)
+    ref = torch.nn.LSTM(3, 4, bidirectional=True).double().to(device)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    out, vjp_fn = torch.func.vjp(lambda x: m(x)[0], x)
+    out_r, vjp_r = torch.func.vjp(lambda x: ref(x)[0], x)
+    torch.testing.assert_close(out, out_r)
+    cot = torch.randn_like(out, requires_grad=True)
+    (gx,) = vjp_fn(cot)
+    (gx_r,) = vjp_r(cot)
+    torch.testing.assert_close(gx, gx_r)
+    w = torch.randn_like(gx)
+    torch.testing.assert_close(torch.autograd.grad((gx * w).sum(), cot)[0],
+                               torch.autograd.grad((gx_r * w).sum(), cot)[0])

@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -13,7 +14,8 @@ namespace fastmtl {
 namespace cpu {
 namespace {
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64))
+// __builtin_cpu_supports needs libgcc's or compiler-rt's CPU model: GCC and Clang, not clang-cl (MSVC runtime).
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && !defined(_MSC_VER)
 #define FASTMTL_X86_KERNELS 1
 #endif
 
@@ -36,8 +38,12 @@ bool cpu_has(Isa isa) {
   }
 }
 
-bool parse(const std::string& s, Isa& out, bool& is_auto) {
+bool parse(std::string s, Isa& out, bool& is_auto) {
   is_auto = false;
+  // case-insensitive, surrounding blanks ignored
+  const auto b = s.find_first_not_of(" \t\r\n"), e = s.find_last_not_of(" \t\r\n");
+  s = b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (s == "auto" || s.empty()) {
     is_auto = true;
     return true;
@@ -133,6 +139,12 @@ void set_active_isa(const std::string& name) {
                         " (supported here: ", supported_list(), ")");
   }
   g_forced.store(is_auto ? -1 : static_cast<int>(isa));
+}
+
+std::string isa_override() {
+  active_isa();  // reads FASTMTL_CPU_KERNEL on first use
+  const int f = g_forced.load();
+  return f < 0 ? std::string("auto") : std::string(isa_name(static_cast<Isa>(f)));
 }
 
 std::vector<std::string> supported_isa_names() {

@@ -9,7 +9,7 @@
 //     (beta = 1, so no separate gate buffer), then one fused vectorised pass over the rows (at::parallel_for;
 //     the pass is csrc/cpu/kernels/lstm_cell_<isa>.cpp, chosen at run time from the CPU's features) computing
 //     the activations and the new (c, h).
-//   * GEMMs go through ATen's public API (at::mm_out, addmm_) on strided views; nothing private of torch.
+//   * GEMMs go through ATen's public CPU API (at::cpu::mm_out, addmm_) on strided views; nothing private of torch.
 //     The running (h, c) live in hy/cy themselves: a row that stops keeps its state at its last real token, and
 //     the reverse direction starts a row at its last real token simply because the row only becomes active then.
 // Backward: the same walk in the other order; per step one fused pass producing the pre-activation gradients
@@ -18,6 +18,8 @@
 //   grad_input = dG W_ih (one GEMM, scattered back to the padded layout).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -70,28 +72,26 @@ void run_directions(int64_t D, const F& run_direction) {
   }
 }
 
-// c = beta * c + a @ b for 2-D (possibly strided, last-dim-contiguous) tensors, through ATen's public API.
+// GEMMs through ATen's public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind at::mm_out,
+// called directly): torch's BLAS, without a dispatcher round trip per call. The per-step GEMMs are many and small,
+// and in the concurrent-directions path they run on worker threads where every dispatcher call would go through
+// the autograd layers again.
+//
+// c = beta * c + a @ b for 2-D (possibly strided, last-dim-contiguous) tensors; beta is 0 or 1.
 void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
   if (c.numel() == 0) return;
   if (a.size(1) == 0) {
     if (beta == 0.f) c.zero_();
     return;
   }
-  if (beta == 0.f) {
-    at::Tensor out = c;
-    if (c.is_contiguous()) {
-      at::mm_out(out, a, b);
-    } else {
-      c.copy_(at::mm(a, b));
-    }
-  } else {
-    c.addmm_(a, b);
-  }
+  at::Tensor out = c;
+  if (beta == 0.f) at::cpu::mm_out(out, a, b);
+  else at::cpu::addmm_(out, a, b);
 }
 
 // Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C; op(A) = A^T with A stored (k x m, lda) when trans_a, else
 // A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb). beta is 0 or 1.
-// The per-step GEMMs, on strided views of the caller's buffers (no copies), through ATen's public API.
+// The per-step GEMMs, on strided views of the caller's buffers (no copies), as matmul_into.
 template <typename T>
 inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
                     const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -106,8 +106,8 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                     : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
   auto Bv = trans_b ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
                     : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
-  if (beta == T(0)) at::mm_out(Cv, Av, Bv);
-  else Cv.addmm_(Av, Bv);
+  if (beta == T(0)) at::cpu::mm_out(Cv, Av, Bv);
+  else at::cpu::addmm_(Cv, Av, Bv);
 }
 
 // Scratch buffers reused across calls, per thread and per purpose ("slot"). A fresh multi-MiB allocation costs a

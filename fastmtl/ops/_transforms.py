@@ -21,6 +21,7 @@ out_dims)``. :func:`loop` is the general rule (one op call per vmapped index, re
 :func:`fold` / :func:`unfold` merge the vmapped dimension into the op's own batch dimension for the rules that can
 run as one call.
 """
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -113,12 +114,24 @@ _legacy_lib = None
 
 
 def register_legacy_batched(opname: str) -> None:
-    """Registers :func:`legacy_batched_kernel` for ``fastmtl::<opname>`` (default overload)."""
+    """Registers :func:`legacy_batched_kernel` for ``fastmtl::<opname>`` (default overload). The legacy vmap is a
+    private, deprecated part of torch: where this torch lacks what the kernel needs, only gradcheck's batched-grad
+    check loses its support (a warning), never ``import fastmtl``."""
     global _legacy_lib
-    if _legacy_lib is None:
-        _legacy_lib = torch.library.Library("fastmtl", "IMPL")
-    op = getattr(torch.ops.fastmtl, opname).default
-    _legacy_lib.impl(opname, legacy_batched_kernel(op), "Batched")
+    needed = ("_vmapmode_increment_nesting", "_vmapmode_decrement_nesting")
+    if not all(hasattr(torch._C, n) for n in needed) or not hasattr(torch, "_remove_batch_dim") \
+            or not hasattr(torch._C, "_functorch"):
+        warnings.warn("fastmtl: this torch (%s) lacks the legacy vmap internals; gradcheck(check_batched_grad=True) "
+                      "over fastmtl ops is unsupported" % torch.__version__)
+        return
+    try:
+        if _legacy_lib is None:
+            _legacy_lib = torch.library.Library("fastmtl", "IMPL")
+        op = getattr(torch.ops.fastmtl, opname).default
+        _legacy_lib.impl(opname, legacy_batched_kernel(op), "Batched")
+    except Exception as e:  # pragma: no cover - other torch versions
+        warnings.warn("fastmtl: could not register the legacy batched kernel of %s (%s); "
+                      "gradcheck(check_batched_grad=True) over it is unsupported" % (opname, e))
 
 
 
@@ -138,7 +151,10 @@ def _children(spec):
 
 def _plain_apply(cls, *args):
     if not torch._C._are_functorch_transforms_active():
-        return super(torch.autograd.Function, cls).apply(*args)
+        # as Function.apply does (torch's NOTE [functorch vjp and autograd interaction]): a vjp_fn called after
+        # its torch.func.vjp has exited may hand us dead functorch wrappers
+        from torch._functorch.utils import unwrap_dead_wrappers
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
     from torch._functorch.utils import enable_single_level_autograd_function
     with enable_single_level_autograd_function():
         return super(torch.autograd.Function, cls).apply(*args)

@@ -1,7 +1,7 @@
 // LSTM cell passes for AVX-512 (F, BW, DQ, VL) with 512-bit vectors (function attributes only: see simd_math.h).
 #include "lstm_cell.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64))
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && !defined(_MSC_VER)
 #include "lstm_cell_impl.h"
 #if defined(__clang__)
 #define FASTMTL_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), min_vector_width(512)))

@@ -17,14 +17,6 @@
 #define FASTMTL_KERNEL_INLINE inline
 #endif
 
-#if defined(__clang__)
-#define FASTMTL_IVDEP _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define FASTMTL_IVDEP _Pragma("GCC ivdep")
-#else
-#define FASTMTL_IVDEP
-#endif
-
 namespace fastmtl {
 namespace cpu_kernels {
 
@@ -61,7 +53,9 @@ FASTMTL_KERNEL_INLINE double exp_approx(double x) { return std::exp(x); }
 // Passing wide vectors by value between functions of different ISAs would change the ABI; these helpers are only
 // ever inlined into one entry point, so the warning does not apply.
 #if defined(__clang__)
+#if __has_warning("-Wpsabi")
 #pragma clang diagnostic ignored "-Wpsabi"
+#endif
 #elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -73,6 +67,7 @@ template <int VB>
 struct VecF {
   typedef float type __attribute__((vector_size(VB)));
   typedef int32_t itype __attribute__((vector_size(VB)));
+  typedef uint32_t utype __attribute__((vector_size(VB)));
   static constexpr int kWidth = VB / int(sizeof(float));
   static FASTMTL_KERNEL_INLINE type load(const float* p) {
     type v;
@@ -99,7 +94,7 @@ struct VecF {
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
     p = p * r * r + r + 1.0f;
-    const type s = (type)((ni + 127) << 23);
+    const type s = (type)(((utype)ni + 127u) << 23);  // unsigned: no signed overflow for NaN lanes
     return p * s;
   }
 };

@@ -28,9 +28,12 @@ Isa best_isa();
 // The ISA the kernels use now: the override when set, else best_isa(). Throws (c10::Error, a RuntimeError in
 // Python) when FASTMTL_CPU_KERNEL names an unknown or unsupported ISA.
 Isa active_isa();
-// "auto" (back to best_isa()), "scalar", "avx2" or "avx512"; throws ValueError-type errors for unknown or
-// unsupported names. Takes effect for the next op call (process-wide).
+// "auto" (back to best_isa()), "scalar", "avx2" or "avx512" (case-insensitive); throws ValueError-type errors for
+// unknown or unsupported names. Process-wide (every thread), from the next op call on; it replaces the environment
+// variable's choice.
 void set_active_isa(const std::string& name);
+// "auto" or the forced ISA's name (set_active_isa, or FASTMTL_CPU_KERNEL), e.g. to restore it later.
+std::string isa_override();
 // Names of the supported ISAs, baseline first.
 std::vector<std::string> supported_isa_names();
 

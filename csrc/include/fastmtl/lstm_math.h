@@ -3,27 +3,18 @@
 // Gate order i, f, g, o (torch.nn.LSTM). Pre-activations already hold x W_ih^T + h W_hh^T + b_ih + b_hh.
 // The functions are templates over the value type V (a scalar, or a SIMD vector type on the CPU) and an
 // activation policy Act providing sigmoid(V) and tanh(V), so both backends use the very same algebra.
-//
-// Include guard: normally once; a CPU translation unit may include it a second time, inside a region compiled for a
-// wider ISA (#pragma GCC target), with FASTMTL_LSTM_MATH_AGAIN and another FASTMTL_LSTM_MATH_NS, so that the SIMD
-// instantiations are compiled (and inlined) for that ISA.
-#if !defined(FASTMTL_LSTM_MATH_H) || defined(FASTMTL_LSTM_MATH_AGAIN)
-#ifndef FASTMTL_LSTM_MATH_AGAIN
-#define FASTMTL_LSTM_MATH_H
-#endif
+// The CPU kernels (csrc/cpu/kernels) instantiate them with the compilers' vector types inside per-ISA entry points.
+#pragma once
 
 #include <cmath>
-
-#ifndef FASTMTL_LSTM_MATH_NS
-#define FASTMTL_LSTM_MATH_NS lstm_math
-#endif
 
 #ifndef FASTMTL_HD
 #if defined(__CUDACC__)
 #define FASTMTL_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
 // always_inline: the CPU instantiates these with SIMD types inside functions compiled for a wider ISA than the
-// rest of the file; forcing the inlining keeps the vector operations inline in those callers.
+// rest of the file; forcing the inlining keeps the vector operations inline in those callers (and leaves no
+// out-of-line copy built for a wider ISA).
 #define FASTMTL_HD inline __attribute__((always_inline))
 #else
 #define FASTMTL_HD inline
@@ -31,7 +22,7 @@
 #endif  // FASTMTL_HD
 
 namespace fastmtl {
-namespace FASTMTL_LSTM_MATH_NS {
+namespace lstm_math {
 
 // Scalar activations (host: std::, device: CUDA math overloads).
 struct ScalarAct {
@@ -82,8 +73,5 @@ FASTMTL_HD void cell_backward(const V& i, const V& f, const V& g, const V& o, co
   dc_prev = dc * f;
 }
 
-}  // namespace FASTMTL_LSTM_MATH_NS
+}  // namespace lstm_math
 }  // namespace fastmtl
-
-#undef FASTMTL_LSTM_MATH_NS
-#endif  // FASTMTL_LSTM_MATH_H
