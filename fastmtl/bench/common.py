@@ -12,7 +12,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -163,21 +162,12 @@ def default_results_path(device="cpu"):
 
 
 def atomic_write_json(path, obj):
-    """Write JSON to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON to ``path`` atomically (:func:`fastmtl.fileio.atomic_write`: a mkstemp file in the same folder,
+    fsync, rename, folder fsync)."""
+    from ..fileio import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_section(name, rows, path=None, device="cpu", extra=None):

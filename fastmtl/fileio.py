@@ -1,0 +1,72 @@
+"""Writing files safely: :func:`atomic_write`, used for every file the library writes (checkpoints, metrics,
+logs, plots, benchmark results)."""
+import errno
+import os
+import tempfile
+
+__all__ = ["atomic_write"]
+
+
+def _umask():
+    """The process umask, read without changing it where the system allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (briefly visible to other threads)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory):
+    """Makes the rename durable: fsync the folder that holds the new name (POSIX; a no-op where folders cannot be
+    opened or synced, e.g. Windows or some network file systems)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data):
+    """Writes ``data`` (str, written as UTF-8, or bytes) to ``path`` so that readers see either the old file or the
+    whole new one, never a part.
+
+    The data goes to a fresh temporary file in the destination's folder, created by :func:`tempfile.mkstemp`
+    (``O_CREAT | O_EXCL`` under an unpredictable name, so a file or symlink planted there is never opened or written
+    through), is flushed and fsynced, and then renamed over ``path`` with :func:`os.replace`; the folder is fsynced so
+    the rename survives a crash. If ``path`` is a symlink, the link itself is replaced (its target is left alone). On
+    any failure the temporary file is removed and ``path`` keeps its earlier content. The new file gets the usual
+    permissions of a new file (0666 less the umask), not mkstemp's 0600.
+    """
+    path = os.fspath(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
