@@ -83,7 +83,8 @@ def _add_train_args(p):
     g.add_argument("--task-layers", type=lambda s: _kv(s, "--task-layers", int),
                    help="hierarchical sharing: which layer each task reads, e.g. slots:1,intent:2")
     g.add_argument("--soft-lambda", type=float, default=d.soft_lambda)
-    g.add_argument("--init-encoder", help="transfer: start the encoder (and vocabulary) from this checkpoint")
+    g.add_argument("--init-encoder", help="transfer: start the encoder (and vocabulary) from this checkpoint (a "
+                   "best.pt of an earlier run)")
     g.add_argument("--freeze-encoder", action="store_true", help="with --init-encoder: train only the new heads")
     g = p.add_argument_group("task weighting")
     g.add_argument("--weighting", default=d.weighting, choices=["static", "uncertainty", "dwa", "gradnorm"])
@@ -166,7 +167,7 @@ def _evaluate(ns):
     m, _ = evaluate_examples(model, vocab, lvs, specs, examples, torch.device(ns.device))
     text = json.dumps(m, indent=2) + "\n"
     if ns.output:
-        from .train import atomic_write
+        from .fileio import atomic_write
 
         atomic_write(ns.output, text)
     sys.stdout.write(text)

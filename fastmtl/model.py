@@ -1,5 +1,6 @@
 """``fastmtl.MultiTaskLSTM``: word embeddings -> shared (Bi)LSTM (``fastmtl.nn.LSTM``) -> ``fastmtl.nn.MultiTaskHeads``."""
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -251,10 +252,20 @@ class MultiTaskLSTM(torch.nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("heads.")}
 
     def load_encoder(self, state, freeze=False):
-        """Loads :meth:`encoder_state_dict` (a dict or a checkpoint path); ``freeze`` stops their training."""
-        if isinstance(state, str):
-            ckpt = torch.load(state, map_location="cpu", weights_only=False)
-            state = ckpt.get("model", ckpt)
+        """Loads :meth:`encoder_state_dict` (a dict, or the path of a fastmtl checkpoint such as a ``best.pt``);
+        ``freeze`` stops their training.
+
+        A path is read with :func:`fastmtl.checkpoint.load_checkpoint_tree` (safetensors and JSON, checksummed; pickle
+        files are refused, never unpickled); its ``"model"`` entry, or the whole tree if it has none, is the state."""
+        if isinstance(state, (str, os.PathLike)):
+            from .checkpoint import CheckpointError, load_checkpoint_tree
+
+            path = os.fspath(state)
+            ckpt = load_checkpoint_tree(path)
+            state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in state.items()):
+                raise CheckpointError("fastmtl: load_encoder: %s holds no model weights" % path)
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}
         own = self.encoder_state_dict()
         missing = sorted(set(own) - set(state))

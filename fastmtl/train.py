@@ -16,10 +16,12 @@ import torch
 
 from . import data as D
 from . import metrics as M
+from .checkpoint import CheckpointError, load_checkpoint_tree, save_checkpoint
+from .fileio import atomic_write
 from .weighting import make_weighting
 
 __all__ = ["TrainConfig", "train", "evaluate_examples", "load_checkpoint", "predict_sentences", "atomic_write",
-           "atomic_torch_save", "build_tasks"]
+           "build_tasks", "CheckpointError"]
 
 
 @dataclass
@@ -89,22 +91,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # small utilities
 
-def atomic_write(path, data):
-    """Writes ``data`` (str or bytes) to ``path`` through a temporary file and ``os.replace``."""
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
 def _log(cfg, msg, rank=0):
     if rank == 0 and not cfg.quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -170,7 +156,9 @@ def _load_splits(cfg):
     if cfg.max_train:
         splits["train"] = splits["train"][: cfg.max_train]
     if cfg.tasks:
-        specs = [D.parse_task(t) if isinstance(t, str) else t for t in cfg.tasks]
+        # strings from the command line; TaskSpecs from Python; [name, level, source] lists from a checkpoint
+        specs = [D.parse_task(t) if isinstance(t, str) else D.TaskSpec(*t) if isinstance(t, (list, tuple)) else t
+                 for t in cfg.tasks]
     elif cfg.format == "atis":
         specs = [D.TaskSpec(*t) for t in D.atis.ATIS_TASKS]
     else:
@@ -298,21 +286,102 @@ def _set_decoding(model, label_vocabs, schemes):
     model.decode_constraints = {n: span_constraints(label_vocabs[n].itos, sc) for n, sc in (schemes or {}).items()}
 
 
-def load_checkpoint(path, device="cpu"):
-    """Returns ``(model, vocab, label_vocabs, specs, cfg)`` from a checkpoint written by :func:`train`."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or "model" not in ck or "vocab" not in ck:
-        raise ValueError("fastmtl: %s is not a fastmtl training checkpoint" % path)
+def _config_dict(cfg):
+    """``cfg`` as JSON values (task specs as ``[name, level, source]`` lists)."""
+    d = dataclasses.asdict(cfg)
+    if d.get("tasks"):
+        d["tasks"] = [t if isinstance(t, str) else list(t) for t in d["tasks"]]
+    return d
+
+
+def _config_from(d):
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
-    vocab = D.Vocab.from_state_dict(ck["vocab"])
-    lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in ck["label_vocabs"].items()}
-    all_specs = [D.TaskSpec(*s) for s in ck["tasks"]]
-    model = _model_from(cfg, vocab, lvs, all_specs)
-    model.load_state_dict(ck["model"])
-    _set_decoding(model, lvs, ck.get("decoding"))
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def read_checkpoint(path, need, what="checkpoint"):
+    """The tree of the fastmtl checkpoint at ``path`` (see :mod:`fastmtl.checkpoint`; nothing is unpickled), checked
+    to hold the keys ``need``; :class:`CheckpointError` naming the file otherwise."""
+    ck = load_checkpoint_tree(path)
+    missing = [k for k in need if k not in ck] if isinstance(ck, dict) else list(need)
+    if missing:
+        hint = ""
+        if "model" in missing and isinstance(ck, dict) and "step_module" in ck:
+            hint = " (it is a last.pt, the training state for --resume; use best.pt)"
+        elif "step_module" in missing and isinstance(ck, dict) and "model" in ck:
+            hint = " (it is a best.pt, the selected model; --resume reads last.pt)"
+        raise CheckpointError("fastmtl: %s is not a fastmtl %s: it has no %s%s"
+                              % (path, what, ", ".join(missing), hint))
+    return ck
+
+
+def _checked(path, fn, *args):
+    """Runs ``fn(*args)`` on fields read from the checkpoint at ``path``, turning the errors that a malformed (but
+    well-checksummed) checkpoint can cause into :class:`CheckpointError` naming the file."""
+    try:
+        return fn(*args)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise CheckpointError("fastmtl: %s: the checkpoint does not fit (%s: %s)"
+                              % (path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")) from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns ``(model, vocab, label_vocabs, specs, cfg)`` from a checkpoint written by :func:`train` (``best.pt``).
+
+    Raises :class:`CheckpointError` (a ``ValueError``) naming ``path`` for a missing, corrupted, truncated or
+    foreign file, and for pickle files, which are never unpickled."""
+    path = os.fspath(path)
+    ck = read_checkpoint(path, ("model", "vocab", "label_vocabs", "tasks", "config"), "model checkpoint")
+
+    def build():
+        cfg = _config_from(ck["config"])
+        vocab = D.Vocab.from_state_dict(ck["vocab"])
+        lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in ck["label_vocabs"].items()}
+        all_specs = [D.TaskSpec(*s) for s in ck["tasks"]]
+        model = _model_from(cfg, vocab, lvs, all_specs)
+        model.load_state_dict(ck["model"])
+        _set_decoding(model, lvs, ck.get("decoding"))
+        return model, vocab, lvs, all_specs, cfg
+
+    model, vocab, lvs, all_specs, cfg = _checked(path, build)
     model.to(device).eval()
     return model, vocab, lvs, [s for s in all_specs if not _is_aux(s)], cfg
+
+
+def _rng_state(device):
+    """Every random number generator's state, as tensors and JSON values."""
+    version, internal, gauss = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "python": {"version": version, "state": list(internal), "gauss_next": gauss}}
+    try:
+        import numpy as np
+
+        name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        st["numpy"] = {"bit_generator": str(name), "key": [int(k) for k in key], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    except ImportError:  # numpy is a dependency, but the trainer does not need it
+        pass
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st, device):
+    torch.set_rng_state(st["torch"])
+    py = st.get("python")
+    if py is not None:
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]),
+                         None if py["gauss_next"] is None else float(py["gauss_next"])))
+    nps = st.get("numpy")
+    if nps is not None:
+        import numpy as np
+
+        np.random.set_state((str(nps["bit_generator"]), np.array(nps["key"], dtype=np.uint32), int(nps["pos"]),
+                             int(nps["has_gauss"]), float(nps["cached_gaussian"])))
+    if device.type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(st["cuda"], device)
 
 
 def predict_sentences(checkpoint, sentences, device="cpu"):
@@ -392,6 +461,10 @@ class _Stop(Exception):
     pass
 
 
+_RESUME_KEYS = ("config", "vocab", "label_vocabs", "step_module", "optimizer", "scheduler", "history", "best_score",
+                "best_epoch", "bad_epochs", "epoch", "rng")
+
+
 def train(cfg=None, **overrides):
     """Trains per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed) and returns a dict with
     ``test`` (metrics.json content, or None without test data), ``dev`` (best dev metrics), ``best_epoch``,
@@ -422,14 +495,13 @@ def train(cfg=None, **overrides):
     if cfg.resume:
         if not out_dir:
             raise ValueError("fastmtl: --resume needs --output-dir (where the interrupted run saved last.pt)")
-        if os.path.exists(last_path):
-            resume_ck = torch.load(last_path, map_location="cpu", weights_only=False)
-            saved = resume_ck["config"]
+        if os.path.lexists(last_path):
+            resume_ck = read_checkpoint(last_path, _RESUME_KEYS, "training state (last.pt)")
+            saved = _checked(last_path, dict, resume_ck["config"])
             for k in ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "device", "threads"):
                 saved[k] = getattr(cfg, k)
-            known = {f.name for f in dataclasses.fields(TrainConfig)}
-            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-            _log(cfg, "fastmtl: resuming from %s (epoch %d done)" % (last_path, resume_ck["epoch"]), rank)
+            cfg = _checked(last_path, _config_from, saved)
+            _log(cfg, "fastmtl: resuming from %s (epoch %s done)" % (last_path, resume_ck["epoch"]), rank)
         else:
             _log(cfg, "fastmtl: --resume: no %s yet, starting fresh" % last_path, rank)
 
@@ -440,12 +512,13 @@ def train(cfg=None, **overrides):
     # vocabularies (transfer: the encoder's vocabulary comes with it)
     init_ck = None
     if resume_ck is not None:
-        vocab = D.Vocab.from_state_dict(resume_ck["vocab"])
-        lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in resume_ck["label_vocabs"].items()}
+        vocab, lvs = _checked(last_path, lambda: (
+            D.Vocab.from_state_dict(resume_ck["vocab"]),
+            {k: D.LabelVocab.from_state_dict(v) for k, v in resume_ck["label_vocabs"].items()}))
     else:
         if cfg.init_encoder:
-            init_ck = torch.load(cfg.init_encoder, map_location="cpu", weights_only=False)
-            vocab = D.Vocab.from_state_dict(init_ck["vocab"])
+            init_ck = read_checkpoint(cfg.init_encoder, ("model", "vocab", "config"), "model checkpoint")
+            vocab = _checked(cfg.init_encoder, D.Vocab.from_state_dict, init_ck["vocab"])
             for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional", "char_dim", "char_filters",
                       "char_kernel"):
                 if k in init_ck["config"]:
@@ -462,13 +535,18 @@ def train(cfg=None, **overrides):
         pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
         _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
     model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
-    schemes = resume_ck.get("decoding", {}) if resume_ck is not None else decoding_schemes(cfg, all_specs, train_ex,
-                                                                                          lvs)
-    _set_decoding(model, lvs, schemes)
+    if resume_ck is not None:
+        schemes = resume_ck.get("decoding") or {}
+    else:
+        schemes = decoding_schemes(cfg, all_specs, train_ex, lvs)
+    if resume_ck is not None:
+        _checked(last_path, _set_decoding, model, lvs, schemes)
+    else:
+        _set_decoding(model, lvs, schemes)
     for n, sc in schemes.items():
         _log(cfg, "fastmtl: %s: constrained %s decoding" % (n, sc.upper()), rank)
     if init_ck is not None:
-        model.load_encoder(init_ck["model"], freeze=cfg.freeze_encoder)
+        _checked(cfg.init_encoder, model.load_encoder, init_ck["model"], cfg.freeze_encoder)
     model.to(device)
     base_weights = dict(cfg.task_weights or {})
     base_weights.update({s.name: cfg.sequence_aux for s in all_specs if _is_aux(s)})
@@ -526,23 +604,27 @@ def train(cfg=None, **overrides):
     history, best_score, best_epoch, bad_epochs, start_epoch = [], -math.inf, 0, 0, 0
     best_state, train_time = None, 0.0
     if resume_ck is not None:
-        step_mod.load_state_dict(resume_ck["step_module"])
-        opt.load_state_dict(resume_ck["optimizer"])
-        sched.load_state_dict(resume_ck["scheduler"])
-        weighting.load_extra_state(resume_ck.get("weighting_extra", {}))
-        history = resume_ck["history"]
-        best_score, best_epoch = resume_ck["best_score"], resume_ck["best_epoch"]
-        bad_epochs, start_epoch = resume_ck["bad_epochs"], resume_ck["epoch"]
-        train_time = resume_ck.get("train_time_s", 0.0)
-        best_state = resume_ck.get("best_model")
-        if ema is not None and resume_ck.get("ema") is not None:
-            ema = {k: v.to(device) for k, v in resume_ck["ema"].items()}
-        torch.set_rng_state(resume_ck["rng"])
+        def restore():
+            step_mod.load_state_dict(resume_ck["step_module"])
+            opt.load_state_dict(resume_ck["optimizer"])
+            sched.load_state_dict(resume_ck["scheduler"])
+            weighting.load_extra_state(resume_ck.get("weighting_extra") or {})
+            best_state = resume_ck.get("best_model")
+            ema_state = ema
+            if ema is not None and resume_ck.get("ema") is not None:
+                ema_state = {k: v.to(device) for k, v in resume_ck["ema"].items()}
+            _set_rng_state(resume_ck["rng"], device)
+            return (list(resume_ck["history"]), float(resume_ck["best_score"]), int(resume_ck["best_epoch"]),
+                    int(resume_ck["bad_epochs"]), int(resume_ck["epoch"]), float(resume_ck.get("train_time_s", 0.0)),
+                    best_state, ema_state)
+
+        (history, best_score, best_epoch, bad_epochs, start_epoch, train_time, best_state,
+         ema) = _checked(last_path, restore)
 
     def checkpoint_common():
-        return {"format_version": 1, "config": dataclasses.asdict(cfg), "vocab": vocab.state_dict(),
+        return {"format_version": 2, "config": _config_dict(cfg), "vocab": vocab.state_dict(),
                 "label_vocabs": {k: v.state_dict() for k, v in lvs.items()},
-                "tasks": [(s.name, s.level, s.source) for s in all_specs], "decoding": schemes}
+                "tasks": [[s.name, s.level, s.source] for s in all_specs], "decoding": schemes}
 
     def save_last(epoch_done):
         if not out_dir or rank != 0:
@@ -551,9 +633,9 @@ def train(cfg=None, **overrides):
         ck.update({"step_module": step_mod.state_dict(), "optimizer": opt.state_dict(),
                    "scheduler": sched.state_dict(), "weighting_extra": weighting.extra_state(), "history": history,
                    "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                   "epoch": epoch_done, "train_time_s": train_time, "rng": torch.get_rng_state(),
+                   "epoch": epoch_done, "train_time_s": train_time, "rng": _rng_state(device),
                    "best_model": best_state, "ema": ema})
-        atomic_torch_save(ck, last_path)
+        save_checkpoint(ck, last_path)
 
     def write_log():
         if out_dir and rank == 0:
@@ -668,7 +750,7 @@ def train(cfg=None, **overrides):
                 if out_dir and rank == 0:
                     ck = checkpoint_common()
                     ck.update({"model": best_state, "epoch": epoch + 1, "dev": rec.get("dev")})
-                    atomic_torch_save(ck, os.path.join(out_dir, "best.pt"))
+                    save_checkpoint(ck, os.path.join(out_dir, "best.pt"))
             else:
                 bad_epochs += 1
             if live is not None:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastmtl
+from fastmtl.checkpoint import save_checkpoint
 from fastmtl.model import CharCNN
 from fastmtl.nn import SequenceTask, TokenTask
 
@@ -113,7 +114,7 @@ def test_transfer_encoder(tmp_path):
     src = fastmtl.MultiTaskLSTM(40, 8, 6, _tasks())
     dst = fastmtl.MultiTaskLSTM(40, 8, 6, [TokenTask("ner", 3)])
     path = str(tmp_path / "src.pt")
-    torch.save({"model": src.state_dict()}, path)
+    save_checkpoint({"model": src.state_dict()}, path)
     dst.load_encoder(path, freeze=True)
     for k, v in src.encoder_state_dict().items():
         assert torch.equal(dst.state_dict()[k], v)

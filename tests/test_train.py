@@ -10,6 +10,7 @@ import torch
 
 from fastmtl import cli
 from fastmtl import train as T
+from fastmtl.checkpoint import load_checkpoint_tree
 
 TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1)
 TINY_ARGS = ["--embedding-dim", "8", "--hidden-size", "8", "--batch-size", "8", "--no-progress", "--quiet",
@@ -60,7 +61,7 @@ def test_cli_train_evaluate_predict(files, tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in [m["frame_accuracy"], *m["tags"].values(), m["label"]["accuracy"]])
     for name in ("best.pt", "last.pt", "log.jsonl"):
         assert os.path.exists(os.path.join(out, name))
-    assert not glob.glob(os.path.join(out, "*.tmp*"))  # atomic writes leave no temporaries
+    assert not glob.glob(os.path.join(out, "*.tmp*")) and not glob.glob(os.path.join(out, ".*"))  # no temporaries
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(l) for l in f]
     assert [r["epoch"] for r in log] == [1, 2] and all("dev" in r and r["tokens_per_s"] > 0 for r in log)
@@ -133,7 +134,7 @@ def test_deterministic_and_resume(files, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, output_dir=out)
     monkeypatch.setattr(T.D, "collate", real)
-    ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    ck = load_checkpoint_tree(os.path.join(out, "last.pt"))
     assert ck["epoch"] == 1
     c = T.train(cfg, output_dir=out, resume=True)
     assert len(c["history"]) == 3
@@ -163,7 +164,7 @@ def test_transfer_init_encoder(files, tmp_path):
                           output_dir=out, **TINY))
     r = T.train(T.TrainConfig(format="jsonl", train=files["train"], test=files["test"], tasks=["label:sequence:label"],
                               epochs=1, init_encoder=os.path.join(out, "best.pt"), freeze_encoder=True, **TINY))
-    src = torch.load(os.path.join(out, "best.pt"), weights_only=False)["model"]
+    src = load_checkpoint_tree(os.path.join(out, "best.pt"))["model"]
     sd = r["model"].state_dict()
     for k, v in src.items():
         if not k.startswith("heads."):
@@ -244,7 +245,7 @@ def test_constrained_decoding_checkpointed(files, tmp_path):
 
     out = str(tmp_path / "con")
     assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", out]) == 0
-    ck = torch.load(os.path.join(out, "best.pt"), map_location="cpu", weights_only=False)
+    ck = load_checkpoint_tree(os.path.join(out, "best.pt"))
     assert ck["decoding"] == {"tags": "bio"}
     model, vocab, lvs, specs, cfg = T.load_checkpoint(os.path.join(out, "best.pt"))
     assert set(model.decode_constraints) == {"tags"}
