@@ -2,6 +2,7 @@
 import os
 
 from .errors import DataFormatError
+from .text import read_lines, decode_lines, split_lines
 from .atis import load_atis, parse_atis_lines
 from .conll import read_conll, read_conllu
 from .jsonl import read_jsonl
@@ -11,7 +12,8 @@ from .batching import (TaskSpec, parse_task, Batch, encode_examples, bucket_batc
 
 __all__ = ["DataFormatError", "load_atis", "parse_atis_lines", "read_conll", "read_conllu", "read_jsonl", "Vocab",
            "LabelVocab", "normalize_word", "TaskSpec", "parse_task", "Batch", "encode_examples", "bucket_batches",
-           "collate", "check_tasks", "build_label_vocabs", "read_examples", "FORMATS"]
+           "collate", "check_tasks", "build_label_vocabs", "read_examples", "FORMATS", "read_lines", "decode_lines",
+           "split_lines"]
 
 FORMATS = ("atis", "conllu", "conll", "jsonl")
 
@@ -31,6 +33,5 @@ def read_examples(path, format=None, columns=None):
     if format == "jsonl":
         return read_jsonl(path)
     if format == "atis":
-        with open(path, encoding="utf-8") as f:
-            return parse_atis_lines(f.read().splitlines(), path=path)
+        return parse_atis_lines(read_lines(path), path=path)
     raise ValueError("fastmtl: unknown data format %r (expected one of %s)" % (format, ", ".join(FORMATS)))

