@@ -138,12 +138,14 @@ def save_checkpoint(tree, path):
     pos += 8 + len(_SUM_KEY) + 4
     digest = hashlib.sha256(raw).hexdigest()
     raw[pos:pos + 64] = digest.encode("ascii")
-    atomic_write(path, bytes(raw))
+    atomic_write(path, raw)
 
 
 def _looks_like_pickle(head):
-    # torch.save's zip container, or a raw pickle (protocol 2+ starts with PROTO 0x80; the legacy torch format too)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    # torch.save's zip container, or a raw pickle (protocol 2+ starts with PROTO 0x80 and the protocol number; the
+    # legacy torch format too)
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                   b"\x05"))
 
 
 def load_checkpoint_tree(path):
@@ -158,16 +160,19 @@ def load_checkpoint_tree(path):
             raw = f.read()
     except OSError as e:
         raise CheckpointError("fastmtl: cannot read checkpoint %s: %s" % (path, e.strerror or e)) from None
-    if _looks_like_pickle(raw[:4]):
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    # a safetensors file starts with its header's length, then "{": its first bytes can look like a pickle's
+    # (a header of 128 + 256k bytes starts with 0x80), so the pickle test comes second
+    is_safetensors = 0 < n <= min(_MAX_HEADER, len(raw) - 8) and raw[8:9] == b"{"
+    if not is_safetensors and _looks_like_pickle(raw[:4]):
         raise CheckpointError(
-            "fastmtl: %s is a pickle-based PyTorch checkpoint (torch.save, or fastmtl before checkpoint format 2); "
-            "fastmtl does not unpickle files, since unpickling can run arbitrary code. Retrain with this version "
-            "(checkpoints are now safetensors with a JSON header)" % path)
+            "fastmtl: %s looks like a pickle-based PyTorch checkpoint (torch.save, or fastmtl before checkpoint "
+            "format 2); fastmtl does not unpickle files, since unpickling can run arbitrary code. Retrain with this "
+            "version (checkpoints are now safetensors with a JSON header)" % path)
     bad = "fastmtl: %s is not a fastmtl checkpoint, or it is truncated or corrupted (%s)"
     if len(raw) < 8:
         raise CheckpointError(bad % (path, "%d bytes" % len(raw)))
-    n = int.from_bytes(raw[:8], "little")
-    if n > min(_MAX_HEADER, len(raw) - 8):
+    if not is_safetensors:
         raise CheckpointError(bad % (path, "header length %d, file size %d" % (n, len(raw))))
     try:
         header = json.loads(raw[8:8 + n].decode("utf-8"))

@@ -40,7 +40,7 @@ def _fsync_dir(directory):
 
 
 def atomic_write(path, data):
-    """Writes ``data`` (str, written as UTF-8, or bytes) to ``path`` so that readers see either the old file or the
+    """Writes ``data`` (str, written as UTF-8, or bytes-like) to ``path`` so that readers see either the old file or the
     whole new one, never a part.
 
     The data goes to a fresh temporary file in the destination's folder, created by :func:`tempfile.mkstemp`

@@ -319,6 +319,27 @@ def test_tree_round_trip_exact(tmp_path):
     assert not os.path.exists(tmp_path / "u.pt")
 
 
+def test_header_length_that_starts_like_a_pickle(tmp_path):
+    """A checkpoint whose header is 640 = 0x0280 bytes long starts with 0x80 0x02, as a protocol-2 pickle does: it
+    still loads (the format is recognised first)."""
+    path = str(tmp_path / "h.pt")
+
+    def header_len(pad):
+        C.save_checkpoint({"pad": "x" * pad, "w": torch.ones(2)}, path)
+        with open(path, "rb") as f:
+            return int.from_bytes(f.read(8), "little")
+
+    n0 = header_len(0)
+    assert n0 < 600
+    for pad in range(640 - n0 - 16, 640 - n0 + 16):
+        if header_len(pad) == 640:
+            break
+    with open(path, "rb") as f:
+        assert f.read(2) == b"\x80\x02"
+    back = C.load_checkpoint_tree(path)
+    assert torch.equal(back["w"], torch.ones(2)) and back["pad"] == "x" * pad
+
+
 def test_rng_states_round_trip(tmp_path):
     import numpy as np
 
