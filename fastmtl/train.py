@@ -519,10 +519,11 @@ def train(cfg=None, **overrides):
         if cfg.init_encoder:
             init_ck = read_checkpoint(cfg.init_encoder, ("model", "vocab", "config"), "model checkpoint")
             vocab = _checked(cfg.init_encoder, D.Vocab.from_state_dict, init_ck["vocab"])
+            enc_cfg = _checked(cfg.init_encoder, dict, init_ck["config"])
             for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional", "char_dim", "char_filters",
                       "char_kernel"):
-                if k in init_ck["config"]:
-                    setattr(cfg, k, init_ck["config"][k])
+                if k in enc_cfg:
+                    setattr(cfg, k, enc_cfg[k])
         else:
             vocab = D.Vocab.build([ex["tokens"] for ex in train_ex], cfg.min_count, cfg.lower, cfg.normalize_digits)
         lvs = D.build_label_vocabs(train_ex, all_specs)
@@ -534,7 +535,11 @@ def train(cfg=None, **overrides):
 
         pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
         _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
-    model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
+    source = last_path if resume_ck is not None else cfg.init_encoder if init_ck is not None else None
+    if source:  # a configuration read from a checkpoint: errors name it
+        model = _checked(source, _model_from, cfg, vocab, lvs, all_specs, pretrained)
+    else:
+        model = _model_from(cfg, vocab, lvs, all_specs, pretrained)
     if resume_ck is not None:
         schemes = resume_ck.get("decoding") or {}
     else:
