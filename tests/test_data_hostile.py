@@ -277,3 +277,26 @@ def test_conll_bad_column_names(tmp_path, columns, msg):
         D.read_conll(p, columns)
     with pytest.raises(ValueError, match=msg):
         D.read_examples(p, "conll", columns)
+    with pytest.raises(ValueError, match=msg):
+        D.parse_columns(",".join(columns))
+
+
+def test_conll_column_names_from_the_command_line(tmp_path):
+    assert D.parse_columns("word, pos ,ner") == ["word", "pos", "ner"]
+    p = _write(tmp_path, "a.txt", "EU NNP B-ORG\n")
+    assert D.read_conll(p, "word,pos,ner") == [{"tokens": ["EU"], "pos": ["NNP"], "ner": ["B-ORG"]}]
+    with pytest.raises(ValueError, match="column 3 name 3 is not a string"):
+        D.parse_columns(["w", "pos", 3, ""])
+
+
+@pytest.mark.parametrize("fmt,text,line,key", [
+    ("conllu", "# sent_id = 1\n# tokens = hijack\n" + _conllu_line(1, "Hi") + "\n", 2, "tokens"),
+    ("conllu", "# upos = NOUN\n" + _conllu_line(1, "Hi") + "\n", 1, "upos"),
+    ("conll", "# ner = PER\nEU NNP B-ORG\n", 1, "ner"),
+    ("conll", "Bye X O\n\n# id = 1\n# tokens = x\nEU NNP B-ORG\n", 4, "tokens"),
+])
+def test_comment_key_naming_a_token_field(tmp_path, fmt, text, line, key):
+    p = _write(tmp_path, "a." + fmt, text)
+    with pytest.raises(D.DataFormatError, match=r"a\.%s:%d: comment '# %s = \.\.\.' names the token field"
+                       % (fmt, line, key)):
+        D.read_examples(p, fmt, ["word", "pos", "ner"] if fmt == "conll" else None)

@@ -19,7 +19,7 @@ naming the line (see :mod:`fastmtl.data.text`).
 from .errors import DataFormatError
 from .text import read_lines
 
-__all__ = ["read_conllu", "read_conll", "CONLLU_FIELDS"]
+__all__ = ["read_conllu", "read_conll", "parse_columns", "parse_comment", "CONLLU_FIELDS"]
 
 CONLLU_FIELDS = ("id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
 _BLANKS = " \t"  # the column separators of a CoNLL column file
@@ -46,8 +46,14 @@ def _split_columns(line):
 
 
 def _finish(examples, sent, meta, path):
+    """Appends ``sent`` with its sentence fields ``meta`` (key -> (value, line)); a comment key that names one of
+    the sentence's token fields is an error (it would replace the tokens or labels by a string)."""
     if sent["tokens"]:
-        sent.update(meta)
+        for key, (value, lineno) in meta.items():
+            if key in sent:
+                raise DataFormatError(path, lineno, "comment '# %s = ...' names the token field %r of this sentence "
+                                      "(a sentence field must not replace a column)" % (key, key))
+            sent[key] = value
         examples.append(sent)
 
 
@@ -75,7 +81,7 @@ def read_conllu(path):
                 raise DataFormatError(path, lineno, "comment inside a sentence (a blank line must end the sentence)")
             kv = parse_comment(line)
             if kv:
-                meta[kv[0]] = kv[1]
+                meta[kv[0]] = (kv[1], lineno)
             continue
         cols = line.split("\t")
         if len(cols) != 10:
@@ -97,12 +103,14 @@ def read_conllu(path):
     return examples
 
 
-def _check_columns(columns):
-    """``columns`` as a list of names: the first names the word column; the others must be distinct non-empty
-    names (a repeated name would merge two columns into one field). Raises ValueError naming the problem."""
+def parse_columns(columns):
+    """The column names of a CoNLL column file (a list, or one comma-separated string as ``--columns`` takes them)
+    as a list of stripped names: the first names the word column (its field is ``tokens``); the others must be
+    distinct, non-empty and not ``tokens`` (a repeated name would merge two columns into one field). Raises
+    ValueError naming the problem."""
     if isinstance(columns, str):
         columns = columns.split(",")
-    columns = list(columns)
+    columns = [c.strip() if isinstance(c, str) else c for c in columns]
     if not columns:
         raise ValueError("fastmtl: columns: give at least one column name (the first is the word)")
     seen = {}
@@ -111,15 +119,15 @@ def _check_columns(columns):
             raise ValueError("fastmtl: columns: column %d name %r is not a string" % (i + 1, name))
         if i == 0:
             continue  # the word column's name is ignored (its field is "tokens")
-        if not name.strip():
+        if not name:
             raise ValueError("fastmtl: columns: column %d has an empty name (columns: %s)"
-                             % (i + 1, ",".join(columns)))
+                             % (i + 1, ",".join(map(str, columns))))
         if name == "tokens":
             raise ValueError("fastmtl: columns: column %d is named 'tokens', the field of the word column (column 1)"
                              % (i + 1))
         if name in seen:
             raise ValueError("fastmtl: columns: duplicate column name %r (columns %d and %d of %s)"
-                             % (name, seen[name], i + 1, ",".join(columns)))
+                             % (name, seen[name], i + 1, ",".join(map(str, columns))))
         seen[name] = i + 1
     return columns
 
@@ -134,7 +142,7 @@ def read_conll(path, columns=None):
     sent, meta, ncols = {"tokens": []}, {}, None
     names = None
     if columns is not None:
-        columns = _check_columns(columns)
+        columns = parse_columns(columns)
     for lineno, raw in enumerate(read_lines(path), 1):
         line = raw.strip(_BLANKS)
         if not line:
@@ -147,7 +155,7 @@ def read_conll(path, columns=None):
         if line.startswith("#") and not sent["tokens"]:
             kv = parse_comment(line)
             if kv:
-                meta[kv[0]] = kv[1]
+                meta[kv[0]] = (kv[1], lineno)
                 continue
         cols = _split_columns(line)
         if ncols is None:
