@@ -210,6 +210,13 @@ def test_not_utf8_names_file_and_line(tmp_path, fmt, _fresh_seed):
         D.read_examples(str(p), fmt)
 
 
+def test_utf16_file_says_so(tmp_path):
+    p = tmp_path / "a.conllu"
+    p.write_bytes(("# sent_id = 1\n" + _conllu_line(1, "Hi") + "\n").encode("utf-16"))
+    with pytest.raises(D.DataFormatError, match=r"a\.conllu:1: not valid UTF-8 .*column 1.*UTF-16 byte order mark"):
+        D.read_conllu(str(p))
+
+
 def test_atis_package_file_not_utf8(tmp_path, monkeypatch):
     from fastmtl.data import atis
 
@@ -256,6 +263,7 @@ def test_jsonl_labels_that_are_not_labels(tmp_path, bad, msg):
 
 
 def test_jsonl_labels_that_are(tmp_path):
+    """Guard (passes before and after the fix): integer labels stay labels, a null sentence label is no label."""
     p = _write(tmp_path, "a.jsonl", '{"tokens": ["a", "b"], "tags": ["O", 3], "label": null}\n'
                                     '{"tokens": ["c"], "tags": ["B"], "label": 7}\n')
     exs = D.read_jsonl(p)

@@ -43,9 +43,11 @@ def decode_lines(data, path):
         line_start = max(data.rfind(b"\n", 0, pos) + 1, start)
         column = len(data[line_start:pos].decode("utf-8")) + 1  # the bytes before the bad one decoded fine
         bad = data[pos:pos + max(1, min(e.end - e.start, 4))]
-        raise DataFormatError(path, lineno, "not valid UTF-8 (byte%s %s at column %d: %s); save the file as UTF-8"
+        hint = ("the file starts with a UTF-16 byte order mark; " if data.startswith((codecs.BOM_UTF16_LE,
+                                                                                       codecs.BOM_UTF16_BE)) else "")
+        raise DataFormatError(path, lineno, "not valid UTF-8 (byte%s %s at column %d: %s); %ssave the file as UTF-8"
                               % ("s" if len(bad) > 1 else "", " ".join("0x%02x" % b for b in bad), column,
-                                 e.reason)) from None
+                                 e.reason, hint)) from None
     return split_lines(text)
 
 
