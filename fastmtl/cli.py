@@ -44,7 +44,7 @@ def _add_train_args(p):
     g.add_argument("--train", help="training file")
     g.add_argument("--dev", help="development file (early stopping and model selection)")
     g.add_argument("--test", help="test file (metrics.json)")
-    g.add_argument("--columns", type=lambda s: s.split(","), help="column names of a CoNLL column file, first is "
+    g.add_argument("--columns", type=_columns, help="column names of a CoNLL column file, first is "
                    "the word, e.g. word,pos,chunk,ner")
     g.add_argument("--task", dest="tasks", action="append", metavar="NAME:LEVEL:SOURCE",
                    help="a task: LEVEL is token or sequence, SOURCE the field/column (repeatable); e.g. "
@@ -122,7 +122,7 @@ def build_parser():
     e.add_argument("checkpoint")
     e.add_argument("file", nargs="?", help="data file (default: ATIS test when the model was trained on ATIS)")
     e.add_argument("--format", help="atis, conllu, conll or jsonl (default: the training format)")
-    e.add_argument("--columns", type=lambda s: s.split(","))
+    e.add_argument("--columns", type=_columns)
     e.add_argument("--device", default="cpu")
     e.add_argument("--output", help="also write the metrics JSON here")
     r = sub.add_parser("predict", help="predict every task for raw sentences (one per line) -> JSON lines")
@@ -174,16 +174,26 @@ def _evaluate(ns):
     return 0
 
 
+def _columns(s):
+    """--columns: comma-separated, distinct, non-empty column names (argparse shows the message)."""
+    from . import data as D
+
+    try:
+        return D.parse_columns(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _predict(ns):
+    from . import data as D
     from .train import predict_sentences
 
     if ns.sentences:
         lines = ns.sentences
     elif ns.input:
-        with open(ns.input, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = D.read_lines(ns.input)  # lines end at '\n' only: one record per line of the file
     else:
-        lines = sys.stdin.read().splitlines()
+        lines = D.split_lines(sys.stdin.read())
     for p in predict_sentences(ns.checkpoint, lines, ns.device):
         print(json.dumps(p))
     return 0

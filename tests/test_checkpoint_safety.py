@@ -517,3 +517,14 @@ def test_trainer_and_bench_never_write_through_symlinks(files, tmp_path):
     atomic_write_json(str(bench), {"a": 1})
     assert v.read_text() == "precious" and json.loads(bench.read_text()) == {"a": 1}
     assert not glob.glob(str(tmp_path / ".*.tmp"))
+
+
+def test_predict_file_one_record_per_line(trained, tmp_path, capsys):
+    # a line holding U+2028 / U+0085 / a form feed is still one sentence (str.splitlines would make two)
+    out, _ = trained
+    f = tmp_path / "sentences.txt"
+    f.write_text("w1 w2\u2028w3\nw4\x0cw5 w6\r\nw7\u0085w8\n", encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["predict", os.path.join(out, "best.pt"), "--input", str(f)]) == 0
+    records = [line for line in capsys.readouterr().out.split("\n") if line.strip()]
+    assert len(records) == 3, records
