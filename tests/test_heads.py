@@ -409,3 +409,31 @@ def test_autocast_runs_heads_in_lower_precision(device):
     for a, b in zip(g, g_ref):
         assert (a - b).abs().max().item() < 3e-2 * max(1.0, b.abs().max().item())
     assert out.loss.float().item() != ref.loss.item()  # it really ran in bfloat16
+
+
+def test_nan_class_weight_propagates_like_torch(device):
+    # a NaN class weight makes torch's loss NaN; it must not silently turn the task off (loss 0, zero gradients)
+    B, T, D, C = 4, 5, 6, 7
+    hidden = torch.randn(B, T, D, device=device, requires_grad=True)
+    W = torch.randn(C, D, device=device, requires_grad=True)
+    y = torch.randint(0, C, (B, T), device=device)
+    cw = torch.rand(C, device=device) + 0.1
+    cw[y[0, 0]] = float("nan")
+    total, losses = multitask_cross_entropy(hidden, [W], [y], ["token"], class_weights=[cw])
+    ref = F.cross_entropy((hidden @ W.t()).reshape(-1, C), y.reshape(-1), weight=cw)
+    assert torch.isnan(ref) and torch.isnan(total) and torch.isnan(losses[0])
+    g = torch.autograd.grad(total, W)[0]
+    assert torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("output", ["labels", "logits", "log_probs"])
+def test_predict_checks_lengths_on_every_output(device, output):
+    hidden = torch.randn(3, 5, 8, device=device)
+    W = [torch.randn(4, 8, device=device), torch.randn(6, 8, device=device)]
+    for bad in ([5, 0, 2], [5, 6, 2]):
+        with pytest.raises(ValueError, match=r"lengths\[1\] = -?\d+ is out of range"):
+            multitask_predict(hidden, W, ["sequence", "token"], lengths=torch.tensor(bad, device=device),
+                              output=output)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(B,\)"):
+        multitask_predict(hidden, W, ["sequence", "token"], lengths=torch.tensor([5, 2], device=device),
+                          output=output)

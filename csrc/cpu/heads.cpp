@@ -399,7 +399,7 @@ void loss_segment(Source& src, const std::vector<int64_t>& ids, Parsed& P, bool 
     st[j].cw = t.cw.defined() ? t.cw.data_ptr<T>() : nullptr;
     st[j].sum_w = T(t.sum_w);
     st[j].eps = T(t.eps);
-    st[j].active = t.norm > 0.0;
+    st[j].active = t.norm != 0.0;  // NaN (non-finite class weights) and negative sums propagate as in torch
     st[j].scale = T(st[j].active ? t.lambda / t.norm : 0.0);
   }
   std::vector<double> row_losses(R * nt);
@@ -493,7 +493,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> los
   double total = 0.0;
   for (int64_t k = 0; k < K; ++k) {
     const TaskInfo& t = P.tasks[k];
-    ld[k] = t.norm > 0.0 ? t.loss_sum / t.norm : 0.0;
+    ld[k] = t.norm != 0.0 ? t.loss_sum / t.norm : 0.0;
     total += t.lambda * ld[k];
   }
   const auto out_opts = P.H.options().dtype(P.in_dtype);

@@ -715,7 +715,7 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
           loss = (1.f - eps) * wy * (st.lse - st.zy) + eps / (float)C * (wsum * st.lse - st.wz);
           if (p.compute_grad) {
             const float norm = p.norm[kidx];
-            const float scale = norm > 0.f ? p.task_weights[kidx] / norm : 0.f;
+            const float scale = norm != 0.f ? p.task_weights[kidx] / norm : 0.f;  // NaN propagates, as in torch
             st.a = scale * ((1.f - eps) * wy + eps / (float)C * wsum);
             st.b = scale * (1.f - eps) * wy;
             st.sm = scale * eps / (float)C;
@@ -895,7 +895,7 @@ __global__ void __launch_bounds__(kThreads) heads_finalize_kernel(HeadsParams p,
     for (int64_t r = threadIdx.x; r < tk.rows; r += kThreads) s += p.row_loss[tk.row_offset + r];
     s = block_sum(s, red);
     const float norm = p.norm[k];
-    const float L = norm > 0.f ? s / norm : 0.f;
+    const float L = norm != 0.f ? s / norm : 0.f;
     if (threadIdx.x == 0) static_cast<T*>(p.losses)[k] = from_f<T>(L);
     total += p.task_weights[k] * L;
   }

@@ -185,6 +185,22 @@ def multitask_predict(hidden, weights, levels, *, biases=None, lengths=None, poo
             return list(torch.ops.fastmtl.multitask_predict(hidden, lengths, weights, biases, level_codes, pool_codes))
     if output not in ("logits", "log_probs"):
         raise ValueError("fastmtl: output must be 'labels', 'logits' or 'log_probs', got %r" % (output,))
+    # The plain-PyTorch path gets the fused op's checks (an out-of-range length would index silently).
+    B, T = hidden.shape[0], hidden.shape[1]
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError("fastmtl: lengths must have shape (B,) = (%d,), got %s" % (B, tuple(lengths.shape)))
+        if B > 0 and not torch.compiler.is_compiling():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > T:
+                bad = lo if lo < 1 else hi
+                b = int((lengths == bad).nonzero()[0, 0])
+                raise ValueError("fastmtl: lengths[%d] = %d is out of range: every length must be in [1, T] with T = "
+                                 "hidden.size(1) = %d" % (b, bad, T))
+    for k in range(K):
+        if weights[k].dim() != 2 or weights[k].shape[1] != hidden.shape[-1]:
+            raise ValueError("fastmtl: weights[%d] must have shape (num_classes, D) with D = %d, got %s"
+                             % (k, hidden.shape[-1], tuple(weights[k].shape)))
     out = []
     pooled = {}
     for k in range(K):
