@@ -109,6 +109,9 @@ def _add_train_args(p):
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="best.pt, last.pt, log.jsonl, learning_curve.png, metrics.json")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --output-dir: remove the earlier run's files (best.pt, last.pt, log.jsonl, "
+                        "metrics.json, learning_curve.png) before training; other files stay")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--quiet", action="store_true")
 
@@ -121,7 +124,8 @@ def build_parser():
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on a data file (default: the ATIS test set)")
     e.add_argument("checkpoint")
     e.add_argument("file", nargs="?", help="data file (default: ATIS test when the model was trained on ATIS)")
-    e.add_argument("--format", help="atis, conllu, conll or jsonl (default: the training format)")
+    e.add_argument("--format", choices=["atis", "conllu", "conll", "jsonl"],
+                   help="data format (default: the training format)")
     e.add_argument("--columns", type=_columns)
     e.add_argument("--device", default="cpu")
     e.add_argument("--output", help="also write the metrics JSON here")
@@ -140,6 +144,8 @@ def _train(ns):
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    if cfg.epochs == 0:  # train(epochs=0) from Python returns the untrained model; a command line run must train
+        raise ValueError("fastmtl: --epochs must be an integer >= 1, got 0")
     try:
         res = train(cfg)
     except KeyboardInterrupt:
@@ -151,20 +157,19 @@ def _train(ns):
 
 def _evaluate(ns):
     from . import data as D
-    from .train import evaluate_examples, load_checkpoint
+    from .train import check_device, evaluate_examples, load_checkpoint
 
-    import torch
-
-    model, vocab, lvs, specs, cfg = load_checkpoint(ns.checkpoint, ns.device)
+    device = check_device(ns.device)
+    model, vocab, lvs, specs, cfg = load_checkpoint(ns.checkpoint, device)
     fmt = ns.format or cfg.format
     if ns.file is None:
         if fmt != "atis":
-            raise SystemExit("fastmtl evaluate: give a data file (the model was not trained on ATIS)")
+            raise ValueError("fastmtl evaluate: give a data file (the model was not trained on ATIS)")
         examples, path = D.load_atis("test"), "ATIS/test"
     else:
         examples, path = D.read_examples(ns.file, fmt, ns.columns or cfg.columns), ns.file
     D.check_tasks(examples, specs, path)
-    m, _ = evaluate_examples(model, vocab, lvs, specs, examples, torch.device(ns.device))
+    m, _ = evaluate_examples(model, vocab, lvs, specs, examples, device)
     text = json.dumps(m, indent=2) + "\n"
     if ns.output:
         from .fileio import atomic_write
@@ -186,7 +191,9 @@ def _columns(s):
 
 def _predict(ns):
     from . import data as D
-    from .train import predict_sentences
+    from .train import check_device, predict_sentences
+
+    check_device(ns.device)
 
     if ns.sentences:
         lines = ns.sentences
@@ -214,10 +221,23 @@ def main(argv=None):
         return 0
     try:
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[ns.command](ns)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        msg = str(e)
-        print(msg if msg.startswith("fastmtl") else "fastmtl: " + msg, file=sys.stderr)
-        return 1
+    except (ValueError, OSError, ImportError) as e:
+        # expected errors (bad options, data, checkpoints, files, a missing optional package, a diverged run): one
+        # line and exit code 2, like argparse's usage errors; anything else is a bug and keeps its traceback
+        print(_one_line(e), file=sys.stderr)
+        return EXIT_USAGE
+
+
+EXIT_USAGE = 2
+
+
+def _one_line(e):
+    if isinstance(e, OSError) and e.strerror and not str(e).startswith("fastmtl"):
+        msg = "%s: %s" % (e.filename, e.strerror) if e.filename is not None else e.strerror
+    else:
+        msg = str(e) or type(e).__name__
+    msg = " ".join(l.strip() for l in msg.splitlines() if l.strip())
+    return msg if msg.startswith("fastmtl") else "fastmtl: " + msg
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .fileio import atomic_write
 from .weighting import make_weighting
 
 __all__ = ["TrainConfig", "train", "evaluate_examples", "load_checkpoint", "predict_sentences", "atomic_write",
-           "build_tasks", "CheckpointError"]
+           "build_tasks", "CheckpointError", "NonFiniteLossError", "check_device"]
 
 
 @dataclass
@@ -84,8 +84,141 @@ class TrainConfig:
     # output
     output_dir: str = None
     resume: bool = False
+    overwrite: bool = False             # reuse a non-empty output_dir: remove the previous run's files first
     progress: bool = True
     quiet: bool = False
+
+    def validate(self):
+        """Checks every field; raises ``ValueError`` with a one-line message naming the option (``--warmup-steps``)
+        for the first bad one. :func:`train` calls this, so the command line and Python users get the same checks.
+        Returns ``self``."""
+        _validate_config(self)
+        return self
+
+
+_CHOICES = {"format": D.FORMATS, "pooling": ("last", "first", "mean", "max"),
+            "sharing": ("hard", "soft", "hierarchical"), "weighting": ("static", "uncertainty", "dwa", "gradnorm"),
+            "optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "constant")}
+_BOOLS = ("lower", "normalize_digits", "freeze_embeddings", "bidirectional", "token_context", "constrained_decoding",
+          "freeze_encoder", "resume", "overwrite", "progress", "quiet")
+_PATHS = ("train", "dev", "test", "pretrained", "init_encoder", "output_dir")
+# name: the least value allowed (integers; the fields in _OPTIONAL may also be None)
+_INTS = {"max_train": 1, "min_count": 1, "embedding_dim": 1, "hidden_size": 1, "num_layers": 1, "char_dim": 0,
+         "char_filters": 1, "char_kernel": 1, "warmup_steps": 0, "batch_size": 1, "eval_batch_size": 1, "epochs": 0,
+         "patience": 1, "threads": 1}
+_OPTIONAL = ("max_train", "max_minutes", "threads")
+# name: (low, low allowed, high or None, high allowed)
+_FLOATS = {"unk_alpha": (0.0, True, None, False), "dropout": (0.0, True, 1.0, False),
+           "sequence_aux": (0.0, True, None, False), "label_smoothing": (0.0, True, 1.0, False),
+           "soft_lambda": (0.0, True, None, False), "dwa_temperature": (0.0, False, None, False),
+           "gradnorm_alpha": (0.0, True, None, False), "lr": (0.0, False, None, False),
+           "weight_decay": (0.0, True, None, False), "grad_clip": (0.0, True, None, False),
+           "ema": (0.0, True, 1.0, False), "max_minutes": (0.0, False, None, False)}
+
+
+def _opt(name):
+    """The command-line spelling of a TrainConfig field (``eval_batch_size`` has no option: its own name)."""
+    return name if name == "eval_batch_size" else "--" + name.replace("_", "-")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _range_text(lo, lo_ok, hi, hi_ok):
+    if hi is None:
+        return "%s %g" % (">=" if lo_ok else ">", lo)
+    return "in %s%g, %g%s" % ("[" if lo_ok else "(", lo, hi, "]" if hi_ok else ")")
+
+
+def _validate_config(cfg):
+    def bad(name, what, value):
+        raise ValueError("fastmtl: %s must be %s, got %r" % (_opt(name), what, value))
+
+    for name, choices in _CHOICES.items():
+        v = getattr(cfg, name)
+        if v not in choices:
+            bad(name, "one of " + ", ".join(choices), v)
+    for name in _BOOLS:
+        v = getattr(cfg, name)
+        if not isinstance(v, bool):
+            bad(name, "true or false", v)
+    for name in _PATHS:
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (str, os.PathLike)) and os.fspath(v)):
+            bad(name, "a file or folder name", v)
+    for name, lo in _INTS.items():
+        v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL:
+            continue
+        if not _is_int(v) or v < lo:
+            bad(name, "an integer >= %d" % lo, v)
+    if cfg.char_dim and cfg.char_kernel % 2 == 0:
+        bad("char_kernel", "odd", cfg.char_kernel)
+    for name, (lo, lo_ok, hi, hi_ok) in _FLOATS.items():
+        v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL:
+            continue
+        ok = _is_num(v) and math.isfinite(v) and (v >= lo if lo_ok else v > lo)
+        if ok and hi is not None:
+            ok = v <= hi if hi_ok else v < hi
+        if not ok:
+            bad(name, "a finite number " + _range_text(lo, lo_ok, hi, hi_ok), v)
+    if not _is_int(cfg.seed):
+        bad("seed", "an integer", cfg.seed)
+    if cfg.task_weights is not None:
+        if not isinstance(cfg.task_weights, dict):
+            bad("task_weights", "NAME:WEIGHT pairs", cfg.task_weights)
+        for k, v in cfg.task_weights.items():
+            if not isinstance(k, str) or not _is_num(v) or not math.isfinite(v) or v < 0:
+                raise ValueError("fastmtl: --task-weights: the weight of %r must be a finite number >= 0, got %r"
+                                 % (k, v))
+    if cfg.task_layers is not None:
+        if not isinstance(cfg.task_layers, dict):
+            bad("task_layers", "NAME:LAYER pairs", cfg.task_layers)
+        for k, v in cfg.task_layers.items():
+            if not isinstance(k, str) or not _is_int(v) or not 1 <= v <= cfg.num_layers:
+                raise ValueError("fastmtl: --task-layers: the layer of %r must be an integer in 1..%d (--num-layers), "
+                                 "got %r" % (k, cfg.num_layers, v))
+    if cfg.columns is not None:
+        D.parse_columns(cfg.columns)
+    if cfg.tasks is not None and (isinstance(cfg.tasks, str) or not hasattr(cfg.tasks, "__iter__")):
+        bad("task", "a list of NAME:LEVEL:SOURCE tasks", cfg.tasks)
+    if not isinstance(cfg.device, str) or not cfg.device:
+        bad("device", "auto, cpu, cuda or cuda:N", cfg.device)
+    if cfg.device != "auto":
+        check_device(cfg.device)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("fastmtl: --resume continues the run in --output-dir and --overwrite replaces it: give one")
+    if (cfg.resume or cfg.overwrite) and not cfg.output_dir:
+        raise ValueError("fastmtl: --%s needs --output-dir" % ("resume" if cfg.resume else "overwrite"))
+    if cfg.freeze_encoder and not cfg.init_encoder:
+        raise ValueError("fastmtl: --freeze-encoder needs --init-encoder (the checkpoint whose encoder to keep)")
+
+
+def check_device(name, option="--device"):
+    """The ``torch.device`` for ``name`` (cpu, cuda, cuda:N), or a one-line ``ValueError`` naming ``option`` when
+    it is malformed or not usable here (a CPU-only build, no GPU visible, an index past the GPUs)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError("fastmtl: %s must be auto, cpu, cuda or cuda:N, got %r" % (option, name)) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError("fastmtl: %s %s: fastmtl runs on cpu or cuda" % (option, name))
+    if not torch.backends.cuda.is_built():
+        raise ValueError("fastmtl: %s %s: this PyTorch build has no CUDA support (torch %s); use --device cpu"
+                         % (option, name, torch.__version__))
+    if not torch.cuda.is_available():
+        raise ValueError("fastmtl: %s %s: no CUDA GPU is available; use --device cpu" % (option, name))
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError("fastmtl: %s %s: only %d CUDA GPU(s) are visible" % (option, name, torch.cuda.device_count()))
+    return dev
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,6 +594,44 @@ class _Stop(Exception):
     pass
 
 
+class NonFiniteLossError(ValueError):
+    """Training stopped: the loss became nan or inf (nothing of that step is saved)."""
+
+
+# what a run writes into --output-dir (and atomic_write's temporaries of them): --overwrite removes these, and only these
+RUN_FILES = ("best.pt", "last.pt", "log.jsonl", "metrics.json", "learning_curve.png")
+
+
+def _is_run_file(name):
+    if name in RUN_FILES:
+        return True
+    return name.endswith(".tmp") and any(name.startswith("." + f + ".") for f in RUN_FILES)
+
+
+def _prepare_output_dir(cfg, rank):
+    """Refuses an existing, non-empty ``output_dir`` unless ``resume`` or ``overwrite``."""
+    d = cfg.output_dir
+    if not os.path.lexists(d):
+        return
+    if not os.path.isdir(d):
+        raise ValueError("fastmtl: --output-dir %s exists and is not a folder" % d)
+    if cfg.resume or cfg.overwrite:
+        return
+    entries = sorted(os.listdir(d))
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError("fastmtl: --output-dir %s is not empty (%s): give --resume to continue its run or "
+                         "--overwrite to replace it" % (d, shown))
+
+
+def _remove_run_files(d):
+    """--overwrite: removes the files of an earlier run (links themselves, never their targets); others stay."""
+    for name in os.listdir(d):
+        p = os.path.join(d, name)
+        if _is_run_file(name) and (os.path.islink(p) or not os.path.isdir(p)):
+            os.unlink(p)
+
+
 _RESUME_KEYS = ("config", "vocab", "label_vocabs", "step_module", "optimizer", "scheduler", "history", "best_score",
                 "best_epoch", "bad_epochs", "epoch", "rng")
 
@@ -470,7 +641,10 @@ def train(cfg=None, **overrides):
     ``test`` (metrics.json content, or None without test data), ``dev`` (best dev metrics), ``best_epoch``,
     ``train_time_s``, ``tokens_per_s`` and ``history``."""
     cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
+    cfg.validate()
     world, rank, local = _dist_env()
+    if cfg.output_dir:
+        _prepare_output_dir(cfg, rank)
     distributed = world > 1
     device = _device(cfg, local)
     if cfg.threads:
@@ -498,9 +672,10 @@ def train(cfg=None, **overrides):
         if os.path.lexists(last_path):
             resume_ck = read_checkpoint(last_path, _RESUME_KEYS, "training state (last.pt)")
             saved = _checked(last_path, dict, resume_ck["config"])
-            for k in ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "device", "threads"):
+            for k in ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "overwrite", "device",
+                      "threads"):
                 saved[k] = getattr(cfg, k)
-            cfg = _checked(last_path, _config_from, saved)
+            cfg = _checked(last_path, lambda: _config_from(saved).validate())
             _log(cfg, "fastmtl: resuming from %s (epoch %s done)" % (last_path, resume_ck["epoch"]), rank)
         else:
             _log(cfg, "fastmtl: --resume: no %s yet, starting fresh" % last_path, rank)
@@ -524,6 +699,7 @@ def train(cfg=None, **overrides):
                       "char_kernel"):
                 if k in enc_cfg:
                     setattr(cfg, k, enc_cfg[k])
+            _checked(cfg.init_encoder, cfg.validate)
         else:
             vocab = D.Vocab.build([ex["tokens"] for ex in train_ex], cfg.min_count, cfg.lower, cfg.normalize_digits)
         lvs = D.build_label_vocabs(train_ex, all_specs)
@@ -534,6 +710,10 @@ def train(cfg=None, **overrides):
         from .embeddings import embedding_matrix
 
         pretrained, found = embedding_matrix(vocab, cfg.pretrained, cfg.embedding_dim)
+        bad_rows = (~torch.isfinite(pretrained).all(dim=1)).nonzero().flatten().tolist()
+        if bad_rows:
+            raise ValueError("fastmtl: --pretrained %s: the vector of %r (and %d more) holds nan or inf values"
+                             % (cfg.pretrained, vocab.itos[bad_rows[0]], len(bad_rows) - 1))
         _log(cfg, "fastmtl: %d of %d words have pretrained vectors" % (found, len(vocab)), rank)
     source = last_path if resume_ck is not None else cfg.init_encoder if init_ck is not None else None
     if source:  # a configuration read from a checkpoint: errors name it
@@ -554,6 +734,11 @@ def train(cfg=None, **overrides):
         _checked(cfg.init_encoder, model.load_encoder, init_ck["model"], cfg.freeze_encoder)
     model.to(device)
     base_weights = dict(cfg.task_weights or {})
+    unknown = sorted(set(base_weights) - {s.name for s in specs})
+    if unknown:
+        raise ValueError("fastmtl: --task-weights names unknown task%s %s (the tasks are %s)"
+                         % ("s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown)),
+                            ", ".join(s.name for s in specs)))
     base_weights.update({s.name: cfg.sequence_aux for s in all_specs if _is_aux(s)})
     weighting = make_weighting(cfg.weighting, [s.name for s in all_specs], base_weights,
                                **({"temperature": cfg.dwa_temperature} if cfg.weighting == "dwa" else
@@ -659,6 +844,10 @@ def train(cfg=None, **overrides):
             dist.all_reduce(t)
             t.div_(world)
 
+    if out_dir and rank == 0 and cfg.overwrite:
+        # as late as possible (bad data or checkpoints leave the earlier run alone), and after the process group is up
+        # (no other rank still looks at the old files)
+        _remove_run_files(out_dir)
     t_start = time.perf_counter() - train_time
     interrupted = False
     epoch = start_epoch
@@ -717,6 +906,17 @@ def train(cfg=None, **overrides):
                         for k, v in ema.items():
                             v.lerp_(sd[k], 1.0 - decay)
                 lv = float(loss.detach())
+                finite = math.isfinite(lv)
+                if distributed:  # every rank stops at the same step
+                    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+                    dist.all_reduce(flag)
+                    finite = not float(flag)
+                if not finite:
+                    raise NonFiniteLossError(
+                        "fastmtl: the training loss is %s at epoch %d, step %d (task losses: %s); stopped without "
+                        "writing metrics%s. Check --task-weights, --pretrained and --lr"
+                        % (lv, epoch + 1, nb + 1, ", ".join("%s %.4g" % (n, float(l.detach())) for n, l in out.losses.items()),
+                           ("; the checkpoints of completed epochs in %s are kept" % out_dir) if out_dir else ""))
                 loss_sum += lv
                 for n, l in out.losses.items():
                     task_sums[n] += float(l.detach())

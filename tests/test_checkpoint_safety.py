@@ -504,7 +504,7 @@ def test_trainer_and_bench_never_write_through_symlinks(files, tmp_path):
         os.symlink(v, out / ("%s.tmp%d" % (name, os.getpid())))
         victims[name] = v
     T.train(T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=files["test"], tasks=TASKS,
-                          epochs=1, output_dir=str(out), **TINY))
+                          epochs=1, output_dir=str(out), overwrite=True, **TINY))  # a non-empty folder
     for name, v in victims.items():
         assert v.read_text() == "precious " + name
     for name in ("best.pt", "last.pt", "log.jsonl", "metrics.json"):

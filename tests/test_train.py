@@ -83,11 +83,11 @@ def test_cli_train_evaluate_predict(files, tmp_path, capsys):
 
 def test_cli_errors(files, tmp_path, capsys):
     assert cli.main(["train", "--format", "jsonl", "--train", files["train"], "--task", "x:token:nope"]
-                    + TINY_ARGS) == 1
+                    + TINY_ARGS) == 2
     assert "no field 'nope'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tokens": ["a"], "t": ["O"]}\n{"tokens": "a b"}\n')
-    assert cli.main(["train", "--format", "jsonl", "--train", str(bad), "--task", "t:token:t"] + TINY_ARGS) == 1
+    assert cli.main(["train", "--format", "jsonl", "--train", str(bad), "--task", "t:token:t"] + TINY_ARGS) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--sharing", "medium"])
