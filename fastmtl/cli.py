@@ -2,6 +2,10 @@
 
 ``fastmtl train`` with no arguments trains the default joint BiLSTM (intent + slots) on ATIS and prints the test
 metrics. See ``fastmtl train --help``.
+
+Exit codes: 0 done; 2 a usage error (argparse) or an expected error (a bad option, file, data or checkpoint, a non-empty
+``--output-dir`` without ``--resume``/``--overwrite``, a loss that turned nan/inf), reported as one line on stderr;
+130 interrupted (Ctrl-C). Anything else is a bug and shows its traceback.
 """
 import argparse
 import dataclasses
@@ -221,8 +225,8 @@ def main(argv=None):
         return 0
     try:
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[ns.command](ns)
-    except (ValueError, OSError, ImportError) as e:
-        # expected errors (bad options, data, checkpoints, files, a missing optional package, a diverged run): one
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        # expected errors (bad options, data, checkpoints, files, a missing data package, a diverged run): one
         # line and exit code 2, like argparse's usage errors; anything else is a bug and keeps its traceback
         print(_one_line(e), file=sys.stderr)
         return EXIT_USAGE
