@@ -271,6 +271,10 @@ def test_output_dir_overwrite(files, tmp_path, capsys):
     assert not os.path.islink(out / "learning_curve.png")
     with open(out / "log.jsonl") as f:
         assert [json.loads(l)["epoch"] for l in f] == [1]
+    # the run saved with --overwrite continues with --resume (its saved configuration does not clash)
+    assert cli.main(["train"] + _data_args(files, False) + TINY_ARGS + ["--epochs", "2", "--output-dir", str(out),
+                                                                       "--resume"]) == 0
+    assert load_checkpoint_tree(str(out / "last.pt"))["epoch"] == 2
 
 
 def test_output_dir_resume_allowed(files, tmp_path, capsys):
