@@ -977,10 +977,15 @@ def train(cfg=None, **overrides):
                 break
     except KeyboardInterrupt:
         interrupted = True
-        train_time = time.perf_counter() - t_start
-        save_last(epoch)  # the interrupted epoch starts over on --resume
+        # Roll back, do not save: last.pt already holds the state at the end of the last completed epoch (written
+        # after every epoch), so --resume replays the interrupted epoch from exactly that state and ends bitwise where
+        # the uninterrupted run ends. (Saving the mid-epoch weights here would replay the epoch on top of them.)
         if out_dir and rank == 0:
-            _log(cfg, "\nfastmtl: interrupted; saved %s (continue with --resume)" % last_path, rank)
+            if os.path.exists(last_path):
+                _log(cfg, "\nfastmtl: interrupted; %s holds the last completed epoch (continue with --resume)"
+                     % last_path, rank)
+            else:
+                _log(cfg, "\nfastmtl: interrupted during the first epoch; nothing to resume", rank)
         raise
     finally:
         if interrupted:

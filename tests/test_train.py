@@ -108,7 +108,8 @@ def _params(result):
     return {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
 
 
-def test_deterministic_and_resume(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("at", ["epoch_start", "mid_epoch"])
+def test_deterministic_and_resume(files, tmp_path, monkeypatch, at):
     cfg = T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=None,
                         tasks=["tags:token:tags", "label:sequence:label"], epochs=3, patience=10, **TINY)
     a = T.train(cfg)
@@ -117,23 +118,28 @@ def test_deterministic_and_resume(files, tmp_path, monkeypatch):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
-    # interrupt (Ctrl-C) at the start of epoch 2, then --resume: same result as the uninterrupted run
+    # interrupt (Ctrl-C) at the start or in the middle of epoch 2 (after some of its optimizer steps), then
+    # --resume: same result as the uninterrupted run, bitwise
     out = str(tmp_path / "r")
-    calls = {"n": 0}
-    real = T.D.collate
     per_epoch = len(T.D.bucket_batches([0] * 48, cfg.batch_size))
+    assert per_epoch >= 3
+    stop_at = per_epoch + (1 if at == "epoch_start" else per_epoch // 2 + 1)
+    calls = {"n": 0}
+    opt_cls = type(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))  # the trainer's default optimizer
+    real_step = opt_cls.step
 
-    def interrupting(*args, **kw):
-        if kw.get("generator") is not None:
-            calls["n"] += 1
-            if calls["n"] == per_epoch + 1:
-                raise KeyboardInterrupt
-        return real(*args, **kw)
+    def interrupting_step(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == stop_at:  # this step of epoch 2 never happens; the earlier ones did
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kw)
 
-    monkeypatch.setattr(T.D, "collate", interrupting)
+    assert cfg.optimizer == "adam"
+    monkeypatch.setattr(opt_cls, "step", interrupting_step)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, output_dir=out)
-    monkeypatch.setattr(T.D, "collate", real)
+    assert calls["n"] == stop_at
+    monkeypatch.setattr(opt_cls, "step", real_step)
     ck = load_checkpoint_tree(os.path.join(out, "last.pt"))
     assert ck["epoch"] == 1
     c = T.train(cfg, output_dir=out, resume=True)
