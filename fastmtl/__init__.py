@@ -11,7 +11,8 @@ from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "cpu_kernel", "cpu_kernels", "set_cpu_kernel", "use_cpu_kernel", "functional", "nn", "ops", "__version__"]
+__all__ = ["build_info", "cpu_kernel", "cpu_kernels", "set_cpu_kernel", "use_cpu_kernel", "functional", "nn", "ops",
+           "__version__"]
 
 
 def __getattr__(name):

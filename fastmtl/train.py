@@ -915,7 +915,8 @@ def train(cfg=None, **overrides):
                     raise NonFiniteLossError(
                         "fastmtl: the training loss is %s at epoch %d, step %d (task losses: %s); stopped without "
                         "writing metrics%s. Check --task-weights, --pretrained and --lr"
-                        % (lv, epoch + 1, nb + 1, ", ".join("%s %.4g" % (n, float(l.detach())) for n, l in out.losses.items()),
+                        % (lv, epoch + 1, nb + 1,
+                           ", ".join("%s %.4g" % (n, float(l.detach())) for n, l in out.losses.items()),
                            ("; the checkpoints of completed epochs in %s are kept" % out_dir) if out_dir else ""))
                 loss_sum += lv
                 for n, l in out.losses.items():

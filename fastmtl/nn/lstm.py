@@ -52,9 +52,9 @@ def _fx_tracer(*args):
 
 
 def _quantizer_asked_for_torch_lstm(frame) -> bool:
-    """Whether ``frame`` (or one of its two callers) is torch.ao.quantization propagating a qconfig spec that names torch.nn.LSTM (the setter
-    of ``qconfig`` is then being handed None for this module because its type is not in the spec). Best effort: a
-    different torch layout gives False (no warning), never an error."""
+    """Whether ``frame`` (or one of its two callers) is torch.ao.quantization propagating a qconfig spec that names
+    torch.nn.LSTM (the setter of ``qconfig`` is then being handed None for this module because its type is not in the
+    spec). Best effort: a different torch layout gives False (no warning), never an error."""
     try:
         for _ in range(3):  # the setter may be reached through nn.Module.__setattr__
             if frame is None:
