@@ -9,9 +9,9 @@
 //     (beta = 1, so no separate gate buffer), then one fused vectorised pass over the rows (at::parallel_for;
 //     the pass is csrc/cpu/kernels/lstm_cell_<isa>.cpp, chosen at run time from the CPU's features) computing
 //     the activations and the new (c, h).
-//   * GEMMs go through ATen's public CPU API (at::cpu::mm_out, addmm_) on strided views; nothing private of torch.
 //     The running (h, c) live in hy/cy themselves: a row that stops keeps its state at its last real token, and
 //     the reverse direction starts a row at its last real token simply because the row only becomes active then.
+//   * GEMMs go through ATen's public CPU API (at::cpu::mm_out, addmm_) on strided views; nothing private of torch.
 // Backward: the same walk in the other order; per step one fused pass producing the pre-activation gradients
 //   (packed (N, D*4H)) and dc_prev, and one GEMM dh_prev = dG_t @ W_hh on the active rows; then the weight
 //   gradients as large GEMMs over all steps: dW_ih = dG^T X_packed, dW_hh = dG^T H_prev_packed, db = sum dG,
