@@ -11,41 +11,17 @@ import torch
 from fastmtl import cli
 from fastmtl import train as T
 from fastmtl.checkpoint import load_checkpoint_tree
+from train_data import data_args as _data_args
+from train_data import write_splits
 
 TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1)
 TINY_ARGS = ["--embedding-dim", "8", "--hidden-size", "8", "--batch-size", "8", "--no-progress", "--quiet",
              "--threads", "1"]
 
 
-def _synthetic(n, rng):
-    """Sentences of words w0..w19; words w0-w4 are entities (B-E, following ones I-E), the label is the parity of
-    the number of entity words."""
-    rows = []
-    for _ in range(n):
-        toks = ["w%d" % rng.randrange(20) for _ in range(rng.randint(2, 9))]
-        tags, prev = [], False
-        for t in toks:
-            ent = int(t[1:]) < 5
-            tags.append(("I-E" if prev else "B-E") if ent else "O")
-            prev = ent
-        rows.append({"tokens": toks, "tags": tags, "label": "odd" if sum(t != "O" for t in tags) % 2 else "even"})
-    return rows
-
-
 @pytest.fixture
 def files(tmp_path, _fresh_seed):
-    rng = random.Random(_fresh_seed)
-    out = {}
-    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
-        p = tmp_path / ("%s.jsonl" % split)
-        p.write_text("".join(json.dumps(r) + "\n" for r in _synthetic(n, rng)))
-        out[split] = str(p)
-    return out
-
-
-def _data_args(files):
-    return ["--format", "jsonl", "--train", files["train"], "--dev", files["dev"], "--test", files["test"],
-            "--task", "tags:token:tags", "--task", "label:sequence:label"]
+    return write_splits(tmp_path, random.Random(_fresh_seed), (("train", 48), ("dev", 16), ("test", 16)))
 
 
 def test_cli_train_evaluate_predict(files, tmp_path, capsys):

@@ -12,41 +12,13 @@ from fastmtl import cli
 from fastmtl import train as T
 from fastmtl.checkpoint import load_checkpoint_tree
 
-TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1,
-            char_dim=4, char_filters=6)
-TINY_ARGS = ["--embedding-dim", "8", "--hidden-size", "8", "--batch-size", "8", "--no-progress", "--quiet",
-             "--threads", "1", "--char-dim", "4", "--char-filters", "6"]
-TASKS = ["tags:token:tags", "label:sequence:label"]
-
-
-def _synthetic(n, rng):
-    rows = []
-    for _ in range(n):
-        toks = ["w%d" % rng.randrange(20) for _ in range(rng.randint(2, 9))]
-        tags, prev = [], False
-        for t in toks:
-            ent = int(t[1:]) < 5
-            tags.append(("I-E" if prev else "B-E") if ent else "O")
-            prev = ent
-        rows.append({"tokens": toks, "tags": tags, "label": "odd" if sum(t != "O" for t in tags) % 2 else "even"})
-    return rows
+from train_data import TASKS, TINY, TINY_ARGS, write_splits
+from train_data import data_args as _data_args
 
 
 @pytest.fixture
 def files(tmp_path, _fresh_seed):
-    rng = random.Random(_fresh_seed)
-    out = {}
-    for split, n in (("train", 40), ("dev", 12), ("test", 12)):
-        p = tmp_path / ("%s.jsonl" % split)
-        p.write_text("".join(json.dumps(r) + "\n" for r in _synthetic(n, rng)))
-        out[split] = str(p)
-    return out
-
-
-def _data_args(files, test=True):
-    args = ["--format", "jsonl", "--train", files["train"], "--dev", files["dev"], "--task", TASKS[0], "--task",
-            TASKS[1]]
-    return args + (["--test", files["test"]] if test else [])
+    return write_splits(tmp_path, random.Random(_fresh_seed))
 
 
 def _one_line_error(capsys, *must_contain):
