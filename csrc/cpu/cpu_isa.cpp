@@ -14,10 +14,6 @@ namespace fastmtl {
 namespace cpu {
 namespace {
 
-// __builtin_cpu_supports needs libgcc's or compiler-rt's CPU model: GCC and Clang, not clang-cl (MSVC runtime).
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && !defined(_MSC_VER)
-#define FASTMTL_X86_KERNELS 1
-#endif
 
 bool cpu_has(Isa isa) {
   switch (isa) {

@@ -634,17 +634,7 @@ std::vector<Tensor> multitask_predict_cpu(const Tensor& hidden, const std::optio
 namespace fastmtl {
 namespace cpu_kernels {
 const HeadsRowKernels& heads_row_kernels() {
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      if (const HeadsRowKernels* k = heads_row_kernels_avx512()) return *k;
-      break;
-    case cpu::Isa::kAvx2:
-      if (const HeadsRowKernels* k = heads_row_kernels_avx2()) return *k;
-      break;
-    default:
-      break;
-  }
-  return *heads_row_kernels_scalar();
+  return cpu::select_kernels(heads_row_kernels_scalar(), heads_row_kernels_avx2(), heads_row_kernels_avx512());
 }
 }  // namespace cpu_kernels
 }  // namespace fastmtl

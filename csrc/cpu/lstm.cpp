@@ -410,17 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
 namespace fastmtl {
 namespace cpu_kernels {
 const LstmCellKernels& lstm_cell_kernels() {
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      if (const LstmCellKernels* k = lstm_cell_kernels_avx512()) return *k;
-      break;
-    case cpu::Isa::kAvx2:
-      if (const LstmCellKernels* k = lstm_cell_kernels_avx2()) return *k;
-      break;
-    default:
-      break;
-  }
-  return *lstm_cell_kernels_scalar();
+  return cpu::select_kernels(lstm_cell_kernels_scalar(), lstm_cell_kernels_avx2(), lstm_cell_kernels_avx512());
 }
 }  // namespace cpu_kernels
 }  // namespace fastmtl

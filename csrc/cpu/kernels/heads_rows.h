@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "fastmtl/cpu_isa.h"
+
 namespace fastmtl {
 namespace cpu_kernels {
 

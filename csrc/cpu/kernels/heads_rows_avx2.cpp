@@ -1,9 +1,9 @@
 // Cross-entropy row pass for AVX2 + FMA (function attributes only: see simd_math.h).
 #include "heads_rows.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && !defined(_MSC_VER)
+#ifdef FASTMTL_X86_KERNELS
 #include "heads_rows_impl.h"
-FASTMTL_DEFINE_HEADS_ROW_KERNELS(avx2, 32, __attribute__((target("avx2,fma"))))
+FASTMTL_DEFINE_HEADS_ROW_KERNELS(avx2, 32, FASTMTL_TARGET_AVX2)
 #else
 namespace fastmtl {
 namespace cpu_kernels {

@@ -12,6 +12,21 @@
 #include <string>
 #include <vector>
 
+// The x86 kernels (avx2, avx512) are compiled with GCC and Clang (function target attributes, vector extensions,
+// __builtin_cpu_supports from libgcc / compiler-rt); not with MSVC or clang-cl.
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && !defined(_MSC_VER)
+#define FASTMTL_X86_KERNELS 1
+// The function attributes of the per-ISA entry points (csrc/cpu/kernels/<op>_<isa>.cpp), and only of them.
+#define FASTMTL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define FASTMTL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), min_vector_width(512)))
+#else
+#define FASTMTL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512")))
+#endif
+#endif
+
 namespace fastmtl {
 namespace cpu {
 
@@ -36,6 +51,22 @@ void set_active_isa(const std::string& name);
 std::string isa_override();
 // Names of the supported ISAs, baseline first.
 std::vector<std::string> supported_isa_names();
+
+// The kernel table of active_isa() among an op's per-ISA tables (nullptr: not compiled into this build).
+template <typename Table>
+const Table& select_kernels(const Table* scalar, const Table* avx2, const Table* avx512) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      if (avx512) return *avx512;
+      break;
+    case Isa::kAvx2:
+      if (avx2) return *avx2;
+      break;
+    default:
+      break;
+  }
+  return *scalar;
+}
 
 }  // namespace cpu
 }  // namespace fastmtl
