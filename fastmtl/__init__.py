@@ -21,4 +21,8 @@ def __getattr__(name):
         from .model import MultiTaskLSTM
 
         return MultiTaskLSTM
+    if name in ("load", "Predictor"):  # fastmtl.load(path) -> a Predictor (fastmtl/predictor.py)
+        from . import predictor
+
+        return getattr(predictor, name)
     raise AttributeError("module 'fastmtl' has no attribute %r" % name)

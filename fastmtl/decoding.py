@@ -15,7 +15,7 @@ a span: such tasks are decoded by argmax).
 """
 import torch
 
-__all__ = ["span_constraints", "detect_scheme", "viterbi_decode"]
+__all__ = ["span_constraints", "detect_scheme", "viterbi_decode", "constrained_marginals"]
 
 SCHEMES = ("bio", "iobes")
 
@@ -128,3 +128,48 @@ def viterbi_decode(scores, lengths, allowed, start=None, end=None):
             tag = torch.where(inside, prev, tag)
         out[:, t] = torch.where(at_end | inside, tag, out[:, t])
     return out
+
+
+def constrained_marginals(scores, lengths, allowed, start=None, end=None):
+    """Per-token tag probabilities under the span constraints: ``P(tag_t = c)`` over the tag sequences that
+    :func:`viterbi_decode` may return, each weighted by ``exp`` of its summed ``scores`` (forward-backward, exact).
+
+    ``scores``: (B, T, C) per-token log-probabilities; ``lengths``, ``allowed``, ``start``, ``end`` as in
+    :func:`viterbi_decode`. Returns (B, T, C) float32 probabilities that sum to 1 at every real position and are 0 at
+    padded positions. With every transition allowed they are the softmax of ``scores``, i.e. the tagger's own
+    per-token probabilities; with constraints they move the mass of impossible tags (``I-X`` after ``O``) onto the
+    tags of valid sequences, so the tag Viterbi picks and its probability here agree in what they call a span."""
+    if scores.dim() != 3:
+        raise ValueError("fastmtl: constrained_marginals: scores must be (B, T, C), got %s" % (tuple(scores.shape),))
+    B, T, C = scores.shape
+    if tuple(allowed.shape) != (C, C):
+        raise ValueError("fastmtl: constrained_marginals: allowed must be (%d, %d), got %s"
+                         % (C, C, tuple(allowed.shape)))
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long)
+    lengths = torch.as_tensor(lengths, device=scores.device).long()
+    if tuple(lengths.shape) != (B,) or (B and (int(lengths.min()) < 1 or int(lengths.max()) > T)):
+        raise ValueError("fastmtl: constrained_marginals: lengths must be (%d,) values in [1, %d]" % (B, T))
+    if B == 0 or T == 0:
+        return torch.zeros(B, T, C, device=scores.device)
+    s = scores.float()
+    dev = s.device
+    zero, neg = torch.zeros((), device=dev), torch.tensor(-1e30, device=dev)
+    trans = torch.where(allowed.to(dev), zero, neg)                               # (C, C) from -> to
+    first = torch.where(start.to(dev), zero, neg) if start is not None else torch.zeros(C, device=dev)
+    last = torch.where(end.to(dev), zero, neg) if end is not None else torch.zeros(C, device=dev)
+    alpha = torch.empty(B, T, C, device=dev)
+    alpha[:, 0] = s[:, 0] + first
+    for t in range(1, T):
+        alpha[:, t] = torch.logsumexp(alpha[:, t - 1].unsqueeze(2) + trans, dim=1) + s[:, t]
+    beta = torch.empty(B, T, C, device=dev)
+    beta[:, T - 1] = last
+    for t in range(T - 2, -1, -1):
+        nxt = torch.logsumexp(trans + (s[:, t + 1] + beta[:, t + 1]).unsqueeze(1), dim=2)   # (B, C)
+        beta[:, t] = torch.where((t < lengths - 1).unsqueeze(1), nxt, last)
+    ar = torch.arange(B, device=dev)
+    logz = torch.logsumexp(alpha[ar, lengths - 1] + last, dim=1)                   # (B,)
+    p = torch.exp(alpha + beta - logz.view(B, 1, 1))
+    valid = torch.arange(T, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+    p = torch.where(valid.unsqueeze(2), p, torch.zeros((), device=dev))
+    return p / p.sum(dim=2, keepdim=True).clamp_min(1e-30)                         # exact up to rounding

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import viterbi_decode
+from .decoding import constrained_marginals, viterbi_decode
 from .nn import MultiTaskHeads
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
@@ -121,7 +121,8 @@ class MultiTaskLSTM(torch.nn.Module):
             concatenated to every token's state (intent-conditioned slot tagging). Hard sharing only.
 
     ``forward(ids, lengths, targets, weights=None)`` returns a :class:`ModelOutput`; ``predict(ids, lengths)`` a dict
-    task -> predictions (padded token positions are -1). Padding is handled through ``lengths`` everywhere.
+    task -> predictions (padded token positions are -1; eval mode, no grad; ``return_probs=True`` adds the
+    probabilities). Padding is handled through ``lengths`` everywhere. For raw sentences use :func:`fastmtl.load`.
     """
 
     def __init__(self, vocab_size, embedding_dim, hidden_size, tasks, num_layers=1, bidirectional=True, dropout=0.3,
@@ -299,22 +300,53 @@ class MultiTaskLSTM(torch.nn.Module):
             total = total + penalty
         return ModelOutput(total, losses, penalty)
 
-    @torch.no_grad()
-    def predict(self, ids, lengths, chars=None):
+    def predict(self, ids, lengths, chars=None, return_probs=False, tasks=None):
         """``{task: predictions}``: sequence tasks (B,) labels, token tasks (B, T) labels with -1 at padding.
         Token tasks named in :attr:`decode_constraints` (``{task: (allowed, start, end)}`` from
         :func:`fastmtl.decoding.span_constraints`) get the best *allowed* tag sequence (Viterbi over the log-
-        probabilities); the others the per-position argmax of the fused heads."""
+        probabilities); the others the per-position argmax of the fused heads.
+
+        Runs in eval mode (no dropout) under ``torch.no_grad()`` and restores the module's previous training mode.
+        ``tasks``: the task names to predict (default all). ``return_probs=True`` returns ``(predictions, probs)``,
+        ``probs`` being ``{task: (B, C) or (B, T, C) float32 probabilities}`` (0 at padded token positions): the
+        softmax of the head, and for constrained token tasks the per-token marginals over the allowed tag
+        sequences (:func:`fastmtl.decoding.constrained_marginals`). The labels are the same as without it."""
+        names = self.task_names if tasks is None else list(tasks)
+        unknown = [n for n in names if n not in self.task_names]
+        if unknown:
+            raise ValueError("fastmtl: MultiTaskLSTM.predict: unknown tasks %s (the model has %s)"
+                             % (unknown, self.task_names))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._predict(ids, lengths, chars, return_probs, set(names))
+        finally:
+            self.train(was_training)
+
+    def _predict(self, ids, lengths, chars, return_probs, wanted):
         hidden = self.encode(ids, lengths, chars)
-        preds = {}
+        preds, probs = {}, {}
         for key, names in self.groups:
+            names = [n for n in names if n in wanted]
             constrained = [n for n in names if n in self.decode_constraints]
             free = [n for n in names if n not in self.decode_constraints]
             if free:
                 preds.update(self.heads[key].predict(hidden[key], lengths, tasks=free))
+                if return_probs:
+                    lp = self.heads[key].predict(hidden[key], lengths, tasks=free, output="log_probs")
+                    for n in free:
+                        p = lp[n].float().exp()
+                        if p.dim() == 3:
+                            T = p.shape[1]
+                            valid = torch.arange(T, device=p.device)[None] < lengths.to(p.device)[:, None]
+                            p = p * valid.unsqueeze(2)
+                        probs[n] = p
             if constrained:
                 lp = self.heads[key].predict(hidden[key], lengths, tasks=constrained, output="log_probs")
                 for n in constrained:
                     allowed, start, end = self.decode_constraints[n]
                     preds[n] = viterbi_decode(lp[n], lengths, allowed, start, end)
-        return preds
+                    if return_probs:
+                        probs[n] = constrained_marginals(lp[n], lengths, allowed, start, end)
+        return (preds, probs) if return_probs else preds

@@ -1,0 +1,216 @@
+"""Predictions for raw sentences from a trained checkpoint: :func:`load` and :class:`Predictor`.
+
+::
+
+    import fastmtl
+
+    predictor = fastmtl.load("runs/atis/best.pt")          # device="cpu" by default
+    [r] = predictor.predict(["show me flights from boston to denver"])
+    r["intent"]["label"], r["intent"]["confidence"]           # 'atis_flight', 0.98
+    r["slots"]["spans"]     # [{'type': 'fromloc.city_name', 'start': 4, 'end': 5, 'text': 'boston', ...}, ...]
+
+Results are plain dicts, lists, strings, floats and ints (``json.dumps`` takes them as they are), one per sentence:
+
+* ``"tokens"``: the words of the sentence (a string is split on whitespace, a list is taken as the words);
+* one entry per **sequence task**: ``{"label", "confidence", "probs"}``: the predicted label, its probability, and
+  the distribution ``{label: probability}`` in decreasing order of probability (every label, or the ``top_k`` best);
+* one entry per **token task**: ``{"labels", "confidences"}``, one label and its probability per token (with
+  ``token_probs=True`` also ``"probs"``, one ``{label: probability}`` dict per token, ``top_k`` best), and for a
+  span tag set (BIO/IOB2/IOBES tags, :func:`fastmtl.metrics.is_span_tagset`) ``"spans"``: ``{"type", "start",
+  "end", "text", "confidence"}`` with ``end`` exclusive (``tokens[start:end]`` are the span's words, ``text`` them
+  joined by spaces) and ``confidence`` the **minimum** of the span's tokens' probabilities (a span is as sure as its
+  least sure word).
+
+Token probabilities: for a task that the model decodes under span constraints (``--constrained-decoding``, the
+default for BIO/IOBES tag sets) the labels are the best valid tag sequence (Viterbi) and each token's probability is
+its marginal over the valid tag sequences (:func:`fastmtl.decoding.constrained_marginals`), so ``I-X`` after ``O``
+has probability 0 and the spans are the decoded ones; for the other token tasks it is the head's softmax. Spans are
+read from the labels with conlleval's rules (:func:`fastmtl.metrics.get_spans`), the ones the metrics count.
+
+An empty sentence (``""``, only whitespace, or ``[]``) gets ``"tokens": []``, ``{"label": None, "confidence": None,
+"probs": {}}`` for sequence tasks and empty lists for token tasks. Checkpoints are read with
+:func:`fastmtl.train.load_checkpoint` (safetensors and JSON; pickle files are refused, never unpickled).
+"""
+import torch
+
+__all__ = ["load", "Predictor"]
+
+
+def load(path, device="cpu", batch_size=64):
+    """A :class:`Predictor` for the checkpoint at ``path`` (a ``best.pt`` written by ``fastmtl train``) on
+    ``device``. Raises ``fastmtl.checkpoint.CheckpointError`` (a ``ValueError``) naming the file for a missing,
+    corrupted or foreign file and for pickles, which are never unpickled."""
+    from .train import load_checkpoint
+
+    device = _device(device)
+    model, vocab, label_vocabs, specs, _ = load_checkpoint(path, device)
+    return Predictor(model, vocab, label_vocabs, specs, device=device, batch_size=batch_size)
+
+
+def _device(device):
+    try:
+        from .train import check_device  # a one-line error for cuda without CUDA
+    except ImportError:  # pragma: no cover - the training layer keeps it; plain torch otherwise
+        return torch.device(device)
+    return check_device(str(device))
+
+
+def _is_span_tagset(labels):
+    from .metrics import is_span_tagset
+
+    return is_span_tagset(labels)
+
+
+class Predictor:
+    """Predicts every task of a trained :class:`fastmtl.MultiTaskLSTM` for raw sentences.
+
+    Made by :func:`load`, or from the parts that :func:`fastmtl.train.load_checkpoint` returns:
+    ``Predictor(model, vocab, label_vocabs, specs, device="cpu", batch_size=64)``.
+
+    Attributes: ``model``, ``vocab``, ``label_vocabs``, ``specs`` (the tasks' ``TaskSpec``), ``device``,
+    ``batch_size``. Properties: :attr:`tasks`, :attr:`labels`, :attr:`span_tasks`.
+    """
+
+    def __init__(self, model, vocab, label_vocabs, specs, device="cpu", batch_size=64):
+        self.model = model
+        self.vocab = vocab
+        self.label_vocabs = dict(label_vocabs)
+        self.specs = list(specs)
+        self.device = torch.device(device)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        missing = [s.name for s in self.specs if s.name not in self.label_vocabs or s.name not in model.task_names]
+        if missing:
+            raise ValueError("fastmtl: Predictor: tasks %s have no label vocabulary or no head in the model" % missing)
+        if "tokens" in [s.name for s in self.specs]:
+            raise ValueError("fastmtl: Predictor: a task may not be named 'tokens' (the key of the words in results)")
+        self._span = {s.name for s in self.specs
+                      if s.level == "token" and _is_span_tagset(self.label_vocabs[s.name].itos)}
+        self.model.to(self.device)
+
+    # -- what the model predicts -----------------------------------------------------------------------------
+    @property
+    def tasks(self):
+        """``{task name: "sequence" | "token"}``, in the model's order."""
+        return {s.name: s.level for s in self.specs}
+
+    @property
+    def labels(self):
+        """``{task name: [label, ...]}``: every label each task can predict (a copy)."""
+        return {s.name: list(self.label_vocabs[s.name].itos) for s in self.specs}
+
+    @property
+    def span_tasks(self):
+        """Names of the token tasks whose tags form a span tag set (their results have ``"spans"``)."""
+        return [s.name for s in self.specs if s.name in self._span]
+
+    def __repr__(self):
+        return "Predictor(tasks=%r, device=%r)" % (self.tasks, str(self.device))
+
+    # -- predict ---------------------------------------------------------------------------------------------
+    def predict(self, sentences, batch_size=None, top_k=None, token_probs=False):
+        """One result dict per sentence (see the module docstring), in the order given.
+
+        ``sentences``: a list (or any iterable) of strings (split on whitespace) or of token lists. A single string
+        is refused (``TypeError``): pass ``[sentence]``. ``batch_size``: sentences per forward pass (default: the
+        predictor's); they are grouped by length, which changes no result. ``top_k``: keep only the ``k`` most
+        probable labels in every ``"probs"`` (default: all). ``token_probs``: add each token's distribution."""
+        if isinstance(sentences, (str, bytes)):
+            raise TypeError("fastmtl: Predictor.predict takes a list of sentences, got a single %s; use "
+                            "predict([sentence])[0]" % type(sentences).__name__)
+        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        if top_k is not None:
+            top_k = _positive_int(top_k, "top_k")
+        tokens = [_tokens(s, i) for i, s in enumerate(sentences)]
+        results = [self._empty(t) for t in tokens]
+        keep = [i for i, t in enumerate(tokens) if t]
+        keep.sort(key=lambda i: len(tokens[i]))  # length-sorted batches pad little
+        for b in range(0, len(keep), batch_size):
+            idx = keep[b:b + batch_size]
+            for i, r in zip(idx, self._predict_batch([tokens[i] for i in idx], top_k, token_probs)):
+                results[i] = r
+        return results
+
+    def __call__(self, sentences, **kwargs):
+        return self.predict(sentences, **kwargs)
+
+    def _empty(self, tokens):
+        r = {"tokens": list(tokens)}
+        for s in self.specs:
+            if s.level == "sequence":
+                r[s.name] = {"label": None, "confidence": None, "probs": {}}
+            else:
+                r[s.name] = {"labels": [], "confidences": []}
+                if s.name in self._span:
+                    r[s.name]["spans"] = []
+        return r
+
+    def _predict_batch(self, sents, top_k, token_probs):
+        vocab, model = self.vocab, self.model
+        lengths = torch.tensor([len(t) for t in sents], dtype=torch.long)
+        ids = torch.zeros(len(sents), int(lengths.max()), dtype=torch.long)
+        for r, t in enumerate(sents):
+            ids[r, :len(t)] = torch.tensor(vocab.encode(t), dtype=torch.long)
+        chars = None
+        if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
+            chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in t] for t in sents]).to(self.device)
+        preds, probs = model.predict(ids.to(self.device), lengths.to(self.device), chars=chars, return_probs=True,
+                                     tasks=[s.name for s in self.specs])
+        out = [{"tokens": list(t)} for t in sents]
+        for s in self.specs:
+            itos = self.label_vocabs[s.name].itos
+            pred = preds[s.name].cpu().tolist()
+            prob = probs[s.name].cpu()
+            for r, t in enumerate(sents):
+                if s.level == "sequence":
+                    label = int(pred[r])
+                    out[r][s.name] = {"label": itos[label], "confidence": float(prob[r, label]),
+                                      "probs": _distribution(prob[r], itos, top_k)}
+                    continue
+                n = len(t)
+                labels = [itos[int(c)] for c in pred[r][:n]]
+                conf = [float(prob[r, k, int(c)]) for k, c in enumerate(pred[r][:n])]
+                res = {"labels": labels, "confidences": conf}
+                if token_probs:
+                    res["probs"] = [_distribution(prob[r, k], itos, top_k) for k in range(n)]
+                if s.name in self._span:
+                    res["spans"] = _spans(t, labels, conf)
+                out[r][s.name] = res
+        return out
+
+
+def _positive_int(v, what):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError("fastmtl: Predictor: %s must be an integer >= 1, got %r" % (what, v))
+    return v
+
+
+def _tokens(sentence, i):
+    if isinstance(sentence, str):
+        return sentence.split()
+    if isinstance(sentence, bytes):
+        raise TypeError("fastmtl: Predictor.predict: sentence %d is bytes; decode it to str first" % i)
+    try:
+        toks = list(sentence)
+    except TypeError:
+        raise TypeError("fastmtl: Predictor.predict: sentence %d must be a string or a list of token strings, got %s"
+                        % (i, type(sentence).__name__)) from None
+    for w in toks:
+        if not isinstance(w, str):
+            raise TypeError("fastmtl: Predictor.predict: sentence %d: tokens must be strings, got %r" % (i, w))
+        if not w:
+            raise ValueError("fastmtl: Predictor.predict: sentence %d has an empty token" % i)
+    return toks
+
+
+def _distribution(p, itos, top_k):
+    """``{label: probability}`` of a (C,) tensor, most probable first (ties: label order)."""
+    k = len(itos) if top_k is None else min(top_k, len(itos))
+    vals, order = torch.sort(p, descending=True, stable=True)
+    return {itos[int(j)]: float(v) for v, j in zip(vals[:k].tolist(), order[:k].tolist())}
+
+
+def _spans(tokens, labels, conf):
+    from .metrics import get_spans
+
+    return [{"type": typ, "start": a, "end": b + 1, "text": " ".join(tokens[a:b + 1]),
+             "confidence": min(conf[a:b + 1])} for typ, a, b in get_spans(labels)]
