@@ -38,86 +38,51 @@ def _bool(text):
     raise argparse.ArgumentTypeError("expected true/false, got %r" % text)
 
 
-def _add_train_args(p):
-    from .train import TrainConfig
+_PARSERS = {"bool": _bool, "kv_float": lambda s: _kv(s, "--task-weights"), "kv_int": lambda s: _kv(s, "--task-layers", int),
+            "columns": lambda s: _columns(s)}
 
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument("--format", default=d.format, choices=["atis", "conllu", "conll", "jsonl"],
-                   help="data format (default: atis; without --train the built-in ATIS data is used)")
-    g.add_argument("--train", help="training file")
-    g.add_argument("--dev", help="development file (early stopping and model selection)")
-    g.add_argument("--test", help="test file (metrics.json)")
-    g.add_argument("--columns", type=_columns, help="column names of a CoNLL column file, first is "
-                   "the word, e.g. word,pos,chunk,ner")
-    g.add_argument("--task", dest="tasks", action="append", metavar="NAME:LEVEL:SOURCE",
-                   help="a task: LEVEL is token or sequence, SOURCE the field/column (repeatable); e.g. "
-                        "--task upos:token:upos --task intent:sequence:intent")
-    g.add_argument("--max-train", type=int, help="use only the first N training examples")
-    g = p.add_argument_group("vocabulary")
-    g.add_argument("--min-count", type=int, default=d.min_count)
-    g.add_argument("--unk-alpha", type=float, default=d.unk_alpha,
-                   help="replace a training word by <unk> with probability alpha/(alpha+count) (0: never)")
-    g.add_argument("--lower", type=_bool, default=d.lower)
-    g.add_argument("--normalize-digits", type=_bool, default=d.normalize_digits)
-    g.add_argument("--pretrained", help="word2vec/GloVe text file of word vectors")
-    g.add_argument("--freeze-embeddings", action="store_true")
-    g = p.add_argument_group("model")
-    g.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
-    g.add_argument("--hidden-size", type=int, default=d.hidden_size)
-    g.add_argument("--num-layers", type=int, default=d.num_layers)
-    g.add_argument("--bidirectional", type=_bool, default=d.bidirectional)
-    g.add_argument("--dropout", type=float, default=d.dropout)
-    g.add_argument("--pooling", default=d.pooling, choices=["last", "first", "mean", "max"],
-                   help="how sequence tasks read the encoder (default: max over time; last = each direction's final "
-                        "state on a BiLSTM)")
-    g.add_argument("--char-dim", type=int, default=d.char_dim,
-                   help="character CNN word features with this char embedding size (default 32; 0: off)")
-    g.add_argument("--char-filters", type=int, default=d.char_filters, help="character CNN output size")
-    g.add_argument("--char-kernel", type=int, default=d.char_kernel, help="character CNN kernel width (odd)")
-    g.add_argument("--token-context", type=_bool, default=d.token_context,
-                   help="token tasks also read the max-pooled sentence vector (intent-conditioned slots)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--constrained-decoding", type=_bool, default=d.constrained_decoding,
-                   help="token tasks with BIO/IOBES tags: predict the best valid tag sequence (Viterbi), not the "
-                        "per-token argmax")
-    g.add_argument("--sequence-aux", type=float, default=d.sequence_aux,
-                   help="also train every sentence label on every token as an auxiliary task with this weight")
-    g.add_argument("--sharing", default=d.sharing, choices=["hard", "soft", "hierarchical"])
-    g.add_argument("--task-layers", type=lambda s: _kv(s, "--task-layers", int),
-                   help="hierarchical sharing: which layer each task reads, e.g. slots:1,intent:2")
-    g.add_argument("--soft-lambda", type=float, default=d.soft_lambda)
-    g.add_argument("--init-encoder", help="transfer: start the encoder (and vocabulary) from this checkpoint (a "
-                   "best.pt of an earlier run)")
-    g.add_argument("--freeze-encoder", action="store_true", help="with --init-encoder: train only the new heads")
-    g = p.add_argument_group("task weighting")
-    g.add_argument("--weighting", default=d.weighting, choices=["static", "uncertainty", "dwa", "gradnorm"])
-    g.add_argument("--task-weights", type=lambda s: _kv(s, "--task-weights"), help="static weights, e.g. intent:2")
-    g.add_argument("--dwa-temperature", type=float, default=d.dwa_temperature)
-    g.add_argument("--gradnorm-alpha", type=float, default=d.gradnorm_alpha)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default=d.optimizer, choices=["adam", "adamw", "sgd"])
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", default=d.schedule, choices=["linear", "constant"])
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--ema", type=float, default=d.ema, help="keep an exponential moving average of the weights with this decay (e.g. 0.999) and evaluate it")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (split over DDP ranks)")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without dev improvement")
-    g.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", help="best.pt, last.pt, log.jsonl, learning_curve.png, metrics.json")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
-    g.add_argument("--overwrite", action="store_true",
-                   help="reuse a non-empty --output-dir: remove the earlier run's files (best.pt, last.pt, log.jsonl, "
-                        "metrics.json, learning_curve.png) before training; other files stay")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    g.add_argument("--quiet", action="store_true")
+
+def _default_text(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "%g" % v if isinstance(v, float) else str(v)
+
+
+def _add_train_args(p):
+    """The options of ``fastmtl train``, generated from :class:`~fastmtl.training.config.TrainConfig` (each field's
+    help, group, choices and spelling are declared once, in its metadata; defaults shown from the dataclass).
+    Options not given stay out of the namespace, so a ``--config`` file's values apply unless overridden."""
+    from .training.config import TrainConfig, option_name
+
+    p.add_argument("--config", metavar="RUN.toml",
+                   help="read the run from a TOML file: top-level keys are these options with underscores (epochs = 10, "
+                        "hidden_size = 256), plus [[datasets]], [[tasks]] and [sampling] tables for several datasets; "
+                        "options given here override the file")
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if "help" not in meta or ("flag" in meta and meta["flag"] is None):
+            continue
+        g = groups.get(meta["group"])
+        if g is None:
+            g = groups[meta["group"]] = p.add_argument_group(meta["group"])
+        kw = {"dest": f.name, "default": argparse.SUPPRESS}
+        help_text = meta["help"]
+        action = meta.get("action")
+        if action in ("store_true", "store_false"):
+            kw["action"] = action
+        else:
+            if action == "append":
+                kw["action"] = "append"
+            parse = meta.get("parse")
+            kw["type"] = _PARSERS[parse] if parse else f.type if f.type in (int, float) else None
+            if meta.get("choices"):
+                kw["choices"] = list(meta["choices"])
+            if meta.get("metavar") or parse == "bool":
+                kw["metavar"] = meta.get("metavar") or "{true,false}"
+            if f.default is not None and action != "append":
+                help_text += " (default: %s)" % _default_text(f.default)
+        g.add_argument(option_name(f.name), help=help_text.replace("%", "%%"), **kw)
 
 
 def build_parser():
@@ -145,9 +110,12 @@ def build_parser():
 
 def _train(ns):
     from .train import TrainConfig, train
+    from .training.config import read_toml
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    values = read_toml(ns.config) if ns.config else {}
+    values.update({k: v for k, v in vars(ns).items() if k in fields})  # the command line overrides the file
+    cfg = TrainConfig(**values)
     if cfg.epochs == 0:  # train(epochs=0) from Python returns the untrained model; a command line run must train
         raise ValueError("fastmtl: --epochs must be an integer >= 1, got 0")
     try:

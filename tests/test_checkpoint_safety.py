@@ -264,7 +264,7 @@ def test_format_is_safetensors_with_json_header(trained):
         keys = list(f.keys())
     assert meta["format"] == C.FORMAT and len(meta["fastmtl_sha256"]) == 64
     doc = json.loads(meta["fastmtl"])
-    assert doc["config"]["hidden_size"] == 8 and doc["tasks"] == [list(t.split(":")) for t in TASKS]
+    assert doc["config"]["hidden_size"] == 8 and doc["tasks"] == [t.split(":") + ["data"] for t in TASKS]
     assert doc["vocab"]["itos"][:2] and all(k.startswith("model/") for k in keys)
     ck = C.load_checkpoint_tree(os.path.join(out, "last.pt"))
     rng = ck["rng"]

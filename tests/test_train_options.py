@@ -78,7 +78,7 @@ def test_python_api_validates_the_same(files):
                                ("lr", float("nan"), "--lr"), ("epochs", -1, "--epochs"), ("lower", 1, "--lower"),
                                ("task_weights", {"tags": float("nan")}, "--task-weights"),
                                ("batch_size", 2.5, "--batch-size"), ("format", "csv", "--format"),
-                               ("eval_batch_size", 0, "eval_batch_size")]:
+                               ("eval_batch_size", 0, "--eval-batch-size")]:
         with pytest.raises(ValueError, match=name):
             T.train(cfg, **{field: value})
     r = T.train(cfg, epochs=0)  # from Python, epochs=0 returns the untrained model
@@ -144,7 +144,7 @@ def test_nan_pretrained_vectors_refused(files, tmp_path, capsys):
 
 def _nan_weights_from(monkeypatch, step):
     """Task weights turn nan from optimizer step ``step`` on (a stand-in for any way the loss can diverge)."""
-    real = T.make_weighting
+    real = T.make_weighting  # the trainer's stage that builds the weighting
     calls = {"n": 0}
 
     def patched(*args, **kw):
@@ -159,7 +159,9 @@ def _nan_weights_from(monkeypatch, step):
         w.weights = weights
         return w
 
-    monkeypatch.setattr(T, "make_weighting", patched)
+    from fastmtl.training import trainer
+
+    monkeypatch.setattr(trainer, "make_weighting", patched)
 
 
 def test_nan_loss_stops_training_python(files, tmp_path, monkeypatch):

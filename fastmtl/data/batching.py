@@ -11,11 +11,13 @@ __all__ = ["TaskSpec", "parse_task", "Batch", "encode_examples", "bucket_batches
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task: ``name``, ``level`` (``"sequence"`` or ``"token"``) and ``source`` (the example field it reads)."""
+    """A task: ``name``, ``level`` (``"sequence"`` or ``"token"``), ``source`` (the example field it reads) and
+    ``dataset`` (the name of the dataset whose examples carry its labels; None: the only one)."""
 
     name: str
     level: str
     source: str
+    dataset: str = None
 
     def __post_init__(self):
         if self.level not in ("sequence", "token"):

@@ -1,0 +1,35 @@
+"""The training layer behind ``fastmtl train``, in stages:
+
+- :mod:`.config`: :class:`TrainConfig` (one declaration per option; the CLI and TOML files come from it);
+- :mod:`.data`: datasets, tasks, the epoch planner (which dataset each batch comes from);
+- :mod:`.trainer`: :class:`Trainer` (setup and resume, step, evaluate and select, checkpoint, log) and :func:`train`;
+- :mod:`.evaluation`: predictions, metrics.json, the dev selection score;
+- :mod:`.checkpoints`: best.pt / last.pt contents, loading a model back (nothing is unpickled);
+- :mod:`.output`: the output folder, progress and log, the learning-curve plot.
+"""
+import torch
+
+from ..checkpoint import CheckpointError
+from ..fileio import atomic_write
+from .checkpoints import build_tasks, load_checkpoint, read_checkpoint
+from .config import TrainConfig, check_device, read_toml
+from .data import EpochPlanner, load_datasets
+from .evaluation import compute_metrics, dev_score, evaluate_examples, predict_examples
+from .trainer import NonFiniteLossError, Trainer, train
+
+__all__ = ["TrainConfig", "Trainer", "train", "evaluate_examples", "predict_examples", "compute_metrics",
+           "dev_score", "load_checkpoint", "read_checkpoint", "predict_sentences", "atomic_write", "build_tasks",
+           "CheckpointError", "NonFiniteLossError", "check_device", "read_toml", "EpochPlanner", "load_datasets"]
+
+
+def predict_sentences(checkpoint, sentences, device="cpu"):
+    """Predictions for raw sentences (strings, split on whitespace, or token lists):
+    list of ``{"tokens": [...], task: label or [labels]}``."""
+    model, vocab, lvs, specs, _ = load_checkpoint(checkpoint, device)
+    exs = [{"tokens": s.split() if isinstance(s, str) else list(s)} for s in sentences]
+    keep = [i for i, e in enumerate(exs) if e["tokens"]]
+    preds = predict_examples(model, vocab, lvs, specs, [exs[i] for i in keep], torch.device(device))
+    out = [{"tokens": e["tokens"]} for e in exs]
+    for i, p in zip(keep, preds):
+        out[i].update(p)
+    return out

@@ -1,0 +1,141 @@
+"""The evaluate-and-select stage: predictions of a model on examples, the metrics of metrics.json, and the one dev
+number that selects the best epoch."""
+from .. import data as D
+from .. import metrics as M
+
+__all__ = ["predict_examples", "compute_metrics", "evaluate_examples", "evaluate_datasets", "dev_score",
+           "main_metric", "format_metrics"]
+
+
+def _batches(encoded, batch_size):
+    return D.bucket_batches([len(x[0]) for x in encoded], batch_size, False, 0)
+
+
+def predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_size=256):
+    """Predicted label strings for every example: list of ``{task: label or [labels]}``."""
+    model.eval()
+    encoded = [(vocab.encode(ex["tokens"]), {}) for ex in examples]
+    out = [None] * len(examples)
+    for idx in _batches(encoded, batch_size):
+        b = D.collate(encoded, idx, [], unk_probs=None).to(device)
+        chars = None
+        if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
+            chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in examples[i]["tokens"]] for i in idx])
+            chars = chars.to(device)
+        preds = model.predict(b.ids, b.lengths, chars=chars)
+        for s in specs:
+            p = preds[s.name].cpu().tolist()
+            lv = label_vocabs[s.name]
+            for r, i in enumerate(idx):
+                if out[i] is None:
+                    out[i] = {}
+                if s.level == "token":
+                    out[i][s.name] = [lv.decode(c) for c in p[r][: len(encoded[i][0])]]
+                else:
+                    out[i][s.name] = lv.decode(p[r])
+    return out
+
+
+def compute_metrics(specs, examples, predictions, frame_key="frame_accuracy"):
+    """The metrics.json dict: ``{task: {"accuracy", [span "precision", "recall", "f1"]}, frame_key}``.
+
+    Gold labels are compared as strings, so labels never seen in training always count as errors. Examples without a
+    gold label for a task are left out of that task's metrics. The frame accuracy (every task right) is there when the
+    tasks have both levels.
+    """
+    res = {}
+    for s in specs:
+        pairs = [(ex[s.source], p[s.name]) for ex, p in zip(examples, predictions) if ex.get(s.source) is not None]
+        gold = [g for g, _ in pairs]
+        pred = [p for _, p in pairs]
+        m = {"accuracy": M.accuracy(gold, pred)}
+        if s.level == "token" and M.is_span_tagset({l for g in gold for l in g}):
+            m.update(M.span_f1(gold, pred))
+        res[s.name] = m
+    seq = [s for s in specs if s.level == "sequence"]
+    tok = [s for s in specs if s.level == "token"]
+    if seq and tok:
+        ok = n = 0
+        for ex, p in zip(examples, predictions):
+            if any(ex.get(s.source) is None for s in specs):
+                continue
+            n += 1
+            ok += all((list(ex[s.source]) == list(p[s.name])) if s.level == "token" else ex[s.source] == p[s.name]
+                      for s in specs)
+        res[frame_key] = ok / n if n else 0.0
+    return res
+
+
+def evaluate_examples(model, vocab, label_vocabs, specs, examples, device, batch_size=256, frame_key="frame_accuracy"):
+    preds = predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_size)
+    return compute_metrics(specs, examples, preds, frame_key), preds
+
+
+def frame_key(dataset_name, several):
+    """metrics.json's key of a dataset's frame accuracy: ``frame_accuracy`` (one dataset) or
+    ``frame_accuracy:NAME``."""
+    return "frame_accuracy:%s" % dataset_name if several else "frame_accuracy"
+
+
+def evaluate_datasets(model, vocab, label_vocabs, datasets, split, device, batch_size=256):
+    """Metrics of every dataset's ``split`` with its own tasks, merged into one dict keyed by task name (and frame
+    accuracy keys); None when no dataset has that split. Also returns ``{dataset name: predictions}``."""
+    res, preds = {}, {}
+    several = len(datasets) > 1
+    for ds in datasets:
+        ex = ds.splits.get(split)
+        if not ex:
+            continue
+        m, p = evaluate_examples(model, vocab, label_vocabs, ds.tasks, ex, device, batch_size,
+                                 frame_key(ds.name, several))
+        res.update(m)
+        preds[ds.name] = p
+    return (res or None), preds
+
+
+def main_metric(m):
+    """A task's main metric: span F1 where there is one, else accuracy (a float entry is its own)."""
+    if isinstance(m, dict):
+        return m.get("f1", m["accuracy"])
+    return m
+
+
+def dev_score(specs, m, select="mean"):
+    """One number to select the best epoch. ``select="mean"``: the mean of every task's main metric (span F1 where
+    there is one, else accuracy) and each frame accuracy; else a comma-separated list of the entries of ``m`` to
+    average (task names, ``frame_accuracy[:DATASET]``). Entries without dev data are left out."""
+    if select == "mean":
+        keys = [s.name for s in specs if s.name in m] + [k for k in m if k.startswith("frame_accuracy")]
+    else:
+        keys = [k.strip() for k in select.split(",") if k.strip() in m]
+    vals = [main_metric(m[k]) for k in keys]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def check_select(select, specs, datasets):
+    """A one-line error for a ``select`` that names no task or frame accuracy of the run."""
+    if select == "mean":
+        return
+    several = len(datasets) > 1
+    known = [s.name for s in specs]
+    for ds in datasets:
+        levels = {s.level for s in ds.tasks}
+        if len(levels) == 2:
+            known.append(frame_key(ds.name, several))
+    for k in select.split(","):
+        if k.strip() not in known:
+            raise ValueError("fastmtl: --select: %r is not a task or frame accuracy of this run (known: mean, %s)"
+                             % (k.strip(), ", ".join(known)))
+
+
+def format_metrics(m):
+    parts = []
+    for k, v in m.items():
+        if isinstance(v, dict):
+            if "f1" in v:
+                parts.append("%s acc %.2f f1 %.2f" % (k, 100 * v["accuracy"], 100 * v["f1"]))
+            else:
+                parts.append("%s acc %.2f" % (k, 100 * v["accuracy"]))
+        else:
+            parts.append("%s %.2f" % (k, 100 * v))
+    return ", ".join(parts)
