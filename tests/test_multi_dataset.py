@@ -215,3 +215,30 @@ def test_cli_is_generated_from_the_config():
     ns = p.parse_args(["train", "--epochs", "3", "--lower", "false", "--task", "a:token:b", "--task-weights", "a:2"])
     assert ns.epochs == 3 and ns.lower is False and ns.tasks == ["a:token:b"] and ns.task_weights == {"a": 2.0}
     assert not hasattr(ns, "hidden_size")  # options not given stay out: a --config file's values apply
+
+
+@pytest.mark.parametrize("weighting", ["static", "uncertainty", "dwa", "gradnorm"])
+def test_every_weighting_method_trains_on_two_datasets(two, weighting):
+    res = T.train(TrainConfig(**{**read_toml(two / "run.toml"), "epochs": 2, "weighting": weighting,
+                                 "task_weights": {"tags": 2.0, "label": 0.5}}))
+    assert set(res["test"]) == {"tags", "label"}
+    assert set(res["history"][-1]["task_weights"]) == {"tags", "label"}
+    assert all(v == v for h in res["history"] for v in h["train_losses"].values())  # finite per-task means
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from fastmtl.training.output import Logger
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = TrainConfig(progress=True)
+    assert Logger(cfg, stream=io.StringIO()).bar(10, "epoch") is None  # a log file or a pipe: no bar
+    pytest.importorskip("tqdm")
+    bar = Logger(cfg, stream=Tty()).bar(10, "epoch")
+    assert bar is not None
+    bar.close()
+    assert Logger(TrainConfig(progress=False), stream=Tty()).bar(10, "epoch") is None
