@@ -98,6 +98,13 @@ def build_parser():
     e.add_argument("--columns", type=_columns)
     e.add_argument("--device", default="cpu")
     e.add_argument("--output", help="also write the metrics JSON here")
+    e.add_argument("--report", metavar="FILE",
+                   help="write per-class precision/recall/F1/support of every task (per span type for BIO/IOBES tags, "
+                        "per label otherwise) with micro/macro/weighted averages: JSON if FILE ends in .json, else "
+                        "text tables")
+    e.add_argument("--predictions", metavar="FILE",
+                   help="write the predictions as JSON lines, one per example: tokens, gold and predicted labels of "
+                        "every task")
     r = sub.add_parser("predict", help="predict every task for raw sentences (one per line) -> JSON lines")
     r.add_argument("checkpoint")
     r.add_argument("sentences", nargs="*", help="sentences (default: read lines from --input or stdin)")
@@ -141,11 +148,21 @@ def _evaluate(ns):
     else:
         examples, path = D.read_examples(ns.file, fmt, ns.columns or cfg.columns), ns.file
     D.check_tasks(examples, specs, path)
-    m, _ = evaluate_examples(model, vocab, lvs, specs, examples, device)
+    m, preds = evaluate_examples(model, vocab, lvs, specs, examples, device)
     text = json.dumps(m, indent=2) + "\n"
-    if ns.output:
-        from .fileio import atomic_write
+    from .fileio import atomic_write
 
+    if ns.report:
+        from .reports import format_report, task_reports
+
+        reports = task_reports(specs, examples, preds)
+        atomic_write(ns.report, json.dumps(reports, indent=2, ensure_ascii=False) + "\n"
+                     if ns.report.lower().endswith(".json") else format_report(reports))
+    if ns.predictions:
+        from .reports import dumps_records, prediction_records
+
+        atomic_write(ns.predictions, dumps_records(prediction_records(specs, examples, preds)))
+    if ns.output:
         atomic_write(ns.output, text)
     sys.stdout.write(text)
     return 0
