@@ -90,12 +90,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="{train,evaluate,predict,bench}")
     t = sub.add_parser("train", help="train a multi-task model (default: joint intent + slots BiLSTM on ATIS)")
     _add_train_args(t)
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a data file (default: the ATIS test set)")
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a data file (default: the test sets of its run)")
     e.add_argument("checkpoint")
-    e.add_argument("file", nargs="?", help="data file (default: ATIS test when the model was trained on ATIS)")
+    e.add_argument("file", nargs="?", help="data file (default: the test set of every dataset the model was trained on)")
     e.add_argument("--format", choices=["atis", "conllu", "conll", "jsonl"],
                    help="data format (default: the training format)")
     e.add_argument("--columns", type=_columns)
+    e.add_argument("--dataset", help="a model trained on several datasets: score only this dataset's tasks (on FILE, "
+                   "or on its test set)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--output", help="also write the metrics JSON here")
     e.add_argument("--report", metavar="FILE",
@@ -137,31 +139,41 @@ def _train(ns):
 def _evaluate(ns):
     from . import data as D
     from .train import check_device, evaluate_examples, load_checkpoint
+    from .training.evaluation import evaluation_sets, frame_key
 
     device = check_device(ns.device)
     model, vocab, lvs, specs, cfg = load_checkpoint(ns.checkpoint, device)
-    fmt = ns.format or cfg.format
-    if ns.file is None:
-        if fmt != "atis":
-            raise ValueError("fastmtl evaluate: give a data file (the model was not trained on ATIS)")
-        examples, path = D.load_atis("test"), "ATIS/test"
-    else:
-        examples, path = D.read_examples(ns.file, fmt, ns.columns or cfg.columns), ns.file
-    D.check_tasks(examples, specs, path)
-    m, preds = evaluate_examples(model, vocab, lvs, specs, examples, device)
+    sets = evaluation_sets(cfg, specs, ns.file, ns.format, ",".join(ns.columns) if ns.columns else None, ns.dataset)
+    several = len({s.dataset for s in specs}) > 1
+    m, reports, records = {}, {}, []
+    for name, tasks, examples, path in sets:
+        D.check_tasks(examples, tasks, path)
+        mm, preds = evaluate_examples(model, vocab, lvs, tasks, examples, device,
+                                      frame_key=frame_key(name, several))
+        m.update(mm)
+        if ns.report:
+            from .reports import task_reports
+
+            reports.update(task_reports(tasks, examples, preds))
+        if ns.predictions:
+            from .reports import prediction_records
+
+            recs = prediction_records(tasks, examples, preds)
+            if several:
+                recs = [{"dataset": name, **r} for r in recs]
+            records += recs
     text = json.dumps(m, indent=2) + "\n"
     from .fileio import atomic_write
 
     if ns.report:
-        from .reports import format_report, task_reports
+        from .reports import format_report
 
-        reports = task_reports(specs, examples, preds)
         atomic_write(ns.report, json.dumps(reports, indent=2, ensure_ascii=False) + "\n"
                      if ns.report.lower().endswith(".json") else format_report(reports))
     if ns.predictions:
-        from .reports import dumps_records, prediction_records
+        from .reports import dumps_records
 
-        atomic_write(ns.predictions, dumps_records(prediction_records(specs, examples, preds)))
+        atomic_write(ns.predictions, dumps_records(records))
     if ns.output:
         atomic_write(ns.output, text)
     sys.stdout.write(text)

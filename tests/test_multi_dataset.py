@@ -242,3 +242,26 @@ def test_progress_bar_only_on_a_terminal():
     assert bar is not None
     bar.close()
     assert Logger(TrainConfig(progress=False), stream=Tty()).bar(10, "epoch") is None
+
+
+def test_evaluate_a_two_dataset_model(two, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli.main(["train", "--config", str(two / "run.toml"), "--output-dir", out]) == 0
+    best = os.path.join(out, "best.pt")
+    with open(os.path.join(out, "metrics.json")) as f:
+        expected = json.load(f)
+    capsys.readouterr()
+    preds = str(tmp_path / "p.jsonl")
+    assert cli.main(["evaluate", best, "--predictions", preds, "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == expected  # every dataset's test set, as at the end of training
+    recs = [json.loads(l) for l in open(preds)]
+    assert Counter(r["dataset"] for r in recs) == {"a": 16, "b": 8}
+    assert set(json.load(open(tmp_path / "r.json"))) == {"tags", "label"}
+    assert cli.main(["evaluate", best, str(two / "b_test.jsonl"), "--dataset", "b"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"label": expected["label"]}
+    assert cli.main(["evaluate", best, "--dataset", "a"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"tags": expected["tags"]}
+    assert cli.main(["evaluate", best, str(two / "b_test.jsonl")]) == 0  # the tasks whose field the file has
+    assert json.loads(capsys.readouterr().out) == {"label": expected["label"]}
+    assert cli.main(["evaluate", best, "--dataset", "c"]) == 2
+    assert "--dataset 'c' is not a dataset of this model (a, b)" in capsys.readouterr().err

@@ -139,3 +139,51 @@ def format_metrics(m):
         else:
             parts.append("%s %.2f" % (k, 100 * v))
     return ", ".join(parts)
+
+
+def evaluation_sets(cfg, specs, file=None, format=None, columns=None, dataset=None):
+    """What ``fastmtl evaluate`` scores: a list of ``(dataset name, tasks, examples, path)``.
+
+    With ``file``: that file, scored on the tasks of ``dataset`` (a dataset name of the run), or on every task when
+    the run had one dataset, or else on the tasks whose label field the file has. Without: every dataset's test
+    split from the run's configuration (the built-in test sets, or the files the run named)."""
+    from .config import dataset_specs
+
+    dss = dataset_specs(cfg)
+    names = [d.name for d in dss]
+    if dataset is not None and dataset not in names:
+        raise ValueError("fastmtl evaluate: --dataset %r is not a dataset of this model (%s)"
+                         % (dataset, ", ".join(names)))
+
+    def tasks_of(name):
+        return [s for s in specs if s.dataset in (name, None)]
+
+    if file is not None:
+        ds = next((d for d in dss if d.name == dataset), dss[0] if len(dss) == 1 else None)
+        fmt = format or (ds.format if ds is not None else None)
+        cols = columns or (",".join(ds.columns) if ds is not None and ds.columns else None)
+        examples = D.read_examples(file, fmt, cols)
+        if ds is not None:
+            tasks = tasks_of(ds.name)
+        else:
+            fields = {k for ex in examples[:1000] for k in ex}
+            tasks = [s for s in specs if s.source in fields]
+            if not tasks:
+                raise ValueError("fastmtl evaluate: %s has none of the label fields of this model's tasks (%s); name "
+                                 "the dataset with --dataset" % (file, ", ".join(s.source for s in specs)))
+        return [(ds.name if ds is not None else None, tasks, examples, file)]
+    out = []
+    for ds in dss:
+        if ds.builtin is not None:
+            from ..data import builtin
+
+            examples, path = builtin.load_builtin(ds.builtin, "test"), "%s/test" % ds.builtin
+        elif ds.test is not None:
+            examples, path = D.read_examples(ds.test, ds.format, ",".join(ds.columns) if ds.columns else None), ds.test
+        else:
+            continue
+        if dataset in (None, ds.name):
+            out.append((ds.name, tasks_of(ds.name), examples, path))
+    if not out:
+        raise ValueError("fastmtl evaluate: give a data file (the model's run named no test set)")
+    return out
