@@ -276,3 +276,29 @@ def test_predictor_checks_its_parts():
         Predictor(m, vocab, {"cls": lvs["cls"]}, specs)
     with pytest.raises(ValueError, match="batch_size"):
         Predictor(m, vocab, lvs, specs, batch_size=0)
+
+
+def test_model_of_two_datasets(tmp_path):
+    """A model trained on two corpora (a token task on one, a sentence task on the other) predicts both tasks for
+    any sentence."""
+    from train_data import synthetic
+
+    rng = random.Random(5)
+    lines = ["embedding_dim = 8", "hidden_size = 8", "batch_size = 8", "char_dim = 0", "warmup_steps = 0",
+             "threads = 1", "progress = false", "quiet = true", "epochs = 1", 'output_dir = "%s"' % (tmp_path / "o")]
+    for d, keep in (("a", "tags"), ("b", "label")):
+        for split, n in (("train", 24), ("dev", 8)):
+            rows = [{"tokens": r["tokens"], keep: r[keep]} for r in synthetic(n, rng)]
+            (tmp_path / ("%s_%s.jsonl" % (d, split))).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lines += ["[[datasets]]", 'name = "%s"' % d, 'train = "%s_train.jsonl"' % d, 'dev = "%s_dev.jsonl"' % d]
+    lines += ["[[tasks]]", 'name = "tags"', 'level = "token"', 'dataset = "a"',
+              "[[tasks]]", 'name = "label"', 'level = "sequence"', 'dataset = "b"']
+    (tmp_path / "run.toml").write_text("\n".join(lines) + "\n")
+    from fastmtl.training import read_toml
+
+    T.train(T.TrainConfig(**read_toml(tmp_path / "run.toml")))
+    p = fastmtl.load(str(tmp_path / "o" / "best.pt"))
+    assert p.tasks == {"tags": "token", "label": "sequence"}
+    [r] = p.predict(["w1 w2 w3"])
+    assert len(r["tags"]["labels"]) == 3 and r["label"]["label"] in ("odd", "even")
+    _check_result(r, p)
