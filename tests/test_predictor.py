@@ -302,3 +302,17 @@ def test_model_of_two_datasets(tmp_path):
     [r] = p.predict(["w1 w2 w3"])
     assert len(r["tags"]["labels"]) == 3 and r["label"]["label"] in ("odd", "even")
     _check_result(r, p)
+
+
+@pytest.mark.parametrize("kw", [dict(sharing="soft"), dict(sharing="hierarchical", num_layers=2,
+                                                          task_layers={"ner": 1}), dict(token_context=True)])
+def test_probs_under_every_sharing(kw):
+    m = fastmtl.MultiTaskLSTM(30, 8, 6, [TokenTask("ner", len(TAGS)), SequenceTask("cls", 3)], **kw)
+    m.decode_constraints = {"ner": span_constraints(TAGS, "bio")}
+    ids, lengths = torch.randint(2, 30, (5, 6)), torch.tensor([6, 1, 3, 6, 2])
+    plain = m.predict(ids, lengths)
+    labels, probs = m.predict(ids, lengths, return_probs=True)
+    assert m.training and all(torch.equal(plain[k], labels[k]) for k in plain)
+    assert torch.allclose(probs["cls"].sum(-1), torch.ones(5), atol=1e-5)
+    valid = (torch.arange(6)[None] < lengths[:, None]).float()
+    assert torch.allclose(probs["ner"].sum(-1), valid, atol=1e-5)
