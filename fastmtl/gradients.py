@@ -184,7 +184,7 @@ def task_gradients(model, ids, lengths, targets, weights=None, chars=None, mode=
             head = model.heads[key][n]
             hp = [p for p in head.parameters() if p.requires_grad]
             out = model.heads[key](detached[key], lengths=lengths, targets={n: targets[n]}, weights={n: wk})
-            g = torch.autograd.grad(out.loss, [detached[key]] + hp)
+            g = [x.detach() for x in torch.autograd.grad(out.loss, [detached[key]] + hp)]
             losses[n] = out.losses[n].detach()
             head_grads.update(zip(hp, g[1:]))
             rep.append(tuple(g[0] if k == key else torch.zeros_like(detached[k]) for k in keys))
