@@ -111,6 +111,10 @@ def build_parser():
     r.add_argument("checkpoint")
     r.add_argument("sentences", nargs="*", help="sentences (default: read lines from --input or stdin)")
     r.add_argument("--input", help="file with one sentence per line")
+    r.add_argument("--details", action="store_true",
+                   help="per task the label with its confidence and probabilities, per token task the spans with "
+                        "confidences (fastmtl.load(...).predict); default: the labels only")
+    r.add_argument("--top-k", type=int, help="with --details: keep the K most probable labels of each distribution")
     r.add_argument("--device", default="cpu")
     b = sub.add_parser("bench", help="run a benchmark: python -m fastmtl.bench NAME ...")
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -202,7 +206,15 @@ def _predict(ns):
         lines = D.read_lines(ns.input)  # lines end at '\n' only: one record per line of the file
     else:
         lines = D.split_lines(sys.stdin.read())
-    for p in predict_sentences(ns.checkpoint, lines, ns.device):
+    if ns.details:
+        from .predictor import load
+
+        results = load(ns.checkpoint, ns.device).predict(list(lines), top_k=ns.top_k)
+    else:
+        if ns.top_k is not None:
+            raise ValueError("fastmtl predict: --top-k needs --details")
+        results = predict_sentences(ns.checkpoint, lines, ns.device)
+    for p in results:
         print(json.dumps(p))
     return 0
 

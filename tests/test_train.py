@@ -55,6 +55,13 @@ def test_cli_train_evaluate_predict(files, tmp_path, capsys):
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert lines[0]["tokens"] == ["w1", "w2", "w9"] and len(lines[0]["tags"]) == 3
     assert lines[1]["label"] in ("odd", "even") and lines[1]["tags"][0] in ("O", "B-E", "I-E")
+    rc = cli.main(["predict", os.path.join(out, "best.pt"), "w1 w2 w9", "--details", "--top-k", "1"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tokens"] == ["w1", "w2", "w9"] and d["tags"]["labels"] == lines[0]["tags"]
+    assert d["label"]["label"] == lines[0]["label"] and len(d["label"]["probs"]) == 1
+    assert 0 < d["label"]["confidence"] <= 1 and isinstance(d["tags"]["spans"], list)
+    assert cli.main(["predict", os.path.join(out, "best.pt"), "w1", "--top-k", "1"]) == 2
 
 
 def test_cli_errors(files, tmp_path, capsys):
