@@ -16,7 +16,8 @@ from .. import data as D
 __all__ = ["TrainConfig", "check_device", "read_toml", "option_name", "SAMPLING", "DatasetSpec"]
 
 SAMPLING = ("proportional", "uniform", "temperature", "round_robin")
-WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm")
+WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm", "famo", "pcgrad", "cagrad", "mgda", "mgda_ub", "imtl",
+              "aligned_mtl", "nash_mtl")
 
 
 def _opt(default, help, group, **meta):
@@ -88,11 +89,23 @@ class TrainConfig:
                              "an earlier run)", "model")
     freeze_encoder: bool = _opt(False, "with --init-encoder: train only the new heads", "model", action="store_true")
     # weighting
-    weighting: str = _opt("static", "task weighting", "task weighting", choices=WEIGHTINGS)
+    weighting: str = _opt("static", "task weighting: a loss weighting (static, uncertainty, dwa, gradnorm, famo) or a "
+                          "gradient method on the shared encoder (pcgrad, cagrad, mgda, mgda_ub, imtl, aligned_mtl, "
+                          "nash_mtl; per-task gradients from one encoder forward)", "task weighting",
+                          choices=WEIGHTINGS)
     task_weights: dict = _opt(None, "static weights (default 1 each), e.g. intent:2,slots:1", "task weighting",
                               parse="kv_float", metavar="NAME:WEIGHT,...")
     dwa_temperature: float = _opt(2.0, "DWA temperature", "task weighting")
     gradnorm_alpha: float = _opt(1.5, "GradNorm restoring-force strength", "task weighting")
+    cagrad_c: float = _opt(0.4, "CAGrad conflict-averse radius c", "task weighting")
+    nash_update_every: int = _opt(1, "Nash-MTL: solve for the task weights every N steps (reuse them in between)",
+                                  "task weighting")
+    famo_lr: float = _opt(0.025, "FAMO: learning rate of the task logits", "task weighting")
+    famo_gamma: float = _opt(0.01, "FAMO: weight decay of the task logits", "task weighting")
+    task_backward: str = _opt("loop", "gradient methods: how the K per-task gradients go through the encoder: loop "
+                              "(K backward passes over the one saved forward) or vmap (torch.func.vmap over the K "
+                              "cotangents, folded into the batch by the LSTM op)", "task weighting",
+                              choices=("loop", "vmap"))
     # optimisation
     optimizer: str = _opt("adam", "optimizer", "optimisation", choices=("adam", "adamw", "sgd"))
     lr: float = _opt(2e-3, "peak learning rate", "optimisation")
@@ -148,7 +161,7 @@ _PATHS = ("train", "dev", "test", "pretrained", "init_encoder", "output_dir")
 # name: the least value allowed (integers; the fields in _OPTIONAL may also be None)
 _INTS = {"max_train": 1, "min_count": 1, "embedding_dim": 1, "hidden_size": 1, "num_layers": 1, "char_dim": 0,
          "char_filters": 1, "char_kernel": 1, "warmup_steps": 0, "batch_size": 1, "eval_batch_size": 1, "epochs": 0,
-         "patience": 1, "threads": 1}
+         "patience": 1, "threads": 1, "nash_update_every": 1}
 _OPTIONAL = ("format", "max_train", "max_minutes", "threads")
 # name: (low, low allowed, high or None, high allowed)
 _FLOATS = {"unk_alpha": (0.0, True, None, False), "dropout": (0.0, True, 1.0, False),
@@ -157,7 +170,8 @@ _FLOATS = {"unk_alpha": (0.0, True, None, False), "dropout": (0.0, True, 1.0, Fa
            "gradnorm_alpha": (0.0, True, None, False), "lr": (0.0, False, None, False),
            "weight_decay": (0.0, True, None, False), "grad_clip": (0.0, True, None, False),
            "ema": (0.0, True, 1.0, False), "max_minutes": (0.0, False, None, False),
-           "sampling_temperature": (0.0, False, None, False)}
+           "sampling_temperature": (0.0, False, None, False), "cagrad_c": (0.0, True, None, False),
+           "famo_lr": (0.0, False, None, False), "famo_gamma": (0.0, True, None, False)}
 
 
 def _is_int(v):

@@ -24,7 +24,9 @@ import torch
 from .. import data as D
 from ..checkpoint import save_checkpoint
 from ..fileio import atomic_write
-from ..weighting import make_weighting
+from ..gradients import gradient_method_step, shared_named_parameters
+from ..model import ModelOutput
+from ..weighting import GradientMethod, make_weighting
 from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, read_checkpoint, rng_state, set_decoding, set_rng_state, task_lists)
 from .config import TrainConfig
@@ -252,9 +254,13 @@ class Trainer:
                              % ("s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown)),
                                 ", ".join(s.name for s in specs)))
         base_weights.update({s.name: cfg.sequence_aux for s in self.all_specs if is_aux(s)})
-        kw = ({"temperature": cfg.dwa_temperature} if cfg.weighting == "dwa" else
-              {"alpha": cfg.gradnorm_alpha} if cfg.weighting == "gradnorm" else {})
+        kw = {"dwa": {"temperature": cfg.dwa_temperature}, "gradnorm": {"alpha": cfg.gradnorm_alpha},
+              "pcgrad": {"seed": cfg.seed}, "cagrad": {"c": cfg.cagrad_c},
+              "nash_mtl": {"update_every": cfg.nash_update_every},
+              "famo": {"lr": cfg.famo_lr, "gamma": cfg.famo_gamma}}.get(cfg.weighting, {})
         self.weighting = make_weighting(cfg.weighting, [s.name for s in self.all_specs], base_weights, **kw)
+        if isinstance(self.weighting, GradientMethod):
+            shared_named_parameters(self.model)  # a clear error for sharing='soft'
         self.weighting.to(self.device)
         self.step_module = _Step(self.model, self.weighting)
         self.wrapped = self.step_module
@@ -345,13 +351,57 @@ class Trainer:
         scale = (lambda w: scaled_weights(w, b.targets, counts, self.world)) if self.distributed else None
         # character features of the words as written, also where the word id became <unk>
         chars = model.char_cnn.char_ids[b.raw_ids] if model.char_cnn is not None else None
+        if isinstance(self.weighting, GradientMethod):
+            # per-task gradients of the shared encoder (one forward; DDP: reduced before the method reads them,
+            # the methods not being linear) and the combined gradient in .grad; the DDP wrapper, which would
+            # average one already combined gradient, is bypassed
+            self.opt.zero_grad(set_to_none=True)
+            base = self.weighting.weights()
+            w = scale(base) if scale is not None else base
+            tg, _ = gradient_method_step(model, self.weighting, b.ids, b.lengths, b.targets,
+                                         {n: v for n, v in w.items() if n in b.targets}, chars, cfg.task_backward,
+                                         self.ddp_reduce, self.world)
+            total = sum(base[n] * tg.losses[n] for n in tg.tasks)
+            out, loss = ModelOutput(total, dict(tg.losses)), total
+            self._finish_step()
+            return out, float(loss)
         out, loss = self.wrapped(b.ids, b.lengths, b.targets, scale, chars)
         self.opt.zero_grad(set_to_none=True)
+        if cfg.weighting == "famo":
+            # FAMO: task weights from this batch's losses (DDP: the global batch's), applied to the whole
+            # loss; after the step the losses of the same batch are measured again for the logits' update
+            lam = self.weighting.task_weights(self._global_losses(out.losses, scale))
+            w = scale(lam) if scale is not None else lam  # lambda_k, the static weights included
+            loss = sum(w[n] * out.losses[n] for n in w)
+            loss.backward()
+            self._finish_step()
+            with torch.no_grad():
+                again, _ = self.step_module(b.ids, b.lengths, b.targets, scale, chars)
+            self.weighting.update(self._global_losses(again.losses, scale))
+            return out, float(loss.detach())
         if cfg.weighting == "gradnorm":
             loss.backward(retain_graph=True)
             self.weighting.after_backward(out.losses, model.shared_parameters(), self.ddp_reduce)
         else:
             loss.backward()
+        self._finish_step()
+        return out, float(loss.detach())
+
+    def _global_losses(self, losses, scale):
+        """``{task: L_k}`` detached; under DDP the global batch's (the ranks' losses weighted by their item counts:
+        the mean over the ranks of ``scale``'s factor times the local loss)."""
+        losses = {n: l.detach().float().reshape(()) for n, l in losses.items()}
+        if self.distributed and losses:
+            names = sorted(losses)
+            f = scale({n: 1.0 for n in names})
+            t = torch.stack([losses[n] * f.get(n, 0.0) for n in names])
+            self.ddp_reduce(t)
+            losses = dict(zip(names, t.unbind(0)))
+        return losses
+
+    def _finish_step(self):
+        """Clipping, the optimiser and scheduler steps and the EMA, after the gradients are in ``.grad``."""
+        cfg, model = self.cfg, self.model
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
@@ -363,7 +413,6 @@ class Trainer:
                 sd = model.state_dict()
                 for k, v in self.ema.items():
                     v.lerp_(sd[k], 1.0 - decay)
-        return out, float(loss.detach())
 
     def check_finite(self, lv, out, epoch, step):
         finite = math.isfinite(lv)
