@@ -239,7 +239,7 @@ def _project_simplex(v):
     return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
 
 
-def _simplex_minimize(f, grad, K, iters=5000, tol=1e-13):
+def _simplex_minimize(f, grad, K, iters=5000, tol=1e-12):
     """Accelerated projected gradient (FISTA with backtracking and restarts) for a convex f on the simplex."""
     import numpy as np
 
@@ -263,7 +263,6 @@ def _simplex_minimize(f, grad, K, iters=5000, tol=1e-13):
         y = xn + ((t - 1.0) / tn) * (xn - x)
         step = np.abs(xn - x).max()
         x, fx, t = xn, fn, tn
-        L *= 0.9
         if step < tol:
             break
     return x
@@ -272,9 +271,9 @@ def _simplex_minimize(f, grad, K, iters=5000, tol=1e-13):
 def min_norm_coefficients(G):
     r"""The min-norm point of the convex hull of the gradients (MGDA, Sener & Koltun 2018):
     :math:`\alpha = \arg\min_{\alpha \in \Delta} \alpha^T G \alpha`. K = 1, 2: closed form
-    (:math:`\alpha_1 = \mathrm{clip}(\frac{(g_2 - g_1) \cdot g_2}{\|g_1 - g_2\|^2}, 0, 1)`); K <= 8: exact, the
-    best KKT point over the supports (an equality-constrained solve per support); larger K: accelerated projected
-    gradient."""
+    (:math:`\alpha_1 = \mathrm{clip}(\frac{(g_2 - g_1) \cdot g_2}{\|g_1 - g_2\|^2}, 0, 1)`); otherwise a primal
+    active-set method (:func:`_active_set`, to the KKT conditions), falling back to the best KKT point over all
+    supports (K <= 8) or accelerated projected gradient."""
     import itertools
 
     import numpy as np
@@ -289,6 +288,9 @@ def min_norm_coefficients(G):
         return _out([a, 1.0 - a])
     scale = max(np.abs(np.diag(G)).max(), 1e-300)
     Gs = G / scale
+    w = _active_set(lambda x: (x @ Gs @ x, 2 * Gs @ x, 2 * Gs), K)
+    if w is not None:
+        return _out(w)
     if K <= 8:
         best, best_v = None, math.inf
         for r in range(1, K + 1):
@@ -319,12 +321,92 @@ def min_norm_coefficients(G):
     return _out(w)
 
 
+def _cagrad_active_set(G, Gb, a, eps, iters=100):
+    """min over the simplex of w.Gb + a sqrt(w'Gw + eps) (:func:`_active_set`)."""
+    import numpy as np
+
+    def fgh(w):
+        Gw = G @ w
+        s = math.sqrt(max(w @ Gw, 0.0) + eps)
+        return w @ Gb + a * s, Gb + a * Gw / s, a * (G / s - np.outer(Gw, Gw) / s ** 3)
+
+    return _active_set(fgh, G.shape[0], iters)
+
+
+def _active_set(fgh, K, iters=100):
+    """min over the simplex of a smooth convex f (``fgh(w)``: value, gradient, Hessian) by a primal active-set
+    method: Newton's method for the
+    smooth convex problem on the current face (support S, sum(w_S) = 1), a step towards that face's optimum
+    stopped by the first coordinate reaching 0 (which then leaves S; by convexity f does not increase), and, at a
+    feasible face optimum, the coordinate outside S whose partial derivative is lowest below the face's multiplier
+    enters S; done when none is (the KKT conditions hold). Returns None if it does not finish."""
+    import numpy as np
+
+    def face_optimum(w, S):
+        r = len(S)
+        if r == 1:
+            return w
+        Z = np.zeros((K, r - 1))  # directions within the face: e_S[i] - e_S[-1]
+        for i in range(r - 1):
+            Z[S[i], i], Z[S[-1], i] = 1.0, -1.0
+        f, g, H = fgh(w)
+        for _ in range(60):
+            gz = Z.T @ g
+            if np.abs(gz).max() <= 1e-13 * (1.0 + np.abs(g).max()):
+                break
+            Hz = Z.T @ H @ Z
+            step = np.linalg.solve(Hz + np.eye(r - 1) * (1e-12 * max(np.trace(Hz), 0.0) + 1e-300), gz)
+            if not np.isfinite(step).all():
+                break
+            t = 1.0
+            while True:
+                wn = w - t * (Z @ step)
+                fn, gn, Hn = fgh(wn)
+                if fn <= f - 1e-4 * t * (gz @ step) or t < 1e-12:
+                    break
+                t *= 0.5
+            if not fn < f:
+                break
+            w, f, g, H = wn, fn, gn, Hn
+            if np.abs(w).max() > 1e6:  # unbounded along the face: the bound stops the step
+                break
+        return w
+
+    w = np.full(K, 1.0 / K)
+    S = list(range(K))
+    for _ in range(iters):
+        p = face_optimum(w.copy(), S)
+        d = p - w
+        alpha, block = 1.0, None
+        for i in S:
+            if d[i] < 0 and -w[i] / d[i] < alpha:
+                alpha, block = -w[i] / d[i], i
+        w = w + alpha * d
+        if block is not None:
+            w[block] = 0.0
+            S.remove(block)
+            w = np.maximum(w, 0.0)
+            w /= w.sum()
+            continue
+        _, g, _ = fgh(w)
+        mu = g[S].mean()
+        out = [i for i in range(K) if i not in S]
+        if not out:
+            return w
+        j = min(out, key=lambda i: g[i])
+        if g[j] - mu >= -1e-10 * (1.0 + abs(mu)):
+            return w
+        S = sorted(S + [j])
+    return None
+
+
 def cagrad_coefficients(G, c=0.4, rescale=1):
     r"""CAGrad (Liu et al. 2021) as in the authors' code: :math:`g_0 = \frac1K\sum_i g_i`,
     :math:`w = \arg\min_{w \in \Delta} g_w^T g_0 + c\|g_0\| \sqrt{\|g_w\|^2 + 10^{-8}}`,
     :math:`d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w`, divided by :math:`1 + c^2` (``rescale=1``), :math:`1 + c`
-    (``rescale=2``) or not at all (``rescale=0``). The small convex problem is solved by accelerated projected
-    gradient to convergence (the authors use SciPy's SLSQP). Returns the coefficients of d over the g_i."""
+    (``rescale=2``) or not at all (``rescale=0``). The small convex problem is solved to its KKT conditions by a
+    primal active-set method with Newton steps on each face (the authors use SciPy's SLSQP); accelerated projected
+    gradient if that does not finish. Returns the coefficients of d over the g_i."""
     import numpy as np
 
     G = _np(G)
@@ -337,7 +419,12 @@ def cagrad_coefficients(G, c=0.4, rescale=1):
     Gb = Gs @ b
     f = lambda w: w @ Gb + as_ * math.sqrt(max(w @ Gs @ w, 0.0) + 1e-8 / scale)  # noqa: E731
     grad = lambda w: Gb + as_ * (Gs @ w) / math.sqrt(max(w @ Gs @ w, 0.0) + 1e-8 / scale)  # noqa: E731
-    w = _simplex_minimize(f, grad, K) if K > 1 else np.ones(1)
+    if K == 1:
+        w = np.ones(1)
+    else:
+        w = _cagrad_active_set(Gs, Gb, as_, 1e-8 / scale)
+        if w is None:
+            w = _simplex_minimize(f, grad, K)
     gw_norm = math.sqrt(max(w @ G @ w, 0.0))
     coef = b + (a / (gw_norm + 1e-8)) * w
     if rescale == 1:

@@ -182,9 +182,16 @@ def test_methods_match_references_on_random_problems(K, seed):
     torch.testing.assert_close(W.nash_mtl_coefficients(G) @ g, ref_nash(g), rtol=1e-7, atol=1e-7 * scale)
 
 
-def test_mgda_larger_K_uses_the_iterative_solver():
+def test_larger_K_and_the_fallback_solvers():
     g = _problem(10, 60, 3)
-    torch.testing.assert_close(W.min_norm_coefficients(g @ g.t()) @ g, ref_mgda(g), rtol=0, atol=1e-5)
+    G = g @ g.t()
+    scale = float(g.norm(dim=1).max())
+    ref = ref_mgda(g)
+    torch.testing.assert_close(W.min_norm_coefficients(G) @ g, ref, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(W.cagrad_coefficients(G) @ g, ref_cagrad(g), rtol=0, atol=2e-5 * scale)
+    Gn = G.numpy()
+    x = W._simplex_minimize(lambda x: x @ Gn @ x, lambda x: 2 * Gn @ x, 10)  # accelerated projected gradient
+    torch.testing.assert_close(torch.as_tensor(x) @ g, ref, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("method", W.GRADIENT_METHODS)
