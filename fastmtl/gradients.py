@@ -12,19 +12,21 @@ gradient in its forward pass, so this gives, per task k, without any backward th
 The encoder backward is linear in its incoming gradient, so everything else follows from the :math:`z_k`:
 
 * :meth:`TaskGradients.backward` pushes one combination :math:`\sum_k c_k z_k` through the encoder: the gradient
-  of :math:`\sum_k c_k w_k L_k` with respect to the shared parameters at the cost of one backward (what MGDA-UB,
-  IMTL-G on the representation, FAMO and static weighting need);
+  of :math:`\sum_k c_k w_k L_k` with respect to the shared parameters at the cost of one backward (what MGDA-UB
+  needs);
 * :meth:`TaskGradients.shared` pushes all K of them through the encoder and returns K gradients of every shared
   parameter (what PCGrad, CAGrad, MGDA, IMTL-G, Aligned-MTL and Nash-MTL need). Two schedules, the same numbers:
 
   - ``"loop"`` (default): K backward passes over the one retained graph. Each runs the fused LSTM backward op on
     the saved activations (no forward is recomputed); the heads are not run again and the embedding/char CNN get
     their gradients from each pass.
-  - ``"vmap"``: ``torch.func.vjp`` of the encoder and ``torch.func.vmap`` over the K stacked cotangents: the LSTM
-    op's vmap rule folds the K cotangents into the batch (K*B rows: one fused forward recomputing the activations
-    of the folded batch, one fused backward, per-task weight gradients from the gate gradients). This is the form
-    that works for any encoder built from fastmtl ops; which schedule is faster depends on the shapes (see the
-    ``train_step_mtl`` benchmark).
+  - ``"vmap"``: the encoder's forward under ``torch.func.vjp`` and ``torch.func.vmap`` of its vjp over the K
+    stacked cotangents, the general form that works for any encoder built from fastmtl ops (or plain PyTorch).
+    Here the vmap rule of ``lstm_layer_backward`` takes its per-index path: one fused backward per cotangent on
+    the saved activations (its fold into the batch rows is not taken for these functorch-wrapped arguments, and
+    would recompute the K*B-row forward besides), so it costs what ``"loop"`` costs plus the functorch overhead. A backward op taking K stacked output gradients against one saved forward
+    (recurrent GEMMs on K*B rows, per-task weight gradients) would make both schedules one fused call; it is a
+    kernel addition, not done here.
 
   Nothing here is CPU-specific: on CUDA both schedules run through the same ops.
 
@@ -224,7 +226,9 @@ def gradient_method_step(model, method, ids, lengths, targets, weights=None, cha
     coefficients. With per-rank task weights scaled so that the ranks' average is the global-batch loss (what the
     trainer does), the result equals one process on the global batch."""
     tg = task_gradients(model, ids, lengths, targets, weights, chars, mode if method.level == "param" else "loop")
-    if method.level == "rep":
+    if not tg.params:  # a frozen encoder: only the heads train, each on its own task
+        c, grads = torch.ones(tg.K, dtype=torch.float64), []
+    elif method.level == "rep":
         G = tg.rep_gram()
         if all_reduce is not None:
             # the rows of z are this rank's samples: the global Gram is the sum of the ranks' Grams (each z_k is

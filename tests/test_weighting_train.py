@@ -140,3 +140,13 @@ def test_ddp_two_processes_match_one(files, tmp_path, method):
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
     init = T.train(cfg, epochs=0)
     assert any(not torch.allclose(init["model"].state_dict()[k], single[k]) for k in single)
+
+
+def test_frozen_encoder_trains_the_heads_only(files, tmp_path):
+    out = str(tmp_path / "enc")
+    T.train(_cfg(files, epochs=1, output_dir=out))
+    r = T.train(_cfg(files, epochs=1, weighting="pcgrad", init_encoder=os.path.join(out, "best.pt"),
+                     freeze_encoder=True))
+    src = load_checkpoint_tree(os.path.join(out, "best.pt"))["model"]
+    sd = r["model"].state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.items() if not k.startswith("heads."))

@@ -103,9 +103,8 @@ class TrainConfig:
     famo_lr: float = _opt(0.025, "FAMO: learning rate of the task logits", "task weighting")
     famo_gamma: float = _opt(0.01, "FAMO: weight decay of the task logits", "task weighting")
     task_backward: str = _opt("loop", "gradient methods: how the K per-task gradients go through the encoder: loop "
-                              "(K backward passes over the one saved forward) or vmap (torch.func.vmap over the K "
-                              "cotangents, folded into the batch by the LSTM op)", "task weighting",
-                              choices=("loop", "vmap"))
+                              "(K backward passes over the one saved forward) or vmap (torch.func.vjp + vmap over the "
+                              "K cotangents); the same numbers", "task weighting", choices=("loop", "vmap"))
     # optimisation
     optimizer: str = _opt("adam", "optimizer", "optimisation", choices=("adam", "adamw", "sgd"))
     lr: float = _opt(2e-3, "peak learning rate", "optimisation")
