@@ -59,13 +59,16 @@ def shared_named_parameters(model):
 
 def gram(stacked):
     """The K x K Gram matrix (float64) of per-task gradients given as a list of (K, ...) tensors (one per
-    parameter) or one (K, P) tensor."""
+    parameter) or one (K, P) tensor: one GEMM per parameter in its own precision (float32 for lower ones),
+    accumulated over the parameters in float64."""
     if isinstance(stacked, torch.Tensor):
         stacked = [stacked]
     G = None
     for g in stacked:
-        f = g.reshape(g.shape[0], -1).double()
-        part = f @ f.t()
+        f = g.reshape(g.shape[0], -1)
+        if f.dtype not in (torch.float32, torch.float64):
+            f = f.float()
+        part = (f @ f.t()).double()
         G = part if G is None else G + part
     return G
 
