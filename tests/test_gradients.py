@@ -136,3 +136,30 @@ def test_frozen_embeddings_are_not_shared_parameters():
     ids, lengths, targets = _batch()
     _, grads, _ = per_task_gradients(model, ids, lengths, targets)
     assert "embedding.weight" not in grads["slots"]
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "mgda", "mgda_ub", "nash_mtl"])
+def test_benchmark_providers_do_the_same_step(method):
+    """fastmtl.bench.train_step_mtl: the fused step and LibMTL's K-backward step move the model identically."""
+    from fastmtl.bench import train_step_mtl as M
+    from fastmtl.weighting import make_weighting
+
+    batches = M._batches(1, 3, 5, 6, 40, "cpu", torch.Generator().manual_seed(0))
+    params = []
+    for kind in ("fused", "separate"):
+        torch.manual_seed(0)
+        model = M._model(3, 40, 6, 5, 2, "cpu").double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = make_weighting(method, model.task_names, seed=1) if method == "pcgrad" else \
+            make_weighting(method, model.task_names)
+        step = M._fused_step(model, opt, batches, m, "loop") if kind == "fused" else \
+            M._separate_step(model, opt, batches, m)
+        step()
+        params.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    moved = False
+    for k in params[0]:
+        torch.testing.assert_close(params[0][k], params[1][k], rtol=1e-6, atol=1e-8, msg=k)
+    torch.manual_seed(0)
+    init = M._model(3, 40, 6, 5, 2, "cpu").double().state_dict()
+    moved = any(not torch.allclose(init[k], params[0][k]) for k in init)
+    assert moved
