@@ -24,9 +24,9 @@ The encoder backward is linear in its incoming gradient, so everything else foll
     stacked cotangents, the general form that works for any encoder built from fastmtl ops (or plain PyTorch).
     Here the vmap rule of ``lstm_layer_backward`` takes its per-index path: one fused backward per cotangent on
     the saved activations (its fold into the batch rows is not taken for these functorch-wrapped arguments, and
-    would recompute the K*B-row forward besides), so it costs what ``"loop"`` costs plus the functorch overhead. A backward op taking K stacked output gradients against one saved forward
-    (recurrent GEMMs on K*B rows, per-task weight gradients) would make both schedules one fused call; it is a
-    kernel addition, not done here.
+    would recompute the K*B-row forward besides), so it costs what ``"loop"`` costs plus the functorch overhead.
+    A backward op taking K stacked output gradients against one saved forward (recurrent GEMMs on K*B rows,
+    per-task weight gradients) would make both schedules one fused call; it is a kernel addition, not done here.
 
   Nothing here is CPU-specific: on CUDA both schedules run through the same ops.
 
@@ -39,7 +39,7 @@ The gradients are exact: the same numbers as K separate ``torch.autograd.grad(w_
 passes over the model's ordinary forward (tests/test_gradients.py).
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

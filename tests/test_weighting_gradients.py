@@ -2,7 +2,6 @@
 and FAMO against straightforward reference implementations written from the papers' algorithms on explicit
 gradient vectors (K autograd backward passes for the model-level checks), and on the papers' small worked cases."""
 import math
-import random
 
 import pytest
 import torch

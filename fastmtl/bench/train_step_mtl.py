@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from .common import measure, print_table
+from .common import print_table
 
 __all__ = ["run", "add_arguments", "main"]
 
