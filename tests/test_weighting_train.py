@@ -150,3 +150,12 @@ def test_frozen_encoder_trains_the_heads_only(files, tmp_path):
     src = load_checkpoint_tree(os.path.join(out, "best.pt"))["model"]
     sd = r["model"].state_dict()
     assert all(torch.equal(sd[k], v) for k, v in src.items() if not k.startswith("heads."))
+
+
+def test_vmap_schedule_trains_as_the_loop(files):
+    cfg = _cfg(files, epochs=1, weighting="mgda", dropout=0.0, num_layers=2)
+    a = _params(T.train(cfg))
+    b = _params(T.train(cfg, task_backward="vmap"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    T.train(cfg, task_backward="vmap", dropout=0.3)  # and with dropout (one draw, under torch.func.vjp)
