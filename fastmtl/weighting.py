@@ -15,6 +15,13 @@ tensors that require grad), :meth:`TaskWeighting.regularizer` (added to the loss
   :math:`r_t = \tilde L_t / \frac1K\sum_i \tilde L_i`, and
   :math:`L_{grad} = \sum_t |G_t - \mathrm{sg}[\bar G\, r_t^{\alpha}]|`; :math:`w` follows :math:`\partial L_{grad}/\partial w`
   and is renormalised to :math:`\sum_t w_t = K` after each step.
+* ``famo``        Liu et al. 2023 (:class:`FAMOWeighting`): task weights from the current losses and learned logits.
+
+Gradient-based methods (:data:`GRADIENT_METHODS`, :class:`GradientMethod`): ``pcgrad``, ``cagrad``, ``mgda``,
+``mgda_ub``, ``imtl``, ``aligned_mtl``, ``nash_mtl``. They read the K tasks' gradients of the shared parameters (of
+the shared representation for ``mgda_ub``) as their K x K Gram matrix and return coefficients c: the shared
+parameters' update is :math:`\sum_k c_k g_k`; every task head keeps its own task's gradient. The per-task
+gradients come from :mod:`fastmtl.gradients` (:func:`fastmtl.gradients.gradient_method_step`).
 """
 import math
 
@@ -40,7 +47,7 @@ def dwa_weights(prev, prev2, temperature=2.0):
     r"""DWA weights from the mean task losses of the last two epochs (lists of K floats):
     :math:`K \operatorname{softmax}_t(r_t / T)` with :math:`r_t = prev_t / prev2_t`."""
     K = len(prev)
-    r = [a / b if b > 0 else 1.0 for a, b in zip(prev, prev2)]
+    r = [a / b if b > 0 and a == a else 1.0 for a, b in zip(prev, prev2)]  # nan (no batch): ratio 1
     e = [math.exp(x / temperature) for x in r]
     s = sum(e)
     return [K * x / s for x in e]
@@ -71,11 +78,13 @@ class TaskWeighting(torch.nn.Module):
     def weights(self):
         return dict(self.base)
 
-    def regularizer(self):
+    def regularizer(self, tasks=None):
+        """A term added to the loss (None: none); ``tasks``: the tasks with labels in this batch (None: all)."""
         return None
 
     def epoch_end(self, mean_losses):
-        """Called with ``{task: mean training loss of the epoch}``."""
+        """Called with ``{task: mean training loss of the epoch}`` (a task that had no batch in the epoch, which
+        several datasets with a sampling strategy can give, is left out)."""
 
     def after_backward(self, losses, shared_params):
         """Called after the main backward with the per-task loss tensors (graph retained) and the shared weights."""
@@ -106,8 +115,12 @@ class UncertaintyWeighting(TaskWeighting):
     def weights(self):
         return {t: torch.exp(-self.log_vars[i]) * self.base[t] for i, t in enumerate(self.tasks)}
 
-    def regularizer(self):
-        return 0.5 * self.log_vars.sum()
+    def regularizer(self, tasks=None):
+        # only the tasks of this batch: a task without labels here has no loss term, and its s must not drift
+        if tasks is None:
+            return 0.5 * self.log_vars.sum()
+        idx = [i for i, t in enumerate(self.tasks) if t in set(tasks)]
+        return 0.5 * self.log_vars[idx].sum()
 
     def describe(self):
         return {t: float(torch.exp(-self.log_vars[i].detach())) for i, t in enumerate(self.tasks)}
@@ -128,7 +141,8 @@ class DWAWeighting(TaskWeighting):
         return {t: self.current[t] * self.base[t] for t in self.tasks}
 
     def epoch_end(self, mean_losses):
-        self.history.append([float(mean_losses[t]) for t in self.tasks])
+        # a task without a batch in this epoch keeps its weight (ratio 1)
+        self.history.append([float(mean_losses[t]) if t in mean_losses else float("nan") for t in self.tasks])
         if len(self.history) >= 2:
             w = dwa_weights(self.history[-1], self.history[-2], self.temperature)
             self.current = dict(zip(self.tasks, w))
