@@ -69,8 +69,9 @@ def _add_train_args(p):
         kw = {"dest": f.name, "default": argparse.SUPPRESS}
         help_text = meta["help"]
         action = meta.get("action")
-        if action in ("store_true", "store_false"):
-            kw["action"] = action
+        if action == "flag":
+            kw["action"] = argparse.BooleanOptionalAction
+            help_text += " (default: %s)" % ("on" if f.default else "off")
         else:
             if action == "append":
                 kw["action"] = "append"
@@ -126,9 +127,13 @@ def _train(ns):
     from .training.config import read_toml
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = read_toml(ns.config) if ns.config else {}
-    values.update({k: v for k, v in vars(ns).items() if k in fields})  # the command line overrides the file
-    cfg = TrainConfig(**values)
+    from_file = read_toml(ns.config) if ns.config else {}
+    given = {k: v for k, v in vars(ns).items() if k in fields}
+    cfg = TrainConfig(**{**from_file, **given})  # the command line overrides the file
+    try:
+        cfg.validate()
+    except ValueError as e:  # a bad value from the run file: say where it is
+        raise ValueError(_in_file(str(e), ns.config, set(from_file) - set(given))) from None
     if cfg.epochs == 0:  # train(epochs=0) from Python returns the untrained model; a command line run must train
         raise ValueError("fastmtl: --epochs must be an integer >= 1, got 0")
     try:
@@ -138,6 +143,18 @@ def _train(ns):
     if res["test"] is not None and os.environ.get("RANK", "0") == "0":
         print(json.dumps(res["test"], indent=2))
     return 0
+
+
+def _in_file(msg, path, keys):
+    """``msg`` (a TrainConfig check naming an option, ``--epochs``) with the run file and key that set the value."""
+    from .training.config import option_name
+
+    for k in sorted(keys, key=lambda k: -len(option_name(k))):
+        if option_name(k) + " " in msg + " ":
+            key = "[sampling] %s" % {"sampling": "strategy", "sampling_temperature": "temperature"}[k] \
+                if k.startswith("sampling") else k
+            return "%s (%s in %s)" % (msg, key, path)
+    return msg
 
 
 def _evaluate(ns):
@@ -153,7 +170,7 @@ def _evaluate(ns):
     for name, tasks, examples, path in sets:
         D.check_tasks(examples, tasks, path)
         mm, preds = evaluate_examples(model, vocab, lvs, tasks, examples, device,
-                                      frame_key=frame_key(name, several))
+                                      frame_key=frame_key(name, several and name is not None))
         m.update(mm)
         if ns.report:
             from .reports import task_reports
@@ -163,7 +180,7 @@ def _evaluate(ns):
             from .reports import prediction_records
 
             recs = prediction_records(tasks, examples, preds)
-            if several:
+            if several and name is not None:
                 recs = [{"dataset": name, **r} for r in recs]
             records += recs
     text = json.dumps(m, indent=2) + "\n"

@@ -265,3 +265,60 @@ def test_evaluate_a_two_dataset_model(two, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"label": expected["label"]}
     assert cli.main(["evaluate", best, "--dataset", "c"]) == 2
     assert "--dataset 'c' is not a dataset of this model (a, b)" in capsys.readouterr().err
+
+
+def test_dwa_and_uncertainty_with_a_task_missing_from_batches_or_epochs():
+    from fastmtl.weighting import make_weighting
+
+    dwa = make_weighting("dwa", ["a", "b"])
+    dwa.epoch_end({"a": 1.0, "b": 2.0})
+    dwa.epoch_end({"a": 0.5})  # b had no batch in this epoch: no KeyError, b keeps ratio 1
+    dwa.epoch_end({"a": 0.5, "b": 1.0})
+    assert all(v == v and v > 0 for v in dwa.weights().values())
+    unc = make_weighting("uncertainty", ["a", "b"])
+    reg = unc.regularizer(["a"])
+    reg.backward()
+    assert unc.log_vars.grad.tolist() == [0.5, 0.0]  # the absent task's s gets no push
+    assert float(unc.regularizer().detach()) == 0.0
+
+
+def test_ddp_needs_a_batch_per_dataset():
+    p = EpochPlanner([1, 40], 8, lengths=[[3], [3] * 40], min_batch=2)
+    assert p.batches_of(0) == [] and len(p.batches_of(1)) == 5
+
+
+def test_columns_as_string_or_list_and_bad_types(tmp_path, capsys):
+    (tmp_path / "tr.txt").write_text("a DT B-X\nb NN O\n\nc DT O\n")
+    for cols in ('"word,pos,ner"', '["word", "pos", "ner"]'):
+        (tmp_path / "r.toml").write_text(SMALL + 'epochs = 1\ncolumns = %s\ntrain = "tr.txt"\ntasks = ["ner:token:ner"]\n'
+                                         % cols)
+        assert cli.main(["train", "--config", str(tmp_path / "r.toml")]) == 0, capsys.readouterr().err
+    (tmp_path / "r.toml").write_text(SMALL + 'columns = 5\ntrain = "tr.txt"\ntasks = ["ner:token:ner"]\n')
+    assert cli.main(["train", "--config", str(tmp_path / "r.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "--columns must be a comma-separated string or a list of names, got 5 (columns in" in err
+
+
+def test_file_values_can_be_undone_on_the_command_line(two, capsys):
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(two / "run.toml"), "--epochs", "1", "--no-quiet"]) == 0
+    assert "epoch 1:" in capsys.readouterr().err  # quiet = true in the file
+
+
+def test_select_needs_dev_data(two, tmp_path):
+    cfg = read_toml(two / "run.toml")
+    del cfg["datasets"][1]["dev"]
+    with pytest.raises(ValueError, match="--select: 'label' has no dev data \\(dataset 'b' has no dev split\\)"):
+        T.train(TrainConfig(**{**cfg, "select": "label"}))
+    res = T.train(TrainConfig(**{**cfg, "epochs": 1}))  # mean: over the datasets that have dev data
+    assert set(res["dev"]) == {"tags"}
+
+
+def test_evaluate_a_file_without_dataset_names_the_dataset(two, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli.main(["train", "--config", str(two / "run.toml"), "--output-dir", out]) == 0
+    capsys.readouterr()
+    p = str(tmp_path / "p.jsonl")
+    assert cli.main(["evaluate", os.path.join(out, "best.pt"), str(two / "a_test.jsonl"), "--predictions", p]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"tags"}
+    assert {json.loads(l)["dataset"] for l in open(p)} == {"a"}

@@ -53,6 +53,9 @@ def check_tasks(examples, tasks, path):
                                       "per token; use level 'token'" % (t.name, t.source))
             break
         if not found:
+            if any(t.source in ex for ex in examples):
+                raise DataFormatError(path, None, "field %r of task %r has no labels (null in every example)"
+                                      % (t.source, t.name))
             fields = sorted({k for ex in examples[:100] for k in ex if k != "tokens"})
             raise DataFormatError(path, None, "no field %r for task %r (fields found: %s)"
                                   % (t.source, t.name, ", ".join(fields) or "none"))

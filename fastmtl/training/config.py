@@ -24,7 +24,8 @@ def _opt(default, help, group, **meta):
     """A TrainConfig field: its default and what ``fastmtl train --help`` shows for it.
 
     ``meta``: ``choices``; ``flag`` (the option's spelling when it is not ``--field-name``, None: no option);
-    ``action`` (``"store_true"``, ``"store_false"`` (flag named e.g. ``--no-progress``), ``"append"``);
+    ``action`` (``"flag"``: ``--name`` / ``--no-name``, so the command line can also undo a file's value;
+    ``"append"``: repeatable);
     ``parse`` (a function from the option's text to the value; ``"bool"``, ``"kv_float"``, ``"kv_int"``,
     ``"columns"`` name the parsers of :mod:`fastmtl.cli`); ``metavar``."""
     meta.update(help=help, group=group)
@@ -62,7 +63,7 @@ class TrainConfig:
     lower: bool = _opt(True, "lower-case words", "vocabulary", parse="bool")
     normalize_digits: bool = _opt(True, "map every digit to 0", "vocabulary", parse="bool")
     pretrained: str = _opt(None, "word2vec/GloVe text file of word vectors", "vocabulary")
-    freeze_embeddings: bool = _opt(False, "keep the word embeddings fixed", "vocabulary", action="store_true")
+    freeze_embeddings: bool = _opt(False, "keep the word embeddings fixed", "vocabulary", action="flag")
     # model
     embedding_dim: int = _opt(128, "word embedding size", "model")
     hidden_size: int = _opt(256, "LSTM hidden size (per direction)", "model")
@@ -87,7 +88,7 @@ class TrainConfig:
     soft_lambda: float = _opt(1e-3, "soft sharing: weight of the L2 penalty between the task encoders", "model")
     init_encoder: str = _opt(None, "transfer: start the encoder (and vocabulary) from this checkpoint (a best.pt of "
                              "an earlier run)", "model")
-    freeze_encoder: bool = _opt(False, "with --init-encoder: train only the new heads", "model", action="store_true")
+    freeze_encoder: bool = _opt(False, "with --init-encoder: train only the new heads", "model", action="flag")
     # weighting
     weighting: str = _opt("static", "task weighting: a loss weighting (static, uncertainty, dwa, gradnorm, famo) or a "
                           "gradient method on the shared encoder (pcgrad, cagrad, mgda, mgda_ub, imtl, aligned_mtl, "
@@ -129,13 +130,12 @@ class TrainConfig:
     # output
     output_dir: str = _opt(None, "where the run writes best.pt, last.pt, log.jsonl, metrics.json and "
                            "learning_curve.png", "output")
-    resume: bool = _opt(False, "continue the run saved in --output-dir", "output", action="store_true")
+    resume: bool = _opt(False, "continue the run saved in --output-dir", "output", action="flag")
     overwrite: bool = _opt(False, "reuse a non-empty --output-dir: remove the earlier run's files (best.pt, last.pt, "
                            "log.jsonl, metrics.json, learning_curve.png) before training; other files stay", "output",
-                           action="store_true")
-    progress: bool = _opt(True, "progress bar (only when stderr is a terminal)", "output", flag="--no-progress",
-                          action="store_false")
-    quiet: bool = _opt(False, "print nothing but the test metrics", "output", action="store_true")
+                           action="flag")
+    progress: bool = _opt(True, "progress bar (only when stderr is a terminal)", "output", action="flag")
+    quiet: bool = _opt(False, "print nothing but the test metrics", "output", action="flag")
 
     def validate(self):
         """Checks every field; raises ``ValueError`` with a one-line message naming the option (``--warmup-steps``)
@@ -204,17 +204,26 @@ class DatasetSpec:
 _DATASET_KEYS = {f.name for f in fields(DatasetSpec)}
 
 
+def _columns_ok(cols):
+    return isinstance(cols, str) or (isinstance(cols, (list, tuple)) and all(isinstance(c, str) for c in cols))
+
+
+def columns_tuple(cols):
+    """CoNLL column names as a tuple: from ``"word,pos"`` (the command line's form) or a list."""
+    if cols is None:
+        return None
+    return tuple(D.parse_columns(cols if isinstance(cols, str) else ",".join(cols)))
+
+
 def dataset_specs(cfg):
     """The datasets of ``cfg``: its ``datasets`` entries, or one dataset from ``format``/``train``/``dev``/``test``
     (named after the built-in data, else ``data``)."""
     if cfg.datasets:
-        return [d if isinstance(d, DatasetSpec) else DatasetSpec(**{**d, "columns": tuple(d["columns"]) if
-                                                                    d.get("columns") else None})
+        return [d if isinstance(d, DatasetSpec) else DatasetSpec(**{**d, "columns": columns_tuple(d.get("columns"))})
                 for d in cfg.datasets]
     if cfg.train is None and cfg.format in (None, "atis"):
         return [DatasetSpec("atis", "atis", builtin="atis")]
-    return [DatasetSpec("data", cfg.format, cfg.train, cfg.dev, cfg.test,
-                        tuple(cfg.columns) if cfg.columns else None)]
+    return [DatasetSpec("data", cfg.format, cfg.train, cfg.dev, cfg.test, columns_tuple(cfg.columns))]
 
 
 def _validate_datasets(cfg):
@@ -252,9 +261,10 @@ def _validate_datasets(cfg):
         elif d.get("train") is None:
             raise ValueError("fastmtl: %s needs train (a file) or builtin (a dataset a package ships)" % where)
         if d.get("columns") is not None:
-            cols = d["columns"]
-            D.parse_columns(",".join(cols) if isinstance(cols, (list, tuple)) and
-                            all(isinstance(c, str) for c in cols) else cols)
+            if not _columns_ok(d["columns"]):
+                raise ValueError("fastmtl: %s: columns must be a comma-separated string or a list of names, got %r"
+                                 % (where, d["columns"]))
+            columns_tuple(d["columns"])
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError("fastmtl: duplicate dataset name%s %s" % ("s" if len(dup) > 1 else "", ", ".join(dup)))
@@ -313,8 +323,9 @@ def _validate_config(cfg):
                 raise ValueError("fastmtl: --task-layers: the layer of %r must be an integer in 1..%d (--num-layers), "
                                  "got %r" % (k, cfg.num_layers, v))
     if cfg.columns is not None:
-        D.parse_columns(cfg.columns if isinstance(cfg.columns, str) else ",".join(map(str, cfg.columns))
-                        if isinstance(cfg.columns, (list, tuple)) else cfg.columns)
+        if not _columns_ok(cfg.columns):
+            bad("columns", "a comma-separated string or a list of names", cfg.columns)
+        columns_tuple(cfg.columns)
     if cfg.tasks is not None and (isinstance(cfg.tasks, str) or not hasattr(cfg.tasks, "__iter__")):
         bad("tasks", "a list of NAME:LEVEL:SOURCE tasks", cfg.tasks)
     if cfg.datasets is not None:
@@ -392,7 +403,7 @@ def read_toml(path):
 
     def rel(p):
         if isinstance(p, str) and p and not os.path.isabs(p):
-            return os.path.join(base, p)
+            return os.path.normpath(os.path.join(base, p))
         return p
 
     out = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from .. import data as D
 from .config import dataset_specs, task_specs
 
-__all__ = ["LoadedDataset", "load_datasets", "EpochPlanner", "AUX_SUFFIX", "is_aux", "aux_specs"]
+__all__ = ["LoadedDataset", "load_datasets", "read_split", "EpochPlanner", "AUX_SUFFIX", "is_aux", "aux_specs"]
 
 AUX_SUFFIX = "@token"
 
@@ -38,17 +38,23 @@ class LoadedDataset:
         return self.spec.name
 
 
-def _read(ds, max_train):
+def read_split(ds, split):
+    """``(examples or None, path)``: the ``split`` of dataset ``ds`` (a DatasetSpec): a built-in corpus's, or the
+    file the run names (None where it names none); ``path`` names it in messages."""
     if ds.builtin is not None:
         from ..data import builtin
 
-        splits = {s: builtin.load_builtin(ds.builtin, s) for s in ("train", "dev", "test")}
         label = ds.builtin.upper() if ds.builtin == "atis" else ds.builtin
-        paths = {s: "%s/%s" % (label, s) for s in splits}
-    else:
-        paths = {"train": ds.train, "dev": ds.dev, "test": ds.test}
-        cols = ",".join(ds.columns) if ds.columns else None
-        splits = {s: (D.read_examples(p, ds.format, cols) if p else None) for s, p in paths.items()}
+        return builtin.load_builtin(ds.builtin, split), "%s/%s" % (label, split)
+    path = getattr(ds, split)
+    cols = ",".join(ds.columns) if ds.columns else None
+    return (D.read_examples(path, ds.format, cols) if path else None), path
+
+
+def _read(ds, max_train):
+    splits, paths = {}, {}
+    for s in ("train", "dev", "test"):
+        splits[s], paths[s] = read_split(ds, s)
     if max_train:
         splits["train"] = splits["train"][:max_train]
     if not splits["train"]:
@@ -94,6 +100,10 @@ class EpochPlanner:
         bs = D.bucket_batches(self.lengths[d], self.batch_size, True, seed)
         return [b for b in bs if len(b) >= self.min_batch]
 
+    def batches_of(self, d):
+        """Dataset ``d``'s batches in one pass (their number is the same in every pass)."""
+        return self._batches(d, 0)
+
     def probabilities(self):
         n = self.sizes
         if self.strategy == "uniform":
@@ -107,7 +117,7 @@ class EpochPlanner:
 
     def steps(self):
         """Batches per epoch (the same for every epoch)."""
-        return sum(len(self._batches(d, 0)) for d in range(len(self.sizes)))
+        return sum(len(self.batches_of(d)) for d in range(len(self.sizes)))
 
     def plan(self, epoch):
         k = len(self.sizes)

@@ -122,10 +122,16 @@ def check_select(select, specs, datasets):
         levels = {s.level for s in ds.tasks}
         if len(levels) == 2:
             known.append(frame_key(ds.name, several))
+    dev = {ds.name: bool(ds.splits.get("dev")) for ds in datasets}
+    of = {s.name: s.dataset for s in specs}
+    of.update({frame_key(ds.name, several): ds.name for ds in datasets})
     for k in select.split(","):
         if k.strip() not in known:
             raise ValueError("fastmtl: --select: %r is not a task or frame accuracy of this run (known: mean, %s)"
                              % (k.strip(), ", ".join(known)))
+        if not dev[of[k.strip()]]:
+            raise ValueError("fastmtl: --select: %r has no dev data (dataset %r has no dev split)"
+                             % (k.strip(), of[k.strip()]))
 
 
 def format_metrics(m):
@@ -164,26 +170,24 @@ def evaluation_sets(cfg, specs, file=None, format=None, columns=None, dataset=No
         cols = columns or (",".join(ds.columns) if ds is not None and ds.columns else None)
         examples = D.read_examples(file, fmt, cols)
         if ds is not None:
-            tasks = tasks_of(ds.name)
-        else:
-            fields = {k for ex in examples[:1000] for k in ex}
-            tasks = [s for s in specs if s.source in fields]
-            if not tasks:
-                raise ValueError("fastmtl evaluate: %s has none of the label fields of this model's tasks (%s); name "
-                                 "the dataset with --dataset" % (file, ", ".join(s.source for s in specs)))
-        return [(ds.name if ds is not None else None, tasks, examples, file)]
+            return [(ds.name, tasks_of(ds.name), examples, file)]
+        fields = {k for ex in examples[:1000] for k in ex}
+        tasks = [s for s in specs if s.source in fields]
+        if not tasks:
+            raise ValueError("fastmtl evaluate: %s has none of the label fields of this model's tasks (%s); name "
+                             "the dataset with --dataset" % (file, ", ".join(s.source for s in specs)))
+        found = {s.dataset for s in tasks}
+        return [(found.pop() if len(found) == 1 else None, tasks, examples, file)]
+    from .data import read_split
+
     out = []
     for ds in dss:
-        if ds.builtin is not None:
-            from ..data import builtin
-
-            examples, path = builtin.load_builtin(ds.builtin, "test"), "%s/test" % ds.builtin
-        elif ds.test is not None:
-            examples, path = D.read_examples(ds.test, ds.format, ",".join(ds.columns) if ds.columns else None), ds.test
-        else:
+        if dataset not in (None, ds.name):
             continue
-        if dataset in (None, ds.name):
+        examples, path = read_split(ds, "test")
+        if examples is not None:
             out.append((ds.name, tasks_of(ds.name), examples, path))
     if not out:
-        raise ValueError("fastmtl evaluate: give a data file (the model's run named no test set)")
+        raise ValueError("fastmtl evaluate: give a data file (%s no test set)"
+                         % ("dataset %r has" % dataset if dataset else "the model's run named"))
     return out

@@ -86,12 +86,12 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.model, self.weighting = model, weighting
 
-    def forward(self, ids, lengths, targets, scale=None, chars=None):
+    def forward(self, ids, lengths, targets, scale=None, chars=None, tasks=None):
         w = self.weighting.weights()
         if scale is not None:
             w = scale(w)
         out = self.model(ids, lengths, targets, w, chars=chars)
-        reg = self.weighting.regularizer()
+        reg = self.weighting.regularizer(tasks)  # tasks: those with labels in this batch
         return out, (out.loss if reg is None else out.loss + reg)
 
 
@@ -182,6 +182,9 @@ class Trainer:
                 for k in ("embedding_dim", "hidden_size", "num_layers", "bidirectional", "char_dim", "char_filters",
                           "char_kernel"):
                     if k in enc_cfg:
+                        if enc_cfg[k] != getattr(cfg, k):
+                            self.log("fastmtl: --init-encoder: %s %s as in %s (not %s)"
+                                     % (k, enc_cfg[k], cfg.init_encoder, getattr(cfg, k)))
                         setattr(cfg, k, enc_cfg[k])
                 checked(cfg.init_encoder, cfg.validate)
             else:
@@ -204,10 +207,15 @@ class Trainer:
         # parameter must take part in every step (DDP's reducer, GradNorm's per-task gradient norms)
         full = self.distributed or cfg.weighting == "gradnorm"
         self.step_specs = [self.all_specs if full else specs for specs in self.dataset_specs]
+        self.dataset_tasks = [[s.name for s in specs] for specs in self.dataset_specs]
         self.planner = EpochPlanner([len(x) for x in train_sets], cfg.batch_size, cfg.sampling,
                                     cfg.sampling_temperature, cfg.seed,
                                     lengths=[[len(e["tokens"]) for e in x] for x in train_sets],
                                     min_batch=self.world if self.distributed else 1)
+        for d, ds in enumerate(self.datasets):
+            if not self.planner.batches_of(d):  # under DDP a batch must give every rank an example
+                raise ValueError("fastmtl: dataset %r has %d training example(s), fewer than the %d DDP ranks: it "
+                                 "would never be trained" % (ds.name, len(train_sets[d]), self.world))
         if len(self.datasets) > 1:
             share = expected_share([len(x) for x in train_sets], cfg.sampling, cfg.sampling_temperature)
             self.log("fastmtl: %d datasets, %s sampling: %s" % (len(self.datasets), cfg.sampling, ", ".join(
@@ -345,8 +353,9 @@ class Trainer:
                          gb.raw_ids[lo:hi, :tmax])
         return gb.to(self.device), counts
 
-    def step(self, b, counts):
-        """One optimisation step on batch ``b``; returns the model output and the loss value."""
+    def step(self, b, counts, tasks=None):
+        """One optimisation step on batch ``b`` (``tasks``: the tasks with labels in it, None: all); returns the
+        model output and the loss value."""
         cfg, model = self.cfg, self.model
         scale = (lambda w: scaled_weights(w, b.targets, counts, self.world)) if self.distributed else None
         # character features of the words as written, also where the word id became <unk>
@@ -365,7 +374,7 @@ class Trainer:
             out, loss = ModelOutput(total, dict(tg.losses)), total
             self._finish_step()
             return out, float(loss)
-        out, loss = self.wrapped(b.ids, b.lengths, b.targets, scale, chars)
+        out, loss = self.wrapped(b.ids, b.lengths, b.targets, scale, chars, tasks)
         self.opt.zero_grad(set_to_none=True)
         if cfg.weighting == "famo":
             # FAMO: task weights from this batch's losses (DDP: the global batch's), applied to the whole
@@ -376,7 +385,7 @@ class Trainer:
             loss.backward()
             self._finish_step()
             with torch.no_grad():
-                again, _ = self.step_module(b.ids, b.lengths, b.targets, scale, chars)
+                again, _ = self.step_module(b.ids, b.lengths, b.targets, scale, chars, tasks)
             self.weighting.update(self._global_losses(again.losses, scale))
             return out, float(loss.detach())
         if cfg.weighting == "gradnorm":
@@ -447,7 +456,7 @@ class Trainer:
         t0 = time.perf_counter()
         for d, idx in plan:
             b, counts = self.batch(d, idx, gen)
-            out, lv = self.step(b, counts)
+            out, lv = self.step(b, counts, self.dataset_tasks[d])
             self.check_finite(lv, out, epoch, nb)
             loss_sum += lv
             for n in (s.name for s in self.dataset_specs[d]):
