@@ -33,13 +33,18 @@ def _cuda_available():
 def _emulator():
     """Builds (once) and loads the host emulation of the CUDA kernels; returns torch.ops.fastmtl_emu."""
     if "ops" not in _EMU:
-        from torch.utils.cpp_extension import CUDA_HOME, load
+        import importlib.util
 
+        from torch.utils.cpp_extension import load
+
+        # the toolkit the build uses (setup.py's find_cuda_home; importing setup.py builds nothing)
+        spec = importlib.util.spec_from_file_location("fastmtl_setup", os.path.join(ROOT, "setup.py"))
+        setup_py = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(setup_py)
+        cuda_home = setup_py.find_cuda_home()
         inc = [os.path.join(ROOT, "csrc", "include")]
-        for c in (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-            if c and os.path.exists(os.path.join(c, "include", "cuda_runtime_api.h")):
-                inc.append(os.path.join(c, "include"))
-                break
+        if cuda_home is not None:
+            inc.append(os.path.join(cuda_home, "include"))
         else:
             if os.environ.get("FASTMTL_EMULATE_CUDA") == "1":
                 pytest.fail("FASTMTL_EMULATE_CUDA=1 but no CUDA headers (cuda_runtime_api.h) were found")
