@@ -16,6 +16,7 @@
 //   4. grid-wide barrier (monotonic atomic counter, one per launch, zeroed by the glue).
 // The grid is sized so that every CTA is co-resident (occupancy calculator x SM count), which the hand-rolled
 // barrier needs; lstm_persistent_plan refuses shapes where that cannot be guaranteed.
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -147,15 +148,27 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t = 0;
+#if defined(__CUDA_ARCH__)
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+#endif
+  return t;
+}
+
 // Grid-wide barrier on a monotonic counter: the k-th barrier waits for k * gridDim.x arrivals (the pattern of
-// cooperative_groups' grid sync). Requires every CTA to be co-resident (guaranteed by the plan).
-__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target) {
+// cooperative_groups' grid sync). Every CTA must be co-resident: the launch is cooperative (the driver refuses a
+// grid that cannot be), and a wait longer than `timeout_ns` (0: never) -- a grid that is not co-resident after all,
+// or a CTA that died -- traps with a message naming the kernel instead of spinning forever.
+__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target,
+                                             unsigned long long timeout_ns, const char* kernel) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(counter, 1u);
     unsigned int v = 0;
-    while (true) {
+    unsigned long long start = 0;
+    for (unsigned int spin = 0;; ++spin) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
 #else
@@ -165,11 +178,33 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
       __nanosleep(32);
 #endif
+      if (timeout_ns != 0 && (spin & 1023u) == 0) {
+        const unsigned long long now = global_ns();
+        if (spin == 0) {
+          start = now;
+        } else if (now - start > timeout_ns) {
+          printf("fastmtl: %s: grid barrier timed out after %.1f s in block %d of %d (counter %u, waiting for %u): "
+                 "the grid is not co-resident or a block stopped; aborting the kernel\n",
+                 kernel, (double)(now - start) * 1e-9, (int)blockIdx.x, (int)gridDim.x, v, target);
+          __trap();
+        }
+      }
     }
     __threadfence();
   }
   __syncthreads();
 }
+
+// Built without sm_80+ machine code (e.g. only PTX of an older architecture, JIT-compiled for this device): the
+// kernels would have empty bodies. lstm_persistent_plan refuses such a build (cudaFuncGetAttributes); should one
+// run anyway, it traps rather than return garbage.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+__device__ __forceinline__ void no_sm80_trap(const char* kernel) {
+  printf("fastmtl: %s was built without sm_80+ code (compute capability %d): rebuild with TORCH_CUDA_ARCH_LIST "
+         "including 8.0 or newer\n", kernel, (int)(__CUDA_ARCH__ / 10));
+  __trap();
+}
+#endif
 
 // Shared-memory geometry, identical on host and device.
 //   M rows of A (multiple of 16) x K columns, batch padded to Npad; `state_floats` fp32 values per unit and row.
@@ -359,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (s + 1 < steps) {
       barrier_target += gridDim.x;
-      grid_barrier(p.barrier, barrier_target);
+      grid_barrier(p.barrier, barrier_target, p.barrier_timeout_ns, "persistent_fwd_kernel");
     }
   }
   __syncthreads();
@@ -373,6 +408,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     hy[(int64_t)b * H + j] = __ldcg(hfin + (int64_t)b * H + j);
     cy[(int64_t)b * H + j] = Num<T>::store(cst[e]);
   }
+#elif defined(__CUDA_ARCH__)
+  no_sm80_trap("persistent_fwd_kernel");
 #endif
 }
 
@@ -474,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     barrier_target += gridDim.x;
-    grid_barrier(p.barrier, barrier_target);
+    grid_barrier(p.barrier, barrier_target, p.barrier_timeout_ns, "persistent_bwd_kernel");
 
     recurrent_mma<T>(geo, wfrag, hst, red, dgates + (int64_t)t * B * ldg + (int64_t)dir * G, ldg, B, bt);
     __syncthreads();
@@ -495,12 +532,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     ghx[(int64_t)b * H + j] = Num<T>::store(dhs[e]);
     gcx[(int64_t)b * H + j] = Num<T>::store(dcs[e]);
   }
+#elif defined(__CUDA_ARCH__)
+  no_sm80_trap("persistent_bwd_kernel");
 #endif
 }
 
 struct DeviceInfo {
   bool init = false;
-  int sms = 0, smem_optin = 0, major = 0;
+  int sms = 0, smem_optin = 0, major = 0, cooperative = 0;
 };
 std::mutex g_mutex;
 DeviceInfo g_info[64];
@@ -527,20 +566,34 @@ const void* kernel_for(DType dt, bool bwd) {
   }
 }
 
-template <typename T, typename Args, typename Kernel>
-const char* launch(Kernel kernel, const Args& a, const PersistentPlan& plan, cudaStream_t s) {
+// Cooperative launch: the driver guarantees that every CTA of the grid is co-resident (or refuses the launch with
+// cudaErrorCooperativeLaunchTooLarge, e.g. under MPS / green-context SM limits; reported as
+// kPersistentGridTooLarge so the glue can take the standard path), so two persistent launches in flight at once
+// (two streams, parallel graph branches) cannot each be partly resident and wait on each other forever.
+template <typename T, typename Args>
+const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const PersistentPlan& plan, cudaStream_t s) {
   const int launches = a.D / plan.dirs_per_launch;
   for (int l = 0; l < launches; ++l) {
     Args pa = a;
     pa.barrier = a.barrier + l;
-    kernel<<<plan.ctas_per_dir * plan.dirs_per_launch, kThreads, plan.smem_bytes, s>>>(
-        pa, plan.hc, plan.ctas_per_dir, l * plan.dirs_per_launch);
-    if (const char* e = detail::last_error()) return e;
+    int hc = plan.hc, ctas = plan.ctas_per_dir, dir0 = l * plan.dirs_per_launch;
+    void* args[] = {&pa, &hc, &ctas, &dir0};
+    const cudaError_t e =
+        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas_per_dir * plan.dirs_per_launch),
+                                    dim3(kThreads), args, plan.smem_bytes, s);
+    if (e == cudaErrorCooperativeLaunchTooLarge && l == 0) {
+      (void)cudaGetLastError();  // not sticky; clear it for the caller's next launch check
+      return kPersistentGridTooLarge;
+    }
+    if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   return nullptr;
 }
 
 }  // namespace
+
+const char* const kPersistentGridTooLarge =
+    "fastmtl: the persistent LSTM grid cannot be co-resident on this device now (cudaErrorCooperativeLaunchTooLarge)";
 
 const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, bool backward,
                                  PersistentPlan* plan) {
@@ -578,6 +631,7 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.cooperative, cudaDevAttrCooperativeLaunch, device);
     if (e != cudaSuccess) return cudaGetErrorString(e);
     info.init = true;
   }
@@ -585,8 +639,20 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     plan->reason = "the persistent kernel needs compute capability 8.0 or newer (mma bf16/tf32, cp.async)";
     return nullptr;
   }
+  if (!info.cooperative) {
+    plan->reason = "the device does not support cooperative launches (needed for the grid-wide barrier)";
+    return nullptr;
+  }
   bool& attr = g_attr_set[device][kernel_index(dt, backward)];
   if (!attr) {
+    // The binary's code for this device must be sm_80+ (else the kernels are compiled out, see no_sm80_trap).
+    cudaFuncAttributes fa{};
+    cudaError_t fe = cudaFuncGetAttributes(&fa, fn);
+    if (fe != cudaSuccess) return cudaGetErrorString(fe);
+    if (fa.binaryVersion < 80) {
+      plan->reason = "this build has no sm_80+ code for the device (TORCH_CUDA_ARCH_LIST without 8.0 or newer)";
+      return nullptr;
+    }
     cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     if (e != cudaSuccess) return cudaGetErrorString(e);
     attr = true;
