@@ -21,6 +21,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "grid_sync.cuh"
 #include "lstm_common.cuh"
 
 namespace fastmtl {
@@ -28,8 +29,6 @@ namespace cuda {
 namespace {
 
 using detail::Num;
-using detail::sigmoid_;
-using detail::tanh_;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
@@ -146,53 +145,6 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
-}
-
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t = 0;
-#if defined(__CUDA_ARCH__)
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-#endif
-  return t;
-}
-
-// Grid-wide barrier on a monotonic counter: the k-th barrier waits for k * gridDim.x arrivals (the pattern of
-// cooperative_groups' grid sync). Every CTA must be co-resident: the launch is cooperative (the driver refuses a
-// grid that cannot be), and a wait longer than `timeout_ns` (0: never) -- a grid that is not co-resident after all,
-// or a CTA that died -- traps with a message naming the kernel instead of spinning forever.
-__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target,
-                                             unsigned long long timeout_ns, const char* kernel) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
-    unsigned int v = 0;
-    unsigned long long start = 0;
-    for (unsigned int spin = 0;; ++spin) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
-#else
-      v = *reinterpret_cast<volatile unsigned int*>(counter);
-#endif
-      if (v >= target) break;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-      __nanosleep(32);
-#endif
-      if (timeout_ns != 0 && (spin & 1023u) == 0) {
-        const unsigned long long now = global_ns();
-        if (spin == 0) {
-          start = now;
-        } else if (now - start > timeout_ns) {
-          printf("fastmtl: %s: grid barrier timed out after %.1f s in block %d of %d (counter %u, waiting for %u): "
-                 "the grid is not co-resident or a block stopped; aborting the kernel\n",
-                 kernel, (double)(now - start) * 1e-9, (int)blockIdx.x, (int)gridDim.x, v, target);
-          __trap();
-        }
-      }
-    }
-    __threadfence();
-  }
-  __syncthreads();
 }
 
 // Built without sm_80+ machine code (e.g. only PTX of an older architecture, JIT-compiled for this device): the
@@ -370,10 +322,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int kss = 0; kss < NKS; ++kss) v += red[(kss * M + k * hc + u) * RP + b];
           z[k] = v;
         }
-        const float ig = sigmoid_(z[0]), fg = sigmoid_(z[1]), gg = tanh_(z[2]), og = sigmoid_(z[3]);
-        const float c = fg * cst[e] + ig * gg;
+        float ig, fg, gg, og, c, h;
+        lstm_math::cell_forward<detail::CudaAct>(z[0], z[1], z[2], z[3], cst[e], ig, fg, gg, og, c, h);
         cst[e] = c;
-        const T hT = Num<T>::store(og * tanh_(c));
+        const T hT = Num<T>::store(h);
         hnxt[(int64_t)b * H + j] = hT;
         *o_ptr = hT;
         if (r_ptr) {
@@ -490,15 +442,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           dh += Num<T>::load(ghy[bh]);
           dc = Num<T>::load(gcy[bh]);
         }
-        const float tc = tanh_(c);
-        const float d_o = dh * tc;
-        dc += dh * og * (1.f - tc * tc);
-        const float d_i = dc * gg, d_g = dc * ig, d_f = dc * c_prev;
-        dcs[e] = dc * fg;
-        dg[0] = Num<T>::store(d_i * ig * (1.f - ig));
-        dg[H] = Num<T>::store(d_f * fg * (1.f - fg));
-        dg[2 * H] = Num<T>::store(d_g * (1.f - gg * gg));
-        dg[3 * H] = Num<T>::store(d_o * og * (1.f - og));
+        float d_i, d_f, d_g, d_o, dc_prev;
+        lstm_math::cell_backward<detail::CudaAct>(ig, fg, gg, og, c, c_prev, dh, dc, 1.f, d_i, d_f, d_g, d_o,
+                                                  dc_prev);
+        dcs[e] = dc_prev;
+        dg[0] = Num<T>::store(d_i);
+        dg[H] = Num<T>::store(d_f);
+        dg[2 * H] = Num<T>::store(d_g);
+        dg[3 * H] = Num<T>::store(d_o);
         *hp = h_prev;
       } else {
         if (b < n_prev) {  // this row's first forward step was the previously processed one
@@ -578,9 +529,10 @@ const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const Per
     pa.barrier = a.barrier + l;
     int hc = plan.hc, ctas = plan.ctas_per_dir, dir0 = l * plan.dirs_per_launch;
     void* args[] = {&pa, &hc, &ctas, &dir0};
+    const dim3 grid(plan.ctas_per_dir * plan.dirs_per_launch);
     const cudaError_t e =
-        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas_per_dir * plan.dirs_per_launch),
-                                    dim3(kThreads), args, plan.smem_bytes, s);
+        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads), args,
+                                    plan.smem_bytes, s);
     if (e == cudaErrorCooperativeLaunchTooLarge && l == 0) {
       (void)cudaGetLastError();  // not sticky; clear it for the caller's next launch check
       return kPersistentGridTooLarge;
