@@ -1,13 +1,31 @@
 """Builds the extension ``fastmtl._C`` against the torch that is installed.
 
 Environment:
-  FASTMTL_CUDA=1   require the CUDA kernels (a missing CUDA toolchain is a build error)
+  FASTMTL_CUDA=1   require the CUDA kernels: a torch without CUDA, or no CUDA toolkit found (see below), stops the
+                   build at once with a clear message
   FASTMTL_CUDA=0   CPU-only build even where CUDA is available
-  (unset)          CUDA kernels when the installed torch has CUDA and nvcc is found
+  (unset)          CUDA kernels when the installed torch has CUDA and a CUDA toolkit is found. A CUDA torch on a
+                   machine with no CUDA compiler at all (no nvcc on PATH, no CUDA_HOME / CUDA_PATH) builds CPU-only
+                   and prints a warning; a CUDA compiler that is there but whose toolkit cannot be found (an nvcc
+                   wrapper script outside the toolkit, a CUDA_HOME without the CUDA headers) is an error, as with
+                   FASTMTL_CUDA=1: a half-found toolkit is a misconfiguration, not a reason to drop the kernels.
+  CUDA_HOME / CUDA_PATH   where the CUDA toolkit is (optional: see find_cuda_home)
   FASTMTL_DEBUG=1  -O0 -g builds
+
+The CUDA toolkit is the first of these folders that holds include/cuda_runtime_api.h (find_cuda_home):
+CUDA_HOME, CUDA_PATH, torch's own guess (torch.utils.cpp_extension.CUDA_HOME), the toolkit of the nvcc on PATH
+(symbolic links resolved; an nvcc that is a wrapper script is read for the real nvcc it runs), /usr/local/cuda,
+/usr/local/cuda-* (the one matching torch's CUDA version first, then newest first), /opt/cuda. torch derives its
+CUDA_HOME from the nvcc on PATH alone, which names a folder without the headers when nvcc is a wrapper script; the
+build then failed minutes later at the first glue file (cuda_runtime.h: No such file or directory). setup.py hands
+the folder it found to torch (cpp_extension.CUDA_HOME and the CUDA_HOME environment variable of the compilers).
+tests/test_cuda_compile.py and the CUDA emulation tests load find_cuda_home from this file (importing setup.py does
+not build: main() runs only when setup.py is run).
 """
 import glob
 import os
+import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -24,26 +42,117 @@ except ImportError:  # pragma: no cover - clear message instead of a traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The usual install folders, after CUDA_HOME / CUDA_PATH / torch's guess / the nvcc on PATH.
+SYSTEM_CUDA_DIRS = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")
+
+
+def _version_key(path):
+    """Sort key of /usr/local/cuda-12.4 style folders: (12, 4); others last."""
+    m = re.search(r"(\d+)\.(\d+)", os.path.basename(path))
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def _nvcc_targets(nvcc):
+    """The real nvcc behind `nvcc` on PATH: its symbolic links resolved; when it is a (small) wrapper script, every
+    absolute path ending in /bin/nvcc that the script names (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`)."""
+    real = os.path.realpath(nvcc)
+    out = [real]
+    try:
+        if os.path.getsize(real) < 64 * 1024:
+            with open(real, "rb") as f:
+                head = f.read()
+            if head.startswith(b"#!"):
+                text = head.decode("utf-8", "replace")
+                out = [os.path.realpath(p) for p in re.findall(r"(/[^\s\"'$;&|]*/bin/nvcc)\b", text)] + out
+    except OSError:
+        pass
+    return out
+
+
+def cuda_home_candidates(torch_cuda_version=None):
+    """Folders that may hold the CUDA toolkit, in order of preference (see the module docstring)."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME as torch_cuda_home
+
+        cands.append(torch_cuda_home)
+    except Exception:  # torch missing or broken: the callers that need no torch still get a toolkit
+        pass
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands += [os.path.dirname(os.path.dirname(t)) for t in _nvcc_targets(nvcc)]
+    for pattern in SYSTEM_CUDA_DIRS:
+        found = sorted(glob.glob(pattern), key=_version_key, reverse=True)
+        if torch_cuda_version and "*" in pattern:
+            want = tuple(int(x) for x in str(torch_cuda_version).split(".")[:2])
+            found.sort(key=lambda p: _version_key(p) != want)  # stable: the matching version first
+        cands += found
+    seen, out = set(), []
+    for c in cands:
+        if c and c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def find_cuda_home(torch_cuda_version=None):
+    """The CUDA toolkit root: the first candidate holding include/cuda_runtime_api.h (and bin/nvcc), or None."""
+    for c in cuda_home_candidates(torch_cuda_version):
+        if os.path.isfile(os.path.join(c, "include", "cuda_runtime_api.h")) and os.path.exists(
+            os.path.join(c, "bin", "nvcc")
+        ):
+            return os.path.abspath(c)
+    return None
+
+
+def _fail(msg):
+    sys.exit("fastmtl setup.py: error: " + msg)
+
+
 def _want_cuda():
+    """Whether to build the CUDA kernels; points torch's cpp_extension at the toolkit when it does."""
     flag = os.environ.get("FASTMTL_CUDA", "").strip()
-    have_torch_cuda = torch.version.cuda is not None
-    have_nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
-    )
+    if flag not in ("", "0", "1"):
+        _fail("FASTMTL_CUDA must be 0, 1 or unset, got %r" % flag)
     if flag == "0":
         return False
-    if flag == "1":
-        if not have_torch_cuda:
-            raise RuntimeError(
-                "FASTMTL_CUDA=1 but the installed torch (%s) has no CUDA support; install a CUDA "
-                "build of torch or unset FASTMTL_CUDA." % torch.__version__
+    have_torch_cuda = torch.version.cuda is not None
+    if not have_torch_cuda:
+        if flag == "1":
+            _fail(
+                "FASTMTL_CUDA=1 but the installed torch (%s) has no CUDA support; install a CUDA build of torch "
+                "or unset FASTMTL_CUDA." % torch.__version__
             )
-        if not have_nvcc:
-            raise RuntimeError(
-                "FASTMTL_CUDA=1 but no CUDA toolchain (nvcc) was found; set CUDA_HOME or unset FASTMTL_CUDA."
+        return False
+    home = find_cuda_home(torch.version.cuda)
+    if home is None:
+        nvcc = shutil.which("nvcc")
+        env_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        tried = ", ".join(cuda_home_candidates(torch.version.cuda))
+        why = (
+            "no CUDA toolkit was found: none of [%s] holds include/cuda_runtime_api.h and bin/nvcc%s. Set CUDA_HOME "
+            "to the toolkit's folder (the one with bin/nvcc and include/cuda_runtime_api.h)"
+            % (tried, " (nvcc on PATH: %s, which runs %s)" % (nvcc, ", ".join(_nvcc_targets(nvcc))) if nvcc else "")
+        )
+        if flag == "1":
+            _fail("FASTMTL_CUDA=1 but " + why + ", or unset FASTMTL_CUDA.")
+        if nvcc or env_home:
+            _fail(
+                "torch %s has CUDA and a CUDA compiler is configured, but %s, or set FASTMTL_CUDA=0 for a CPU-only "
+                "build." % (torch.__version__, why)
             )
-        return True
-    return have_torch_cuda and have_nvcc
+        print(
+            "fastmtl setup.py: WARNING: torch %s has CUDA but no CUDA toolkit (nvcc) was found: building the CPU "
+            "kernels only (set CUDA_HOME, or FASTMTL_CUDA=1 to make this an error)." % torch.__version__,
+            file=sys.stderr,
+        )
+        return False
+    # torch guessed its CUDA_HOME at import from the nvcc on PATH; use the real toolkit for every compiler call.
+    if cpp_extension.CUDA_HOME != home:
+        print("fastmtl setup.py: CUDA toolkit %s (torch guessed %s)" % (home, cpp_extension.CUDA_HOME))
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+    return True
 
 
 def main():
@@ -91,4 +200,5 @@ def main():
     )
 
 
-main()
+if __name__ == "__main__":  # setuptools runs setup.py as __main__; importing it builds nothing
+    main()

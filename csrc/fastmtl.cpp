@@ -36,6 +36,7 @@
 #endif
 
 #include "fastmtl/cpu_isa.h"
+#include "fastmtl/heads_schema.h"
 
 #ifndef FASTMTL_TORCH_VERSION
 #define FASTMTL_TORCH_VERSION "unknown"
@@ -52,14 +53,8 @@ TORCH_LIBRARY(fastmtl, m) {
       "lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor? lengths, "
       "Tensor hx, Tensor cx, Tensor[] weights, bool bidirectional, Tensor output, Tensor reserve) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
-  m.def(
-      "multitask_loss(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, Tensor[] targets, "
-      "Tensor?[] class_weights, Tensor task_weights, int[] levels, int[] poolings, int[] ignore_indices, "
-      "float[] label_smoothings, bool compute_grad) "
-      "-> (Tensor total, Tensor losses, Tensor grad_hidden, Tensor[] grad_weights, Tensor[] grad_biases)");
-  m.def(
-      "multitask_predict(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, int[] levels, "
-      "int[] poolings) -> Tensor[]");
+  m.def(fastmtl::kMultitaskLossSchema);     // fastmtl/heads_schema.h (shared with the CUDA emulation tests)
+  m.def(fastmtl::kMultitaskPredictSchema);
 }
 
 #ifndef FASTMTL_NO_PYTHON

@@ -7,6 +7,7 @@ one would otherwise only show up as a link error in a CUDA build). Wherever torc
 csrc/cuda/*_glue.cpp is syntax-checked with the host compiler as a CUDA build would compile it.
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -24,28 +25,34 @@ ARCHS = ("80", "90")
 TIMEOUT = 900
 
 
+def _load_setup():
+    """setup.py as a module (importing it builds nothing): its find_cuda_home is the one the build uses."""
+    spec = importlib.util.spec_from_file_location("fastmtl_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+try:
+    SETUP = _load_setup()
+except BaseException:  # torch missing (setup.py exits): the .cu checks need no torch, use the same rule inline
+    SETUP = None
+
+
 def _cuda_home():
     """The CUDA toolkit root holding the runtime headers (nvcc itself may be a wrapper script elsewhere)."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME as torch_cuda_home
-
-        cands.append(torch_cuda_home)
-    except Exception:  # torch missing or broken: the .cu checks do not need it
-        pass
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands.append("/usr/local/cuda")
-    for c in cands:
+    if SETUP is not None:
+        return SETUP.find_cuda_home()
+    for c in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if c and os.path.exists(os.path.join(c, "include", "cuda_runtime_api.h")):
             return c
     return None
 
 
 CUDA_HOME = _cuda_home()
-NVCC = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
+NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+needs_setup = pytest.mark.skipif(SETUP is None, reason="setup.py cannot be imported (torch missing)")
 
 
 def _rel(p):
@@ -157,3 +164,77 @@ def test_glue_syntax(glue):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------------------------ setup.py finds the toolkit
+def _fake_toolkit(root, with_headers=True):
+    os.makedirs(os.path.join(root, "bin"))
+    os.makedirs(os.path.join(root, "include"))
+    nvcc = os.path.join(root, "bin", "nvcc")
+    with open(nvcc, "w") as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    os.chmod(nvcc, 0o755)
+    if with_headers:
+        open(os.path.join(root, "include", "cuda_runtime_api.h"), "w").close()
+    return root
+
+
+def _isolate(monkeypatch, tmp_path, path_dirs):
+    for v in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("PATH", os.pathsep.join(str(d) for d in path_dirs))
+    monkeypatch.setattr(SETUP, "SYSTEM_CUDA_DIRS", ())  # not this machine's /usr/local/cuda*, /opt/cuda
+
+
+@needs_setup
+def test_find_cuda_home_through_wrapper_script(tmp_path, monkeypatch):
+    """nvcc on PATH is a wrapper script outside the toolkit (as on the CI machines): the toolkit it runs is found."""
+    kit = _fake_toolkit(str(tmp_path / "cuda-13.0"))
+    wrap = tmp_path / "wrapbin"
+    wrap.mkdir()
+    (wrap / "nvcc").write_text('#!/bin/sh\nexec %s/bin/nvcc "$@"\n' % kit)
+    (wrap / "nvcc").chmod(0o755)
+    _isolate(monkeypatch, tmp_path, [wrap])
+    monkeypatch.setattr(SETUP.cpp_extension, "CUDA_HOME", str(tmp_path), raising=False)  # torch's wrong guess
+    assert SETUP.find_cuda_home() == kit
+    # an explicit CUDA_HOME that holds the headers wins
+    other = _fake_toolkit(str(tmp_path / "other"))
+    monkeypatch.setenv("CUDA_HOME", other)
+    assert SETUP.find_cuda_home() == other
+
+
+@needs_setup
+def test_setup_fails_at_once_without_toolkit(tmp_path, monkeypatch, capsys):
+    """A CUDA torch with FASTMTL_CUDA=1, or with an nvcc whose toolkit has no headers, stops with a clear message;
+    with nothing configured it builds CPU-only with a warning."""
+    kit = _fake_toolkit(str(tmp_path / "broken"), with_headers=False)
+    _isolate(monkeypatch, tmp_path, [os.path.join(kit, "bin")])
+    monkeypatch.setattr(SETUP.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(SETUP.cpp_extension, "CUDA_HOME", kit, raising=False)
+    monkeypatch.setenv("FASTMTL_CUDA", "1")
+    with pytest.raises(SystemExit) as e:
+        SETUP._want_cuda()
+    assert "no CUDA toolkit was found" in str(e.value) and "CUDA_HOME" in str(e.value)
+    monkeypatch.delenv("FASTMTL_CUDA")
+    with pytest.raises(SystemExit) as e:
+        SETUP._want_cuda()
+    assert "FASTMTL_CUDA=0" in str(e.value)
+    _isolate(monkeypatch, tmp_path, [tmp_path])  # no nvcc anywhere
+    monkeypatch.setattr(SETUP.cpp_extension, "CUDA_HOME", None, raising=False)
+    assert SETUP._want_cuda() is False
+    assert "building the CPU kernels only" in capsys.readouterr().err
+    monkeypatch.setenv("FASTMTL_CUDA", "0")
+    assert SETUP._want_cuda() is False
+
+
+@needs_setup
+def test_setup_points_torch_at_the_toolkit(tmp_path, monkeypatch):
+    kit = _fake_toolkit(str(tmp_path / "cuda-13.0"))
+    _isolate(monkeypatch, tmp_path, [os.path.join(kit, "bin")])
+    monkeypatch.setattr(SETUP.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(SETUP.cpp_extension, "CUDA_HOME", "/usr/local", raising=False)
+    monkeypatch.setenv("FASTMTL_CUDA", "1")
+    monkeypatch.setenv("CUDA_HOME", "")  # so that monkeypatch restores the environment after _want_cuda sets it
+    monkeypatch.delenv("CUDA_HOME")
+    assert SETUP._want_cuda() is True
+    assert SETUP.cpp_extension.CUDA_HOME == kit and os.environ["CUDA_HOME"] == kit

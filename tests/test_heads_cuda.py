@@ -33,13 +33,18 @@ def _cuda_available():
 def _emulator():
     """Builds (once) and loads the host emulation of the CUDA kernels; returns torch.ops.fastmtl_emu."""
     if "ops" not in _EMU:
-        from torch.utils.cpp_extension import CUDA_HOME, load
+        import importlib.util
 
+        from torch.utils.cpp_extension import load
+
+        # the toolkit the build uses (setup.py's find_cuda_home; importing setup.py builds nothing)
+        spec = importlib.util.spec_from_file_location("fastmtl_setup", os.path.join(ROOT, "setup.py"))
+        setup_py = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(setup_py)
+        cuda_home = setup_py.find_cuda_home()
         inc = [os.path.join(ROOT, "csrc", "include")]
-        for c in (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-            if c and os.path.exists(os.path.join(c, "include", "cuda_runtime_api.h")):
-                inc.append(os.path.join(c, "include"))
-                break
+        if cuda_home is not None:
+            inc.append(os.path.join(cuda_home, "include"))
         else:
             if os.environ.get("FASTMTL_EMULATE_CUDA") == "1":
                 pytest.fail("FASTMTL_EMULATE_CUDA=1 but no CUDA headers (cuda_runtime_api.h) were found")
@@ -241,11 +246,18 @@ MIXED = [
 ]
 
 
+
+
+def mixed(D):
+    """MIXED for hidden size D: pooling last_first needs an even D (every backend raises otherwise)."""
+    return MIXED if D % 2 == 0 else [dict(t, pooling=LAST) if t.get("pooling") == LAST_FIRST else t for t in MIXED]
+
+
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("shape", [(4, 9, 33), (7, 1, 64), (1, 33, 97), (16, 32, 128)])
 def test_float32_against_reference(backend, shape):
     B, T, D = shape
-    p = make_problem(B, T, D, MIXED, device=backend.device)
+    p = make_problem(B, T, D, mixed(D), device=backend.device)
     out = op_loss(p, ops=backend.ops)
     assert_close_f32(out, reference(p), p)
 
@@ -360,25 +372,84 @@ def test_predict(backend, dtype):
 
 
 def test_bad_input(cuda_backend):
+    """Shapes / dtypes raise at once; bad target and length *values* (on the device) are recorded by the kernels and
+    raised by check_input_errors() (no host synchronisation on the loss path), or at once with FASTMTL_SYNC_CHECKS=1."""
+    from fastmtl.functional import check_input_errors
+
+    check_input_errors()  # nothing pending from earlier tests
     p = make_problem(3, 5, 16, MIXED[:2])
     bad = dict(p, targets=[p["targets"][0], p["targets"][1].clone()])
     bad["targets"][1][0, 0] = 130  # class out of range, at a real position
-    with pytest.raises(ValueError, match="targets\\[1\\]"):
-        op_loss(bad)
+    op_loss(bad)  # no error yet: validated lazily
+    with pytest.raises(ValueError, match="targets\\[1\\] \\(task 1\\) has value 130 at \\(b=0, t=0\\)"):
+        check_input_errors()
+    check_input_errors()  # the record was cleared
     bad = dict(p, lengths=p["lengths"].clone())
     bad["lengths"][2] = 6
-    with pytest.raises(ValueError, match="lengths"):
-        op_loss(bad)
+    op_loss(bad)
+    with pytest.raises(ValueError, match="lengths\\[2\\] = 6"):
+        check_input_errors()
     bad = dict(p, weights=[p["weights"][0][:, :15], p["weights"][1]])
     with pytest.raises(ValueError, match="weights\\[0\\]"):
         op_loss(bad)
     bad = dict(p, targets=[p["targets"][0], p["targets"][1][:, :3]])
     with pytest.raises(ValueError, match="targets\\[1\\]"):
         op_loss(bad)
-    p64 = to(p, dtype=torch.float64)  # the float64 (composite) path checks too
+    p64 = to(p, dtype=torch.float64)  # the float64 (composite) path checks at once
     p64["targets"][1][0, 0] = 130
     with pytest.raises(ValueError, match="targets\\[1\\]"):
         op_loss(p64)
+
+
+def test_bad_input_sync_checks(cuda_backend, monkeypatch):
+    monkeypatch.setenv("FASTMTL_SYNC_CHECKS", "1")
+    p = make_problem(3, 5, 16, MIXED[:1])
+    p["targets"][0][1] = -3
+    with pytest.raises(ValueError, match="targets\\[0\\] \\(task 0\\) has value -3 at b=1"):
+        op_loss(p)
+
+
+def test_no_host_sync_and_cuda_graph(cuda_backend):
+    """The loss and predict calls never synchronise with the host (torch's sync debug mode turns any sync into an
+    error), and a captured CUDA graph replays them with new data."""
+    p = make_problem(8, 12, 64, MIXED)
+    op_loss(p)  # warm-up (allocates the per-device error record)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op_loss(p)
+        torch.ops.fastmtl.multitask_predict(p["hidden"], p["lengths"], p["weights"], p["biases"], p["levels"],
+                                            p["poolings"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            op_loss(static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = op_loss(static)
+    for _ in range(2):
+        fresh = make_problem(8, 12, 64, MIXED)
+        static["hidden"].copy_(fresh["hidden"])
+        for a, b in zip(static["targets"], fresh["targets"]):
+            a.copy_(b)
+        static["lengths"].copy_(fresh["lengths"])
+        g.replay()
+        torch.cuda.synchronize()
+        eager = op_loss(static)
+        torch.testing.assert_close(out[0], eager[0], rtol=0, atol=0)
+        torch.testing.assert_close(out[2], eager[2], rtol=0, atol=0)
+
+
+def test_many_tasks_table_upload(backend):
+    """More tasks than fit in the kernel parameters (16): the table goes through device memory."""
+    tasks = [dict(level=k % 2, C=3 + k, pooling=k % 5) for k in range(17)]
+    p = make_problem(3, 4, 16, tasks, device=backend.device)
+    assert_close_f32(op_loss(p, ops=backend.ops), reference(p), p)
 
 
 def test_bad_target_emulated_prep_kernel(backend):

@@ -221,33 +221,20 @@ const char* pooling_name(int64_t p) {
 Parsed parse_common(const Tensor& hidden, const std::optional<Tensor>& lengths, at::TensorList weights,
                     const OptTensorList& biases, at::IntArrayRef levels, at::IntArrayRef poolings) {
   Parsed P;
-  FASTMTL_CHECK_VALUE(hidden.dim() == 3, "hidden must have shape (B, T, D) (batch first), got shape ",
-                      shape_str(hidden));
+  // shapes, dtypes, devices: the checks every backend shares (fastmtl/heads_checks.h)
+  const HeadsDims dims = check_heads_args(hidden, lengths, weights, biases, levels, poolings);
   const auto dt = hidden.scalar_type();
-  FASTMTL_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                     "hidden must be float32, float64, bfloat16 or float16, got ", dt);
   P.in_dtype = dt;
   P.cdtype = dt == at::kDouble ? at::kDouble : at::kFloat;
-  P.B = hidden.size(0);
-  P.Tn = hidden.size(1);
-  P.D = hidden.size(2);
-  P.K = int64_t(weights.size());
+  P.B = dims.B;
+  P.Tn = dims.T;
+  P.D = dims.D;
+  P.K = dims.K;
   const int64_t K = P.K;
-  FASTMTL_CHECK_VALUE(K >= 1, "at least one task is required (weights is empty)");
-  FASTMTL_CHECK_VALUE(int64_t(biases.size()) == K, "biases has ", biases.size(), " entries but weights has ", K,
-                      "; give one (or None) per task");
-  FASTMTL_CHECK_VALUE(int64_t(levels.size()) == K, "levels has ", levels.size(), " entries, expected ", K);
-  FASTMTL_CHECK_VALUE(int64_t(poolings.size()) == K, "poolings has ", poolings.size(), " entries, expected ", K);
-  FASTMTL_CHECK_VALUE(P.D >= 1, "hidden must have at least one feature (D >= 1), got shape ", shape_str(hidden));
-  FASTMTL_CHECK_VALUE(P.B == 0 || P.Tn >= 1, "hidden has T = 0 time steps; every sequence needs at least one");
 
   P.lens.assign(P.B, P.Tn);
   if (lengths.has_value() && lengths->defined()) {
     const Tensor& l = *lengths;
-    FASTMTL_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be int64 (torch.long), got ", l.scalar_type());
-    FASTMTL_CHECK_VALUE(l.dim() == 1 && l.size(0) == P.B, "lengths must have shape (B,) = (", P.B, ",), got ",
-                        shape_str(l));
-    check_same_device(l, hidden, "lengths", "hidden");
     Tensor lc = l.contiguous();
     const int64_t* lp = lc.data_ptr<int64_t>();
     for (int64_t b = 0; b < P.B; ++b) {
@@ -263,33 +250,12 @@ Parsed parse_common(const Tensor& hidden, const std::optional<Tensor>& lengths, 
   for (int64_t k = 0; k < K; ++k) {
     TaskInfo& t = P.tasks[k];
     const Tensor& W = weights[k];
-    FASTMTL_CHECK_VALUE(W.dim() == 2 && W.size(0) >= 1 && W.size(1) == P.D, "weights[", k, "] (task ", k,
-                        ") must have shape (num_classes, D) with D = hidden.size(2) = ", P.D, ", got ", shape_str(W));
-    FASTMTL_CHECK_TYPE(W.scalar_type() == dt, "weights[", k, "] (task ", k, ") has dtype ", W.scalar_type(),
-                       " but hidden has dtype ", dt, "; they must match");
-    check_same_device(W, hidden, "weights", "hidden");
     t.C = W.size(0);
     t.W = W.to(P.cdtype).contiguous();
     const std::optional<Tensor> bo = biases.get(k);
-    if (bo.has_value() && bo->defined()) {
-      const Tensor& bb = *bo;
-      FASTMTL_CHECK_VALUE(bb.dim() == 1 && bb.size(0) == t.C, "biases[", k, "] (task ", k, ") must have shape (",
-                          t.C, ",), got ", shape_str(bb));
-      FASTMTL_CHECK_TYPE(bb.scalar_type() == dt, "biases[", k, "] (task ", k, ") has dtype ", bb.scalar_type(),
-                         " but hidden has dtype ", dt, "; they must match");
-      check_same_device(bb, hidden, "biases", "hidden");
-      t.b = bb.to(P.cdtype).contiguous();
-    }
-    FASTMTL_CHECK_VALUE(levels[k] == 0 || levels[k] == 1, "levels[", k, "] must be 0 (sequence) or 1 (token), got ",
-                        levels[k]);
+    if (bo.has_value() && bo->defined()) t.b = bo->to(P.cdtype).contiguous();
     t.level = int(levels[k]);
-    if (t.level == heads::kSequence) {
-      FASTMTL_CHECK_VALUE(poolings[k] >= 0 && poolings[k] <= 4, "poolings[", k,
-                          "] must be 0 (last), 1 (first), 2 (mean), 3 (max) or 4 (last_first), got ", poolings[k]);
-      t.pooling = int(poolings[k]);
-      FASTMTL_CHECK_VALUE(t.pooling != heads::kLastFirst || P.D % 2 == 0, "task ", k,
-                          " uses pooling last_first, which needs an even hidden size, got D = ", P.D);
-    }
+    if (t.level == heads::kSequence) t.pooling = int(poolings[k]);
   }
   return P;
 }

@@ -5,12 +5,15 @@
 //   bf16 / fp16: tensor cores through wmma (m16n16k16, fp32 accumulation); each warp owns a 16 x 32 slice of the
 //                64 x 64 output tile (two 16 x 16 accumulator fragments).
 //   float32:     fp32 FMA (each thread a 4 x 4 sub-tile), so float32 results match PyTorch's float32 matmuls.
-// Math per row i of task k (C classes, class weights w (1 without), smoothing e, lambda_k, normaliser N_k):
+// Math per row i of task k (C classes, class weights w (1 without), smoothing e, lambda_k, normaliser N_k; the
+// formulas of fastmtl/heads_math.h, xent_item_loss and xent_softmax_coeff, which the CPU op uses too):
 //   lse_i = log sum_c exp(z_ic)             (online over class tiles)
 //   loss_i = (1-e) w_y (lse - z_y) + e/C (sum_c w_c lse - sum_c w_c z_c)          (F.cross_entropy)
 //   dz_ic = lambda_k/N_k * [ p_ic ((1-e) w_y + e/C sum w) - (1-e) w_y [c==y] - e/C w_c ]
 //
-// Kernels (one launch each; all K tasks in every launch):
+// Phases (all K tasks in each). On a device with cooperative launches they run as ONE launch (heads_fused_kernel:
+// a co-resident grid loops over each phase's work items, with a grid barrier between phases that traps after
+// FASTMTL_GRID_BARRIER_TIMEOUT_S); otherwise, or with FASTMTL_HEADS_FUSED=0, one launch each:
 //   prep      pooled rows of the sequence tasks (+ argmax of max pooling), normalisers N_k, sum of class weights,
 //             validation of lengths / targets into an error word.
 //   row       one block per (task, 64-row tile). Pass 1 over the class tiles: logits tile = X W^T (+ b) on chip,
@@ -40,8 +43,13 @@
 #include <cstdint>
 #include <type_traits>
 #include <algorithm>
+#include <mutex>
 
 #include "fastmtl/cuda_heads.h"
+#include "fastmtl/heads_math.h"
+#if defined(__CUDACC__)
+#include "grid_sync.cuh"
+#endif
 
 namespace fastmtl {
 namespace cuda {
@@ -331,20 +339,20 @@ template <typename T>
 __device__ __forceinline__ void cp_async16(T* dst, const T* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src) : "memory");
 #else
   copy16<T>(dst, src);
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -471,7 +479,7 @@ __device__ void setup_rows(const HeadsParams& p, const HeadsTask& tk, RowState* 
   if (r < tk.rows) {
     const T* src;
     bool pos_ok = true;
-    if (tk.level == 1) {
+    if (tk.level == heads::kToken) {
       const int64_t b = r / p.T, t = r - b * p.T;
       pos_ok = t < seq_length(p, b);
       src = static_cast<const T*>(p.hidden) + r * p.D;
@@ -504,12 +512,17 @@ __device__ void setup_rows(const HeadsParams& p, const HeadsTask& tk, RowState* 
 // Prep kernel: blocks [0, S*B) pool the sequence-level tasks' rows; blocks [S*B, S*B + K) compute the per-task
 // normaliser and class-weight sum and validate targets (block of task 0 also validates lengths).
 
-__device__ void report_error(int64_t* err, int64_t code, int64_t task, int64_t index, int64_t value) {
+__device__ void report_error(const HeadsParams& p, int64_t code, const HeadsTask* tk, int64_t index, int64_t value) {
+  int64_t* err = p.err;
   unsigned long long* e = reinterpret_cast<unsigned long long*>(err);
   if (atomicCAS(e, 0ull, (unsigned long long)code) == 0ull) {
-    err[1] = task;
-    err[2] = index;
-    err[3] = value;
+    err[kHeadsErrTask] = tk != nullptr ? tk->index : -1;
+    err[kHeadsErrIndex] = index;
+    err[kHeadsErrValue] = value;
+    err[kHeadsErrClasses] = tk != nullptr ? tk->num_classes : 0;
+    err[kHeadsErrIgnore] = tk != nullptr ? tk->ignore_index : 0;
+    err[kHeadsErrT] = p.T;
+    err[kHeadsErrLevel] = tk != nullptr ? tk->level : 0;
   }
 }
 
@@ -527,15 +540,14 @@ __device__ float block_sum(float v, float* red) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
+__device__ void heads_prep_block(const HeadsParams& p, int64_t blk) {
   __shared__ float red[kThreads];
   const int64_t S = p.num_seq_tasks;
-  const int64_t blk = blockIdx.x;
   if (blk < S * p.B) {
     const int64_t s = blk / p.B, b = blk - s * p.B;
     const HeadsTask* tk = nullptr;
     for (int k = 0; k < p.K; ++k)
-      if (p.tasks[k].level == 0 && p.tasks[k].pooled_index == s) tk = p.tasks + k;
+      if (p.tasks[k].level == heads::kSequence && p.tasks[k].pooled_index == s) tk = p.tasks + k;
     if (tk == nullptr) return;
     const int64_t len = seq_length(p, b), T_ = p.T, D = p.D;
     const T* h = static_cast<const T*>(p.hidden) + b * T_ * D;
@@ -545,15 +557,15 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       float v;
       switch (pooling) {
-        case 0: v = to_f<T>(h[(len - 1) * D + d]); break;
-        case 1: v = to_f<T>(h[d]); break;
-        case 2: {
+        case heads::kLast: v = to_f<T>(h[(len - 1) * D + d]); break;
+        case heads::kFirst: v = to_f<T>(h[d]); break;
+        case heads::kMean: {
           float acc = 0.f;
           for (int64_t t = 0; t < len; ++t) acc += to_f<T>(h[t * D + d]);
           v = acc / (float)len;
           break;
         }
-        case 3: {
+        case heads::kMax: {
           float best = to_f<T>(h[d]);
           int32_t arg = 0;
           for (int64_t t = 1; t < len; ++t) {
@@ -567,7 +579,7 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
           v = best;
           break;
         }
-        default:  // last_first
+        default:  // heads::kLastFirst
           v = d < D / 2 ? to_f<T>(h[(len - 1) * D + d]) : to_f<T>(h[d]);
       }
       out[d] = from_f<T>(v);
@@ -580,14 +592,14 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
   if (k == 0 && p.lengths != nullptr) {
     for (int64_t b = threadIdx.x; b < p.B; b += kThreads) {
       const int64_t len = p.lengths[b];
-      if (len < 1 || len > p.T) report_error(p.err, 1, -1, b, len);
+      if (len < 1 || len > p.T) report_error(p, 1, nullptr, b, len);
     }
   }
   if (p.predict || tk.target == nullptr) return;
   float n = 0.f, ws = 0.f;
   for (int64_t r = threadIdx.x; r < tk.rows; r += kThreads) {
     bool pos_ok = true;
-    if (tk.level == 1) {
+    if (tk.level == heads::kToken) {
       const int64_t b = r / p.T, t = r - b * p.T;
       pos_ok = t < seq_length(p, b);
     }
@@ -595,7 +607,7 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
     const int64_t y = tk.target[r];
     if (y == tk.ignore_index) continue;
     if (y < 0 || y >= tk.num_classes) {
-      report_error(p.err, 2, k, r, y);
+      report_error(p, 2, &tk, r, y);
       continue;
     }
     n += class_w(tk.class_weight, y);
@@ -614,16 +626,16 @@ __global__ void __launch_bounds__(kThreads) heads_prep_kernel(HeadsParams p) {
 // Row kernel: one block per (task, 64-row tile), all tasks in one launch.
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
+__device__ void heads_row_block(const HeadsParams& p, int64_t blk) {
   FASTMTL_DYN_SMEM(smem_raw);
   // raw storage: a __shared__ variable must not have a (non-trivial) constructor
   __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
   HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
-  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blockIdx.x, true);
+  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blk, true);
   __syncthreads();
   const HeadsTask& tk = task;
   const Smem<T> sm = Smem<T>::bind(smem_raw, &task);
-  const int64_t r0 = (blockIdx.x - tk.tile_begin) * kTile;
+  const int64_t r0 = (blk - tk.tile_begin) * kTile;
   const int64_t C = tk.num_classes, D = p.D;
   const T* W = static_cast<const T*>(tk.weight);
   const T* bias = static_cast<const T*>(tk.bias);
@@ -712,11 +724,11 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
           const float eps = tk.label_smoothing, wsum = p.wsum[kidx];
           const float wy = class_w(cw, st.y);
           st.lse = st.m + logf(st.s);
-          loss = (1.f - eps) * wy * (st.lse - st.zy) + eps / (float)C * (wsum * st.lse - st.wz);
+          loss = heads::xent_item_loss<float>(st.lse, st.zy, st.wz, wy, wsum, eps, (float)C);
           if (p.compute_grad) {
             const float norm = p.norm[kidx];
             const float scale = norm != 0.f ? p.task_weights[kidx] / norm : 0.f;  // NaN propagates, as in torch
-            st.a = scale * ((1.f - eps) * wy + eps / (float)C * wsum);
+            st.a = scale * heads::xent_softmax_coeff<float>(wy, wsum, eps, (float)C);
             st.b = scale * (1.f - eps) * wy;
             st.sm = scale * eps / (float)C;
           }
@@ -744,7 +756,7 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
   float* gxp = p.gx + tk.gx_offset + r0 * p.D_pad;
   const bool cached = C <= kTile;
   const bool fuse = tk.fuse_gw != 0;
-  const int64_t rt = blockIdx.x - tk.tile_begin, C_pad = tk.class_tiles * kTile;
+  const int64_t rt = blk - tk.tile_begin, C_pad = tk.class_tiles * kTile;
   float* gwp = p.gw + tk.gw_offset + rt * C_pad * p.D_pad;
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
     if (!cached) logits_tile<T>(sm, W, C, D, c0, p.vec_loads);
@@ -786,18 +798,18 @@ __global__ void __launch_bounds__(kThreads) heads_row_kernel(HeadsParams p) {
 // grad_b(class tile) += sum over rows of dlogits, in fp32, in a fixed row order.
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) heads_weight_kernel(HeadsParams p) {
+__device__ void heads_weight_block(const HeadsParams& p, int64_t blk) {
   FASTMTL_DYN_SMEM(smem_raw);
   // raw storage: a __shared__ variable must not have a (non-trivial) constructor
   __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
   HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
-  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blockIdx.x, false);
+  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blk, false);
   __syncthreads();
   const HeadsTask& tk = task;
   const Smem<T> sm = Smem<T>::bind(smem_raw, &task);
   using M = Mma<T>;
   constexpr int ldt = Ld<T>::value;
-  const int64_t local = blockIdx.x - tk.wblock_begin;
+  const int64_t local = blk - tk.wblock_begin;
   const int64_t ct = local % tk.class_tiles, s = local / tk.class_tiles;
   const int64_t c0 = ct * kTile, C = tk.num_classes, D = p.D, C_pad = tk.class_tiles * kTile;
   const int64_t row_tiles = tk.tile_end - tk.tile_begin;
@@ -838,9 +850,8 @@ __global__ void __launch_bounds__(kThreads) heads_weight_kernel(HeadsParams p) {
 // per-task losses and the total (fixed-order reductions).
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) heads_finalize_kernel(HeadsParams p, int64_t hblocks, int64_t wblocks) {
+__device__ void heads_finalize_block(const HeadsParams& p, int64_t blk, int64_t hblocks, int64_t wblocks) {
   __shared__ float red[kThreads];
-  int64_t blk = blockIdx.x;
   if (blk < hblocks) {
     const int64_t n = p.B * p.T * p.D, D = p.D;
     T* out = static_cast<T*>(p.grad_hidden);
@@ -850,17 +861,17 @@ __global__ void __launch_bounds__(kThreads) heads_finalize_kernel(HeadsParams p,
       float v = 0.f;
       for (int k = 0; k < p.K; ++k) {
         const HeadsTask& tk = p.tasks[k];
-        if (tk.level == 1) {
+        if (tk.level == heads::kToken) {
           v += p.gx[tk.gx_offset + bt * p.D_pad + d];
           continue;
         }
         const float g = p.gx[tk.gx_offset + b * p.D_pad + d];
         switch (tk.pooling) {
-          case 0: v += t == len - 1 ? g : 0.f; break;
-          case 1: v += t == 0 ? g : 0.f; break;
-          case 2: v += t < len ? g / (float)len : 0.f; break;
-          case 3: v += t == p.argmax[(tk.pooled_index * p.B + b) * D + d] ? g : 0.f; break;
-          default: v += t == (d < D / 2 ? len - 1 : 0) ? g : 0.f;
+          case heads::kLast: v += t == len - 1 ? g : 0.f; break;
+          case heads::kFirst: v += t == 0 ? g : 0.f; break;
+          case heads::kMean: v += t < len ? g / (float)len : 0.f; break;
+          case heads::kMax: v += t == p.argmax[(tk.pooled_index * p.B + b) * D + d] ? g : 0.f; break;
+          default: v += t == (d < D / 2 ? len - 1 : 0) ? g : 0.f;  // heads::kLastFirst
         }
       }
       out[e] = from_f<T>(v);
@@ -903,27 +914,157 @@ __global__ void __launch_bounds__(kThreads) heads_finalize_kernel(HeadsParams p,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Kernels. Each phase above as a kernel of its own (one block per work item), and all of them in ONE cooperative
+// launch (heads_fused_kernel: a grid of co-resident blocks loops over each phase's work items, with a grid barrier
+// between phases). The task table comes as a kernel parameter unless p.tasks points at a device copy.
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    heads_prep_kernel(HeadsParams p, const __grid_constant__ HeadsTaskTable tt) {
+  if (p.tasks == nullptr) p.tasks = tt.t;
+  heads_prep_block<T>(p, blockIdx.x);
+}
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    heads_row_kernel(HeadsParams p, const __grid_constant__ HeadsTaskTable tt) {
+  if (p.tasks == nullptr) p.tasks = tt.t;
+  heads_row_block<T>(p, blockIdx.x);
+}
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    heads_weight_kernel(HeadsParams p, const __grid_constant__ HeadsTaskTable tt) {
+  if (p.tasks == nullptr) p.tasks = tt.t;
+  heads_weight_block<T>(p, blockIdx.x);
+}
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    heads_finalize_kernel(HeadsParams p, const __grid_constant__ HeadsTaskTable tt, int64_t hblocks, int64_t wblocks) {
+  if (p.tasks == nullptr) p.tasks = tt.t;
+  heads_finalize_block<T>(p, blockIdx.x, hblocks, wblocks);
+}
+
+#if defined(__CUDACC__)
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    heads_fused_kernel(HeadsParams p, const __grid_constant__ HeadsTaskTable tt, int64_t hblocks, int64_t wblocks) {
+  if (p.tasks == nullptr) p.tasks = tt.t;
+  unsigned int target = 0;
+  const int64_t prep_blocks = p.num_seq_tasks * p.B + p.K;
+  for (int64_t b = blockIdx.x; b < prep_blocks; b += gridDim.x) {
+    heads_prep_block<T>(p, b);
+    __syncthreads();
+  }
+  grid_barrier(p.grid_sync, target += gridDim.x, p.barrier_timeout_ns, "heads_fused_kernel (after prep)");
+  for (int64_t b = blockIdx.x; b < p.row_tiles; b += gridDim.x) {
+    heads_row_block<T>(p, b);
+    __syncthreads();
+  }
+  if (p.predict) return;
+  if (p.compute_grad && p.weight_blocks > 0) {
+    grid_barrier(p.grid_sync, target += gridDim.x, p.barrier_timeout_ns, "heads_fused_kernel (after rows)");
+    for (int64_t b = blockIdx.x; b < p.weight_blocks; b += gridDim.x) {
+      heads_weight_block<T>(p, b);
+      __syncthreads();
+    }
+  }
+  grid_barrier(p.grid_sync, target += gridDim.x, p.barrier_timeout_ns, "heads_fused_kernel (before finalize)");
+  for (int64_t b = blockIdx.x; b < hblocks + wblocks + 1; b += gridDim.x) {
+    heads_finalize_block<T>(p, b, hblocks, wblocks);
+    __syncthreads();
+  }
+}
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------------------------------------------
 // Launchers.
+
+static_assert(sizeof(HeadsParams) + sizeof(HeadsTaskTable) + 2 * sizeof(int64_t) <= 4096,
+              "kernel parameters over the classic 4 KB limit: lower kMaxParamTasks");
 
 size_t elem_size(int dtype) { return dtype == kHeadsFloat32 ? 4 : 2; }
 
 #if defined(__CUDACC__)
 template <typename T>
-cudaError_t launch_prep(const HeadsParams& p, cudaStream_t stream) {
+cudaError_t launch_prep(const HeadsParams& p, const HeadsTaskTable& tt, cudaStream_t stream) {
   const int64_t blocks = p.num_seq_tasks * p.B + p.K;
   if (blocks == 0) return cudaSuccess;
-  heads_prep_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(p);
+  heads_prep_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(p, tt);
   return cudaGetLastError();
 }
 
+// Blocks of the finalize phase: grad_hidden, grad_W / grad_b, and one for the losses.
+inline void finalize_blocks(const HeadsParams& p, int64_t& hblocks, int64_t& wblocks) {
+  hblocks = wblocks = 0;
+  if (p.compute_grad) {
+    const int64_t nh = p.B * p.T * p.D;
+    hblocks = nh == 0 ? 0 : std::min<int64_t>((nh + kThreads - 1) / kThreads, 4096);
+    wblocks = p.weight_elems == 0 ? 0 : std::min<int64_t>((p.weight_elems + kThreads - 1) / kThreads, 4096);
+  }
+}
+
+// Blocks of the fused kernel the device holds at once (0: no cooperative launch), per device and dtype.
 template <typename T>
-cudaError_t launch_run(const HeadsParams& p, cudaStream_t stream) {
+int fused_capacity() {
+  static std::mutex mu;
+  static int cap[64] = {};
+  static bool known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[dev]) {
+    int coop = 0, sms = 0, per_sm = 0;
+    const size_t smem = SmemLayout<T>::bytes;
+    cudaError_t e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(heads_fused_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, heads_fused_kernel<T>, kThreads, smem);
+    if (e != cudaSuccess) (void)cudaGetLastError();
+    cap[dev] = (e == cudaSuccess && coop) ? per_sm * sms : 0;
+    known[dev] = true;
+  }
+  return cap[dev];
+}
+
+// The fused kernel: one cooperative launch (after zeroing its barrier counter); cudaErrorCooperativeLaunchTooLarge
+// when the driver refuses the grid (the caller then launches the phases one by one).
+template <typename T>
+cudaError_t launch_fused(const HeadsParams& p, const HeadsTaskTable& tt, cudaStream_t stream) {
+  int64_t hblocks, wblocks;
+  finalize_blocks(p, hblocks, wblocks);
+  const int64_t work = std::max<int64_t>(std::max<int64_t>(p.num_seq_tasks * p.B + p.K, p.row_tiles),
+                                         std::max<int64_t>(p.weight_blocks, hblocks + wblocks + 1));
+  const int64_t grid = std::min<int64_t>(work, fused_capacity<T>());
+  if (grid < 1) return cudaErrorCooperativeLaunchTooLarge;
+  cudaError_t e = cudaMemsetAsync(p.grid_sync, 0, sizeof(unsigned int), stream);
+  if (e != cudaSuccess) return e;
+  HeadsParams pa = p;
+  HeadsTaskTable ta = tt;
+  void* args[] = {&pa, &ta, &hblocks, &wblocks};
+  e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&heads_fused_kernel<T>), dim3((unsigned)grid),
+                                  dim3(kThreads), args, SmemLayout<T>::bytes, stream);
+  if (e == cudaErrorCooperativeLaunchTooLarge) (void)cudaGetLastError();
+  return e;
+}
+
+template <typename T>
+cudaError_t launch_run(const HeadsParams& p, const HeadsTaskTable& tt, cudaStream_t stream) {
   const size_t smem = SmemLayout<T>::bytes;
   cudaError_t e;
+  if (p.fused) {  // the prep phase is part of the fused kernel (heads_prepare launched nothing)
+    e = launch_fused<T>(p, tt, stream);
+    if (e != cudaErrorCooperativeLaunchTooLarge) return e;
+    e = launch_prep<T>(p, tt, stream);  // refused: the phases one launch each
+    if (e != cudaSuccess) return e;
+  }
   if (p.row_tiles > 0) {
     e = cudaFuncSetAttribute(heads_row_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
-    heads_row_kernel<T><<<(unsigned)p.row_tiles, kThreads, smem, stream>>>(p);
+    heads_row_kernel<T><<<(unsigned)p.row_tiles, kThreads, smem, stream>>>(p, tt);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -931,17 +1072,13 @@ cudaError_t launch_run(const HeadsParams& p, cudaStream_t stream) {
   if (p.compute_grad && p.weight_blocks > 0) {
     e = cudaFuncSetAttribute(heads_weight_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
-    heads_weight_kernel<T><<<(unsigned)p.weight_blocks, kThreads, smem, stream>>>(p);
+    heads_weight_kernel<T><<<(unsigned)p.weight_blocks, kThreads, smem, stream>>>(p, tt);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  int64_t hblocks = 0, wblocks = 0;
-  if (p.compute_grad) {
-    const int64_t nh = p.B * p.T * p.D;
-    hblocks = nh == 0 ? 0 : std::min<int64_t>((nh + kThreads - 1) / kThreads, 4096);
-    wblocks = p.weight_elems == 0 ? 0 : std::min<int64_t>((p.weight_elems + kThreads - 1) / kThreads, 4096);
-  }
-  heads_finalize_kernel<T><<<(unsigned)(hblocks + wblocks + 1), kThreads, 0, stream>>>(p, hblocks, wblocks);
+  int64_t hblocks, wblocks;
+  finalize_blocks(p, hblocks, wblocks);
+  heads_finalize_kernel<T><<<(unsigned)(hblocks + wblocks + 1), kThreads, 0, stream>>>(p, tt, hblocks, wblocks);
   return cudaGetLastError();
 }
 
@@ -964,14 +1101,14 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
   for (int k = 0; k < p.K; ++k) {
     HeadsTask& t = tasks[k];
     t.index = k;
-    t.rows = t.level == 1 ? p.B * p.T : p.B;
+    t.rows = t.level == heads::kToken ? p.B * p.T : p.B;
     t.row_offset = p.total_rows;
     p.total_rows += t.rows;
     const int64_t nt = (t.rows + kTile - 1) / kTile;
     t.tile_begin = p.row_tiles;
     p.row_tiles += nt;
     t.tile_end = p.row_tiles;
-    t.pooled_index = t.level == 0 ? p.num_seq_tasks++ : -1;
+    t.pooled_index = t.level == heads::kSequence ? p.num_seq_tasks++ : -1;
     t.class_tiles = (t.num_classes + kTile - 1) / kTile;
     t.gx_offset = gx_floats;
     t.gw_offset = gw_floats;
@@ -1026,7 +1163,6 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
     off = align_up(off + bytes, 256);
     return at;
   };
-  p.off_tasks = take(sizeof(HeadsTask) * p.K);
   p.off_pooled = take(elem_size(p.dtype) * S * p.B * p.D);
   p.off_argmax = take(sizeof(int32_t) * S * p.B * p.D);
   p.off_norm = take(sizeof(float) * p.K);
@@ -1037,13 +1173,13 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms) {
   p.off_gx = take(sizeof(float) * gx_floats);
   p.off_gw = take(sizeof(float) * gw_floats);
   p.off_gb = take(sizeof(float) * gb_floats);
+  p.off_sync = take(sizeof(unsigned int));
   p.workspace_bytes = off;
   return off;
 }
 
 void heads_bind(HeadsParams& p, void* workspace) {
   unsigned char* base = static_cast<unsigned char*>(workspace);
-  p.tasks = reinterpret_cast<const HeadsTask*>(base + p.off_tasks);
   p.pooled = base + p.off_pooled;
   p.argmax = reinterpret_cast<int32_t*>(base + p.off_argmax);
   p.norm = reinterpret_cast<float*>(base + p.off_norm);
@@ -1054,32 +1190,48 @@ void heads_bind(HeadsParams& p, void* workspace) {
   p.gx = reinterpret_cast<float*>(base + p.off_gx);
   p.gw = reinterpret_cast<float*>(base + p.off_gw);
   p.gb = reinterpret_cast<float*>(base + p.off_gb);
+  p.grid_sync = reinterpret_cast<unsigned int*>(base + p.off_sync);
 }
 
 #if defined(__CUDACC__)
 static const char* err_str(cudaError_t e) { return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }
 
+// The kernel-parameter copy of the task table (K <= kMaxParamTasks), or an empty one when p.tasks is a device copy.
+static bool param_table(const HeadsParams& p, const HeadsTask* tasks, HeadsTaskTable& tt) {
+  if (p.tasks != nullptr) return true;
+  if (p.K > kMaxParamTasks || tasks == nullptr) return false;
+  for (int k = 0; k < p.K; ++k) tt.t[k] = tasks[k];
+  return true;
+}
+static const char* kNoTable = "fastmtl heads: more than kMaxParamTasks tasks need a device copy of the task table";
+
 const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream) {
   heads_bind(p, workspace);
-  unsigned char* base = static_cast<unsigned char*>(workspace);
   if (p.K == 0) return nullptr;
-  // Pageable source: the copy is staged before the call returns, so the caller may free `tasks` afterwards.
-  cudaError_t e = cudaMemcpyAsync(base + p.off_tasks, tasks, sizeof(HeadsTask) * p.K, cudaMemcpyHostToDevice, stream);
-  if (e != cudaSuccess) return err_str(e);
+  HeadsTaskTable tt;
+  if (!param_table(p, tasks, tt)) return kNoTable;
   switch (p.dtype) {
-    case kHeadsFloat32: return err_str(launch_prep<float>(p, stream));
-    case kHeadsFloat16: return err_str(launch_prep<__half>(p, stream));
-    case kHeadsBFloat16: return err_str(launch_prep<__nv_bfloat16>(p, stream));
+    case kHeadsFloat32:
+      p.fused = p.fused && fused_capacity<float>() > 0;
+      return p.fused ? nullptr : err_str(launch_prep<float>(p, tt, stream));
+    case kHeadsFloat16:
+      p.fused = p.fused && fused_capacity<__half>() > 0;
+      return p.fused ? nullptr : err_str(launch_prep<__half>(p, tt, stream));
+    case kHeadsBFloat16:
+      p.fused = p.fused && fused_capacity<__nv_bfloat16>() > 0;
+      return p.fused ? nullptr : err_str(launch_prep<__nv_bfloat16>(p, tt, stream));
     default: return "fastmtl heads: unsupported dtype code";
   }
 }
 
-const char* heads_run(const HeadsParams& p, cudaStream_t stream) {
+const char* heads_run(const HeadsParams& p, const HeadsTask* tasks, cudaStream_t stream) {
   if (p.K == 0) return nullptr;
+  HeadsTaskTable tt;
+  if (!param_table(p, tasks, tt)) return kNoTable;
   switch (p.dtype) {
-    case kHeadsFloat32: return err_str(launch_run<float>(p, stream));
-    case kHeadsFloat16: return err_str(launch_run<__half>(p, stream));
-    case kHeadsBFloat16: return err_str(launch_run<__nv_bfloat16>(p, stream));
+    case kHeadsFloat32: return err_str(launch_run<float>(p, tt, stream));
+    case kHeadsFloat16: return err_str(launch_run<__half>(p, tt, stream));
+    case kHeadsBFloat16: return err_str(launch_run<__nv_bfloat16>(p, tt, stream));
     default: return "fastmtl heads: unsupported dtype code";
   }
 }

@@ -2,11 +2,17 @@
 // stream, output allocation, TORCH_LIBRARY_IMPL(fastmtl, CUDA, m). Compiled only in CUDA builds.
 //
 // float32 / float16 / bfloat16 run the fused kernels. float64 (gradcheck) runs a composite of ATen ops on the
-// device with the same semantics (logits of all rows at once: meant for tests, not for speed).
+// device with the same semantics (logits of all rows at once: meant for tests, not for speed; it synchronises).
 //
-// One host synchronisation per call: the prep kernel validates lengths and targets on the device and the glue
-// reads the verdict back after queueing every kernel, so bad input raises a clear error instead of a silently
-// wrong result (the kernels clamp / skip bad values, so nothing reads out of bounds meanwhile).
+// One kernel launch per call (heads_fused_kernel, cooperative; one memset of its barrier counter before it), no host
+// synchronisation and no host-to-device copy (up to kMaxParamTasks = 16 tasks, whose table travels as a
+// kernel parameter), so a call can be captured in a CUDA graph. Shapes, dtypes and devices are checked on the host
+// as on the CPU; the *values* of lengths and targets live on the device and are validated lazily there: a bad value
+// is treated safely (lengths clamped to [1, T], a bad target counts as ignored: nothing is read out of bounds) and
+// the first one is recorded in a per-device error record. It is raised, with the CPU op's message, by
+//   - fastmtl.functional.check_input_errors() (torch.ops.fastmtl.check_input_errors), which synchronises, raises
+//     and clears the record: call it where a synchronisation is acceptable (e.g. after an epoch, in tests);
+//   - every call itself when FASTMTL_SYNC_CHECKS=1 (debugging: one synchronisation per call, not in a capture).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +20,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -28,62 +37,7 @@ namespace {
 using at::Tensor;
 using OptList = c10::List<std::optional<Tensor>>;
 
-struct HeadsShape {
-  int64_t B, T, D, K;
-};
-
-// The same checks, in the same order and with the same messages, as the CPU op (csrc/cpu/heads.cpp).
-HeadsShape check_heads_args(const Tensor& hidden, const std::optional<Tensor>& lengths, at::TensorList weights,
-                            const OptList& biases, at::IntArrayRef levels, at::IntArrayRef poolings) {
-  FASTMTL_CHECK_VALUE(hidden.dim() == 3, "hidden must have shape (B, T, D) (batch first), got shape ",
-                      shape_str(hidden));
-  const auto dt = hidden.scalar_type();
-  FASTMTL_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                     "hidden must be float32, float64, bfloat16 or float16, got ", dt);
-  const int64_t B = hidden.size(0), T = hidden.size(1), D = hidden.size(2);
-  const int64_t K = (int64_t)weights.size();
-  FASTMTL_CHECK_VALUE(K >= 1, "at least one task is required (weights is empty)");
-  FASTMTL_CHECK_VALUE((int64_t)biases.size() == K, "biases has ", biases.size(), " entries but weights has ", K,
-                      "; give one (or None) per task");
-  FASTMTL_CHECK_VALUE((int64_t)levels.size() == K, "levels has ", levels.size(), " entries, expected ", K);
-  FASTMTL_CHECK_VALUE((int64_t)poolings.size() == K, "poolings has ", poolings.size(), " entries, expected ", K);
-  FASTMTL_CHECK_VALUE(D >= 1, "hidden must have at least one feature (D >= 1), got shape ", shape_str(hidden));
-  FASTMTL_CHECK_VALUE(B == 0 || T >= 1, "hidden has T = 0 time steps; every sequence needs at least one");
-  if (lengths.has_value() && lengths->defined()) {
-    const Tensor& l = *lengths;
-    FASTMTL_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be int64 (torch.long), got ", l.scalar_type());
-    FASTMTL_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must have shape (B,) = (", B, ",), got ",
-                        shape_str(l));
-    check_same_device(l, hidden, "lengths", "hidden");
-    // values are validated on the device by the prep kernel (see raise_if_invalid)
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const Tensor& W = weights[k];
-    FASTMTL_CHECK_VALUE(W.dim() == 2 && W.size(0) >= 1 && W.size(1) == D, "weights[", k, "] (task ", k,
-                        ") must have shape (num_classes, D) with D = hidden.size(2) = ", D, ", got ", shape_str(W));
-    FASTMTL_CHECK_TYPE(W.scalar_type() == dt, "weights[", k, "] (task ", k, ") has dtype ", W.scalar_type(),
-                       " but hidden has dtype ", dt, "; they must match");
-    check_same_device(W, hidden, "weights", "hidden");
-    const std::optional<Tensor> bo = biases.get(k);
-    if (bo.has_value() && bo->defined()) {
-      const Tensor& bb = *bo;
-      FASTMTL_CHECK_VALUE(bb.dim() == 1 && bb.size(0) == W.size(0), "biases[", k, "] (task ", k,
-                          ") must have shape (", W.size(0), ",), got ", shape_str(bb));
-      FASTMTL_CHECK_TYPE(bb.scalar_type() == dt, "biases[", k, "] (task ", k, ") has dtype ", bb.scalar_type(),
-                         " but hidden has dtype ", dt, "; they must match");
-      check_same_device(bb, hidden, "biases", "hidden");
-    }
-    FASTMTL_CHECK_VALUE(levels[k] == 0 || levels[k] == 1, "levels[", k, "] must be 0 (sequence) or 1 (token), got ",
-                        levels[k]);
-    if (levels[k] == 0) {
-      FASTMTL_CHECK_VALUE(poolings[k] >= 0 && poolings[k] <= 4, "poolings[", k,
-                          "] must be 0 (last), 1 (first), 2 (mean), 3 (max) or 4 (last_first), got ", poolings[k]);
-      FASTMTL_CHECK_VALUE(poolings[k] != 4 || D % 2 == 0, "task ", k,
-                          " uses pooling last_first, which needs an even hidden size, got D = ", D);
-    }
-  }
-  return {B, T, D, K};
-}
+using HeadsShape = HeadsDims;  // check_heads_args: fastmtl/heads_checks.h, shared with the CPU op
 
 void check_loss_args(const HeadsShape& s, const Tensor& hidden, at::TensorList weights, at::TensorList targets,
                      const OptList& class_weights, const Tensor& task_weights, at::IntArrayRef levels,
@@ -112,25 +66,131 @@ int num_sms(int device) {
   return n;
 }
 
-// Reads the prep kernel's verdict (one host synchronisation) and raises the CPU op's errors.
-void raise_if_invalid(const Tensor& err, int64_t T, at::IntArrayRef levels, at::IntArrayRef ignore_indices,
-                      at::TensorList weights) {
-  const Tensor e = err.to(at::kCPU);
-  const int64_t* v = e.data_ptr<int64_t>();
-  if (v[0] == 0) return;
-  FASTMTL_CHECK_VALUE(v[0] != 1, "lengths[", v[2], "] = ", v[3],
-                      " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T);
-  if (v[0] == 2) {
-    const int64_t k = v[1], idx = v[2], val = v[3], C = weights[k].size(0);
-    if (levels[k] == 0) {
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
+  FASTMTL_CHECK(e == cudaSuccess, "cudaStreamIsCapturing failed: ", cudaGetErrorString(e));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The per-device error record (cuda::HeadsErr), allocated and zeroed once, outside any capture, and never freed (a
+// captured graph keeps writing to it at every replay).
+// With create = false: nullptr when no call has run on that device yet.
+int64_t* error_record(const at::Device& device, cudaStream_t stream, bool create = true) {
+  static std::mutex mu;
+  static at::Tensor* records[64] = {};
+  const int i = device.index();
+  FASTMTL_CHECK(i >= 0 && i < 64, "unsupported CUDA device index ", i);
+  std::lock_guard<std::mutex> lock(mu);
+  if (records[i] == nullptr) {
+    if (!create) return nullptr;
+    FASTMTL_CHECK(!is_capturing(stream), "the first multitask_loss / multitask_predict call on ", device,
+                  " is being captured in a CUDA graph; run the op once before capturing (a warm-up, as "
+                  "torch.cuda.graph asks for)");
+    auto* t = new at::Tensor(at::zeros({cuda::kHeadsErrWords}, at::TensorOptions().dtype(at::kLong).device(device)));
+    const cudaError_t e = cudaStreamSynchronize(stream);  // once: the zeros are in place before any stream uses them
+    FASTMTL_CHECK(e == cudaSuccess, "cudaStreamSynchronize failed: ", cudaGetErrorString(e));
+    records[i] = t;  // leaked on purpose: no destructor runs after the CUDA runtime is torn down at exit
+  }
+  return records[i]->data_ptr<int64_t>();
+}
+
+bool sync_checks() {
+  const char* e = std::getenv("FASTMTL_SYNC_CHECKS");
+  return e != nullptr && std::strcmp(e, "") != 0 && std::strcmp(e, "0") != 0;
+}
+
+// Reads the device's error record (one host synchronisation); when a bad value was met, clears the record and
+// raises the CPU op's error for it.
+void raise_input_errors(const at::Device& device, bool lazy) {
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  int64_t* rec = error_record(device, stream, /*create=*/false);
+  if (rec == nullptr) return;  // no call has run on this device
+  int64_t v[cuda::kHeadsErrWords];
+  cudaError_t e = cudaMemcpyAsync(v, rec, sizeof(v), cudaMemcpyDeviceToHost, stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  FASTMTL_CHECK(e == cudaSuccess, "reading the heads error record failed: ", cudaGetErrorString(e));
+  if (v[cuda::kHeadsErrCode] == 0) return;
+  e = cudaMemsetAsync(rec, 0, sizeof(v), stream);
+  FASTMTL_CHECK(e == cudaSuccess, "clearing the heads error record failed: ", cudaGetErrorString(e));
+  const char* when = lazy ? " (met on the device by a multitask_loss / multitask_predict call since the last check; "
+                            "that call treated it as clamped / ignored)"
+                          : "";
+  const int64_t T = v[cuda::kHeadsErrT], idx = v[cuda::kHeadsErrIndex], val = v[cuda::kHeadsErrValue];
+  FASTMTL_CHECK_VALUE(v[cuda::kHeadsErrCode] != 1, "lengths[", idx, "] = ", val,
+                      " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T, when);
+  if (v[cuda::kHeadsErrCode] == 2) {
+    const int64_t k = v[cuda::kHeadsErrTask], C = v[cuda::kHeadsErrClasses], ii = v[cuda::kHeadsErrIgnore];
+    if (v[cuda::kHeadsErrLevel] == 0) {
       FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", val, " at b=", idx, ", outside [0, ",
-                          C, ") and not ignore_index (", ignore_indices[k], ")");
+                          C, ") and not ignore_index (", ii, ")", when);
     } else {
       FASTMTL_CHECK_VALUE(false, "targets[", k, "] (task ", k, ") has value ", val, " at (b=", idx / T, ", t=",
-                          idx % T, "), outside [0, ", C, ") and not ignore_index (", ignore_indices[k], ")");
+                          idx % T, "), outside [0, ", C, ") and not ignore_index (", ii, ")", when);
     }
   }
-  FASTMTL_CHECK(false, "internal error: unknown validation code ", v[0]);
+  FASTMTL_CHECK(false, "internal error: unknown validation code ", v[cuda::kHeadsErrCode]);
+}
+
+// torch.ops.fastmtl.check_input_errors(device): see the header comment.
+void check_input_errors_op(int64_t device) {
+  const int n = c10::cuda::device_count();
+  FASTMTL_CHECK_VALUE(device >= 0 && device < n, "check_input_errors: device ", device, " is not a CUDA device ",
+                      "(this machine has ", n, ")");
+  raise_input_errors(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)), /*lazy=*/true);
+}
+
+// Beyond kMaxParamTasks tasks the table is uploaded: a pinned staging buffer and an asynchronous copy (the caching
+// host allocator keeps the buffer until the copy has run). Not capturable: a replay would re-read a host buffer
+// that has been reused meanwhile.
+at::Tensor upload_task_table(const std::vector<cuda::HeadsTask>& tasks, const at::Device& device,
+                             cudaStream_t stream, const char* op) {
+  FASTMTL_CHECK(!is_capturing(stream), op, " with more than ", cuda::kMaxParamTasks, " tasks cannot be captured in ",
+                "a CUDA graph (its task table is copied from host memory); split the heads into groups of at most ",
+                cuda::kMaxParamTasks);
+  const int64_t bytes = static_cast<int64_t>(sizeof(cuda::HeadsTask) * tasks.size());
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), tasks.data(), static_cast<size_t>(bytes));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// FASTMTL_HEADS_FUSED=0: one launch per phase (prep, rows, weights, finalize) instead of the single cooperative
+// launch (debugging, comparisons). The single launch needs a device with cooperative launches; elsewhere, or when
+// the driver refuses the grid, the call takes the per-phase launches by itself.
+bool fused_launch() {
+  const char* e = std::getenv("FASTMTL_HEADS_FUSED");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
+// FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10, 0 = never): the fused kernel's grid barrier traps after it.
+unsigned long long barrier_timeout_ns() {
+  const char* e = std::getenv("FASTMTL_GRID_BARRIER_TIMEOUT_S");
+  if (e == nullptr || *e == '\0') return 10000000000ull;
+  char* end = nullptr;
+  const double v = std::strtod(e, &end);
+  FASTMTL_CHECK_VALUE(end != e && *end == '\0' && v >= 0.0 && v < 1e9, "FASTMTL_GRID_BARRIER_TIMEOUT_S must be a ",
+                      "number of seconds >= 0 (0: no timeout), got '", e, "'");
+  return static_cast<unsigned long long>(v * 1e9);
+}
+
+// Launches prep + run for a planned call (p.err and the layout are set); raises launch errors, and with
+// FASTMTL_SYNC_CHECKS=1 the input errors of this call.
+void launch_heads(cuda::HeadsParams& p, std::vector<cuda::HeadsTask>& tasks, const at::Tensor& hidden,
+                  cudaStream_t stream, const char* op) {
+  const auto o = hidden.options();
+  const at::Tensor workspace = at::empty({(int64_t)std::max<size_t>(p.workspace_bytes, 1)}, o.dtype(at::kByte));
+  at::Tensor table;
+  if (p.K > cuda::kMaxParamTasks) {
+    table = upload_task_table(tasks, hidden.device(), stream, op);
+    p.tasks = reinterpret_cast<const cuda::HeadsTask*>(table.data_ptr());
+  }
+  p.fused = fused_launch();
+  p.barrier_timeout_ns = barrier_timeout_ns();
+  const std::string what = std::string("fastmtl ") + op;
+  check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), (what + " (prep)").c_str());
+  check_launch(cuda::heads_run(p, tasks.data(), stream), what.c_str());
+  if (sync_checks() && !is_capturing(stream)) raise_input_errors(hidden.device(), /*lazy=*/false);
 }
 
 // float64 (composite) paths: validate the lengths with ATen ops (same message as the CPU op).
@@ -141,17 +201,6 @@ void check_lengths_values(const std::optional<Tensor>& lengths, int64_t T) {
   const int64_t b = bad[0][0].item<int64_t>();
   FASTMTL_CHECK_VALUE(false, "lengths[", b, "] = ", (*lengths)[b].item<int64_t>(),
                       " is out of range: every length must be in [1, T] with T = hidden.size(1) = ", T);
-}
-
-// The op validates its inputs with one host synchronisation and uploads its task table from host memory: neither is
-// allowed inside a CUDA-graph capture, so a capture gets a clear error instead of a failed capture later.
-void check_not_capturing(cudaStream_t stream, const char* op) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
-  FASTMTL_CHECK(e == cudaSuccess, op, ": cudaStreamIsCapturing failed: ", cudaGetErrorString(e));
-  FASTMTL_CHECK(status == cudaStreamCaptureStatusNone, op,
-                " on CUDA cannot be captured in a CUDA graph (it validates lengths and targets with a host "
-                "synchronisation); run it outside the captured region");
 }
 
 // Device pointers of the row lengths (nullptr = all T), kept alive by `holder`.
@@ -183,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   }
   const Tensor hidden = hidden_in.contiguous();
   const int64_t K = s.K;
-  Tensor total = at::zeros({}, o), losses = at::zeros({K}, o);
+  Tensor total = at::empty({}, o), losses = at::empty({K}, o);  // the finalize kernel writes both
   Tensor grad_hidden = compute_grad ? at::empty_like(hidden) : at::empty({0}, o);
   std::vector<Tensor> grad_weights, grad_biases;
   std::vector<Tensor> keep;  // contiguous / converted inputs, alive until the launches are queued
@@ -222,6 +271,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
     }
   }
   if (s.B == 0) {
+    total.zero_();
+    losses.zero_();
     if (compute_grad) {
       grad_hidden.zero_();
       for (auto& g : grad_weights) g.zero_();
@@ -245,16 +296,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   p.total = total.data_ptr();
   p.losses = losses.data_ptr();
   p.grad_hidden = compute_grad ? grad_hidden.data_ptr() : nullptr;
-  const Tensor err = at::zeros({4}, o.dtype(at::kLong));
-  p.err = err.data_ptr<int64_t>();
-  const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
-  const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  check_not_capturing(stream, "fastmtl multitask_loss");
-  check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_loss (prep)");
-  check_launch(cuda::heads_run(p, stream), "fastmtl multitask_loss");
-  // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.
-  raise_if_invalid(err, s.T, levels, ignore_indices, weights);
+  p.err = error_record(hidden.device(), stream);
+  cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
+  launch_heads(p, tasks, hidden, stream, "multitask_loss");
   return {total, losses, grad_hidden, grad_weights, grad_biases};
 }
 
@@ -268,7 +313,8 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   const int64_t K = s.K;
   std::vector<Tensor> preds;
   for (int64_t k = 0; k < K; ++k)
-    preds.push_back(levels[k] == 0 ? at::zeros({s.B}, o.dtype(at::kLong)) : at::zeros({s.B, s.T}, o.dtype(at::kLong)));
+    // every element is written (the row kernel writes -1 at padding positions)
+    preds.push_back(levels[k] == 0 ? at::empty({s.B}, o.dtype(at::kLong)) : at::empty({s.B, s.T}, o.dtype(at::kLong)));
   if (s.B == 0) return preds;
   const int dtype = heads_dtype(hidden.scalar_type());
   if (dtype < 0) {
@@ -315,21 +361,21 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   p.D = s.D;
   p.K = (int)K;
   p.predict = true;
-  const Tensor err = at::zeros({4}, o.dtype(at::kLong));
-  p.err = err.data_ptr<int64_t>();
-  const size_t bytes = cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
-  const Tensor workspace = at::empty({(int64_t)std::max<size_t>(bytes, 1)}, o.dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  check_not_capturing(stream, "fastmtl multitask_predict");
-  check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), "fastmtl multitask_predict (prep)");
-  check_launch(cuda::heads_run(p, stream), "fastmtl multitask_predict");
-  // The kernels treat bad lengths / targets safely (clamped / skipped); the verdict is read once all are queued.
-  raise_if_invalid(err, s.T, levels, {}, weights);
+  p.err = error_record(hidden.device(), stream);
+  cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
+  launch_heads(p, tasks, hidden, stream, "multitask_predict");
   return preds;
 }
 
 }  // namespace
 }  // namespace fastmtl
+
+// A CUDA-only utility op (no tensor arguments: one kernel for every backend); not part of csrc/fastmtl.cpp because
+// CPU-only builds have nothing to check (their op validates synchronously).
+TORCH_LIBRARY_FRAGMENT(fastmtl, m) {
+  m.def("check_input_errors(int device) -> ()", &fastmtl::check_input_errors_op);
+}
 
 TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
   m.impl("multitask_loss", &fastmtl::multitask_loss_cuda);

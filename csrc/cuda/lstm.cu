@@ -4,6 +4,8 @@
 // gradients after the loop) are issued by the torch glue (lstm_glue.cpp) through ATen/cuBLAS on the same stream;
 // these kernels do everything elementwise between them in one pass. CUDA headers and csrc/include only.
 //
+// The cell formulas are the ones the CPU kernels use (fastmtl/lstm_math.h: cell_forward / cell_backward).
+//
 // Thread mapping: blockIdx.y = batch row b, threads over the hidden unit j (coalesced along j); each thread
 // handles the four gates of one (b, j). Inactive (padding) rows write zeros where the contract wants zeros, so
 // no separate memset is needed and every output element is written.
@@ -15,9 +17,7 @@ namespace {
 
 using detail::ld;
 using detail::Num;
-using detail::sigmoid_;
 using detail::st;
-using detail::tanh_;
 
 constexpr int kThreads = 128;
 
@@ -44,11 +44,10 @@ __device__ __forceinline__ void fwd_one(const FwdStepArgs& a, int b, int j) {
     zg += ld(rc + 2 * H);
     zo += ld(rc + 3 * H);
   }
-  const A ig = sigmoid_(zi), fg = sigmoid_(zf), gg = tanh_(zg), og = sigmoid_(zo);
   A* cs = static_cast<A*>(a.c_state) + (int64_t)b * H + j;
-  const A c = fg * (*cs) + ig * gg;
+  A ig, fg, gg, og, c, h;
+  lstm_math::cell_forward<detail::CudaAct>(zi, zf, zg, zo, *cs, ig, fg, gg, og, c, h);
   *cs = c;
-  const A h = og * tanh_(c);
   const T hs = Num<T>::store(h);
   static_cast<T*>(a.h_state)[(int64_t)b * H + j] = hs;
   *out = hs;
@@ -100,15 +99,13 @@ __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
     dh += ld(static_cast<const T*>(a.grad_hy) + bh);
     dc = ld(static_cast<const T*>(a.grad_cy) + bh);
   }
-  const A tc = tanh_(c);
-  const A d_o = dh * tc;
-  dc += dh * og * (A(1) - tc * tc);
-  const A d_i = dc * gg, d_g = dc * ig, d_f = dc * c_prev;
-  *dcs = dc * fg;
-  st(dg, d_i * ig * (A(1) - ig));
-  st(dg + H, d_f * fg * (A(1) - fg));
-  st(dg + 2 * H, d_g * (A(1) - gg * gg));
-  st(dg + 3 * H, d_o * og * (A(1) - og));
+  A d_i, d_f, d_g, d_o, dc_prev;
+  lstm_math::cell_backward<detail::CudaAct>(ig, fg, gg, og, c, c_prev, dh, dc, A(1), d_i, d_f, d_g, d_o, dc_prev);
+  *dcs = dc_prev;
+  st(dg, d_i);
+  st(dg + H, d_f);
+  st(dg + 2 * H, d_g);
+  st(dg + 3 * H, d_o);
   *hp = h_prev;
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fastmtl/cuda_lstm.h"
+#include "fastmtl/lstm_math.h"
 
 namespace fastmtl {
 namespace cuda {
@@ -55,6 +56,14 @@ __device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + expf(-x
 __device__ __forceinline__ double sigmoid_(double x) { return 1.0 / (1.0 + exp(-x)); }
 __device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
+
+// The activation policy of the shared cell formulas (fastmtl/lstm_math.h) on the device.
+struct CudaAct {
+  template <typename A>
+  __device__ __forceinline__ static A sigmoid(A x) { return sigmoid_(x); }
+  template <typename A>
+  __device__ __forceinline__ static A tanh(A x) { return tanh_(x); }
+};
 
 // Launch-error check: nullptr on success, else the CUDA error string.
 inline const char* last_error() {

@@ -6,8 +6,8 @@
 //
 // Path selection (forward and backward decide separately with the same rule; both read/write the same reserve,
 // dgates and hprev layouts, so any combination is consistent):
-//   persistent  when the dtype is bfloat16 or float16, or float32 with TF32 allowed for RNNs
-//               (torch.backends.cudnn.allow_tf32, the cuDNN default), and B <= 64, H % 8 == 0, and the W_hh
+//   persistent  when the dtype is bfloat16 or float16, or float32 with TF32 allowed (see Precision below),
+//               and B <= 64, H % 8 == 0, and the W_hh
 //               slices fit in shared memory on a grid the occupancy calculator guarantees co-resident
 //               (lstm_persistent_plan; for example H <= 1024 bidirectional bf16 and H <= 1024 float32 per
 //               direction on an H100). float64 never takes it.
@@ -16,8 +16,13 @@
 //               one fused gate/cell kernel.
 //   FASTMTL_LSTM_CUDA_PATH=standard|persistent forces a path ("persistent" raises when it cannot apply), for tests
 //   and benchmarks; unset or "auto" uses the rule above.
-// ATen's GEMMs follow torch.backends.cuda.matmul.allow_tf32 (ATen's own rule); the persistent kernel follows
-// torch.backends.cudnn.allow_tf32 like cuDNN's RNNs.
+// Precision does not depend on the shape: float32 uses TF32 only where torch allows it for both kinds of work
+// the layer does, matrix products (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision, which the
+// standard path's ATen GEMMs follow) and RNNs (torch.backends.cudnn.allow_tf32); the persistent kernel's tf32
+// mma.sync runs only then, so a float32 layer never switches between TF32 and FP32 with the batch size.
+// Persistent kernels are launched cooperatively; if the driver refuses (the grid cannot be co-resident now, e.g.
+// under MPS limits) the call takes the standard path (warned once). Their grid barrier traps after
+// FASTMTL_GRID_BARRIER_TIMEOUT_S seconds (default 10, 0 = never) instead of hanging.
 //
 // No host synchronisation: lengths live on the CPU (the contract), so the per-step batch sizes are computed on the
 // host; with lengths=None nothing is copied at all and the ops can be captured in CUDA graphs. With lengths inside a
@@ -161,7 +166,7 @@ bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, b
                   "take lengths inside a CUDA-graph capture");
     return false;
   }
-  const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+  const bool tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN) && at::globalContext().allowTF32CuBLAS();
   check_launch(fc::lstm_persistent_plan(kdt, static_cast<int>(L.B), static_cast<int>(L.H), static_cast<int>(L.D),
                                         tf32, input.device().index(), backward, plan),
                "fastmtl LSTM persistent plan");
@@ -169,6 +174,29 @@ bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, b
                 (backward ? "backward" : "forward"), " kernel cannot run this layer (B=", L.B, ", H=", L.H,
                 ", dtype ", input.scalar_type(), "): ", plan->reason);
   return plan->ok;
+}
+
+// FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10; 0 = wait forever) in nanoseconds.
+unsigned long long barrier_timeout_ns() {
+  const char* e = std::getenv("FASTMTL_GRID_BARRIER_TIMEOUT_S");
+  if (e == nullptr || *e == '\0') return 10000000000ull;
+  char* end = nullptr;
+  const double v = std::strtod(e, &end);
+  FASTMTL_CHECK_VALUE(end != e && *end == '\0' && v >= 0.0 && v < 1e9, "FASTMTL_GRID_BARRIER_TIMEOUT_S must be a ",
+                      "number of seconds >= 0 (0: no timeout), got '", e, "'");
+  return static_cast<unsigned long long>(v * 1e9);
+}
+
+// The persistent launch result: true when it ran; false when the driver refused the cooperative launch (nothing
+// was launched; the caller takes the standard path, unless the persistent path is forced); throws on other errors.
+bool persistent_launched(const char* err, const char* what) {
+  if (err == fc::kPersistentGridTooLarge) {
+    FASTMTL_CHECK(forced_path() != "persistent", "FASTMTL_LSTM_CUDA_PATH=persistent, but ", what, ": ", err);
+    TORCH_WARN_ONCE("fastmtl: ", err, "; this and similar calls take the standard path");
+    return false;
+  }
+  check_launch(err, what);
+  return true;
 }
 
 // Per-step batch sizes on the device for the persistent kernels (undefined when every sequence has length T).
@@ -240,8 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
     a.B = static_cast<int>(B);
     a.H = static_cast<int>(H);
     a.D = static_cast<int>(D);
-    check_launch(fc::lstm_persistent_fwd(kdt, a, plan, stream), "fastmtl LSTM persistent forward kernel");
-    return {output, hy, cy, reserve};
+    a.barrier_timeout_ns = barrier_timeout_ns();
+    if (persistent_launched(fc::lstm_persistent_fwd(kdt, a, plan, stream), "fastmtl LSTM persistent forward kernel"))
+      return {output, hy, cy, reserve};
   }
 
   // Standard path.
@@ -321,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   at::Tensor hprev = at::empty({D, T, B, H}, opts);    // h_{t-1} per step (hx at each sequence's first step)
   fc::PersistentPlan plan;
   note_capture_with_lengths(L, stream);
-  const bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan, stream);
+  bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan, stream);
   if (persistent) {
     at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
     const at::Tensor bs_dev = batch_sizes_on_device(L, input);
@@ -345,7 +374,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     a.B = static_cast<int>(B);
     a.H = static_cast<int>(H);
     a.D = static_cast<int>(D);
-    check_launch(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
+    a.barrier_timeout_ns = barrier_timeout_ns();
+    persistent =
+        persistent_launched(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
   }
   for (int64_t d = 0; d < (persistent ? 0 : D); ++d) {
     const at::Tensor& whh = L.w_hh[d];  // (4H, H)

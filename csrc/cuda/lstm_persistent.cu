@@ -16,10 +16,12 @@
 //   4. grid-wide barrier (monotonic atomic counter, one per launch, zeroed by the glue).
 // The grid is sized so that every CTA is co-resident (occupancy calculator x SM count), which the hand-rolled
 // barrier needs; lstm_persistent_plan refuses shapes where that cannot be guaranteed.
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <tuple>
 
+#include "grid_sync.cuh"
 #include "lstm_common.cuh"
 
 namespace fastmtl {
@@ -27,8 +29,6 @@ namespace cuda {
 namespace {
 
 using detail::Num;
-using detail::sigmoid_;
-using detail::tanh_;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
@@ -147,29 +147,16 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Grid-wide barrier on a monotonic counter: the k-th barrier waits for k * gridDim.x arrivals (the pattern of
-// cooperative_groups' grid sync). Requires every CTA to be co-resident (guaranteed by the plan).
-__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
-    unsigned int v = 0;
-    while (true) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
-#else
-      v = *reinterpret_cast<volatile unsigned int*>(counter);
-#endif
-      if (v >= target) break;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-      __nanosleep(32);
-#endif
-    }
-    __threadfence();
-  }
-  __syncthreads();
+// Built without sm_80+ machine code (e.g. only PTX of an older architecture, JIT-compiled for this device): the
+// kernels would have empty bodies. lstm_persistent_plan refuses such a build (cudaFuncGetAttributes); should one
+// run anyway, it traps rather than return garbage.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+__device__ __forceinline__ void no_sm80_trap(const char* kernel) {
+  printf("fastmtl: %s was built without sm_80+ code (compute capability %d): rebuild with TORCH_CUDA_ARCH_LIST "
+         "including 8.0 or newer\n", kernel, (int)(__CUDA_ARCH__ / 10));
+  __trap();
 }
+#endif
 
 // Shared-memory geometry, identical on host and device.
 //   M rows of A (multiple of 16) x K columns, batch padded to Npad; `state_floats` fp32 values per unit and row.
@@ -335,10 +322,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int kss = 0; kss < NKS; ++kss) v += red[(kss * M + k * hc + u) * RP + b];
           z[k] = v;
         }
-        const float ig = sigmoid_(z[0]), fg = sigmoid_(z[1]), gg = tanh_(z[2]), og = sigmoid_(z[3]);
-        const float c = fg * cst[e] + ig * gg;
+        float ig, fg, gg, og, c, h;
+        lstm_math::cell_forward<detail::CudaAct>(z[0], z[1], z[2], z[3], cst[e], ig, fg, gg, og, c, h);
         cst[e] = c;
-        const T hT = Num<T>::store(og * tanh_(c));
+        const T hT = Num<T>::store(h);
         hnxt[(int64_t)b * H + j] = hT;
         *o_ptr = hT;
         if (r_ptr) {
@@ -359,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (s + 1 < steps) {
       barrier_target += gridDim.x;
-      grid_barrier(p.barrier, barrier_target);
+      grid_barrier(p.barrier, barrier_target, p.barrier_timeout_ns, "persistent_fwd_kernel");
     }
   }
   __syncthreads();
@@ -373,6 +360,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     hy[(int64_t)b * H + j] = __ldcg(hfin + (int64_t)b * H + j);
     cy[(int64_t)b * H + j] = Num<T>::store(cst[e]);
   }
+#elif defined(__CUDA_ARCH__)
+  no_sm80_trap("persistent_fwd_kernel");
 #endif
 }
 
@@ -453,15 +442,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           dh += Num<T>::load(ghy[bh]);
           dc = Num<T>::load(gcy[bh]);
         }
-        const float tc = tanh_(c);
-        const float d_o = dh * tc;
-        dc += dh * og * (1.f - tc * tc);
-        const float d_i = dc * gg, d_g = dc * ig, d_f = dc * c_prev;
-        dcs[e] = dc * fg;
-        dg[0] = Num<T>::store(d_i * ig * (1.f - ig));
-        dg[H] = Num<T>::store(d_f * fg * (1.f - fg));
-        dg[2 * H] = Num<T>::store(d_g * (1.f - gg * gg));
-        dg[3 * H] = Num<T>::store(d_o * og * (1.f - og));
+        float d_i, d_f, d_g, d_o, dc_prev;
+        lstm_math::cell_backward<detail::CudaAct>(ig, fg, gg, og, c, c_prev, dh, dc, 1.f, d_i, d_f, d_g, d_o,
+                                                  dc_prev);
+        dcs[e] = dc_prev;
+        dg[0] = Num<T>::store(d_i);
+        dg[H] = Num<T>::store(d_f);
+        dg[2 * H] = Num<T>::store(d_g);
+        dg[3 * H] = Num<T>::store(d_o);
         *hp = h_prev;
       } else {
         if (b < n_prev) {  // this row's first forward step was the previously processed one
@@ -474,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     barrier_target += gridDim.x;
-    grid_barrier(p.barrier, barrier_target);
+    grid_barrier(p.barrier, barrier_target, p.barrier_timeout_ns, "persistent_bwd_kernel");
 
     recurrent_mma<T>(geo, wfrag, hst, red, dgates + (int64_t)t * B * ldg + (int64_t)dir * G, ldg, B, bt);
     __syncthreads();
@@ -495,12 +483,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     ghx[(int64_t)b * H + j] = Num<T>::store(dhs[e]);
     gcx[(int64_t)b * H + j] = Num<T>::store(dcs[e]);
   }
+#elif defined(__CUDA_ARCH__)
+  no_sm80_trap("persistent_bwd_kernel");
 #endif
 }
 
 struct DeviceInfo {
   bool init = false;
-  int sms = 0, smem_optin = 0, major = 0;
+  int sms = 0, smem_optin = 0, major = 0, cooperative = 0;
 };
 std::mutex g_mutex;
 DeviceInfo g_info[64];
@@ -527,20 +517,35 @@ const void* kernel_for(DType dt, bool bwd) {
   }
 }
 
-template <typename T, typename Args, typename Kernel>
-const char* launch(Kernel kernel, const Args& a, const PersistentPlan& plan, cudaStream_t s) {
+// Cooperative launch: the driver guarantees that every CTA of the grid is co-resident (or refuses the launch with
+// cudaErrorCooperativeLaunchTooLarge, e.g. under MPS / green-context SM limits; reported as
+// kPersistentGridTooLarge so the glue can take the standard path), so two persistent launches in flight at once
+// (two streams, parallel graph branches) cannot each be partly resident and wait on each other forever.
+template <typename T, typename Args>
+const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const PersistentPlan& plan, cudaStream_t s) {
   const int launches = a.D / plan.dirs_per_launch;
   for (int l = 0; l < launches; ++l) {
     Args pa = a;
     pa.barrier = a.barrier + l;
-    kernel<<<plan.ctas_per_dir * plan.dirs_per_launch, kThreads, plan.smem_bytes, s>>>(
-        pa, plan.hc, plan.ctas_per_dir, l * plan.dirs_per_launch);
-    if (const char* e = detail::last_error()) return e;
+    int hc = plan.hc, ctas = plan.ctas_per_dir, dir0 = l * plan.dirs_per_launch;
+    void* args[] = {&pa, &hc, &ctas, &dir0};
+    const dim3 grid(plan.ctas_per_dir * plan.dirs_per_launch);
+    const cudaError_t e =
+        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads), args,
+                                    plan.smem_bytes, s);
+    if (e == cudaErrorCooperativeLaunchTooLarge && l == 0) {
+      (void)cudaGetLastError();  // not sticky; clear it for the caller's next launch check
+      return kPersistentGridTooLarge;
+    }
+    if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   return nullptr;
 }
 
 }  // namespace
+
+const char* const kPersistentGridTooLarge =
+    "fastmtl: the persistent LSTM grid cannot be co-resident on this device now (cudaErrorCooperativeLaunchTooLarge)";
 
 const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, bool backward,
                                  PersistentPlan* plan) {
@@ -578,6 +583,7 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     cudaError_t e = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&info.cooperative, cudaDevAttrCooperativeLaunch, device);
     if (e != cudaSuccess) return cudaGetErrorString(e);
     info.init = true;
   }
@@ -585,8 +591,20 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
     plan->reason = "the persistent kernel needs compute capability 8.0 or newer (mma bf16/tf32, cp.async)";
     return nullptr;
   }
+  if (!info.cooperative) {
+    plan->reason = "the device does not support cooperative launches (needed for the grid-wide barrier)";
+    return nullptr;
+  }
   bool& attr = g_attr_set[device][kernel_index(dt, backward)];
   if (!attr) {
+    // The binary's code for this device must be sm_80+ (else the kernels are compiled out, see no_sm80_trap).
+    cudaFuncAttributes fa{};
+    cudaError_t fe = cudaFuncGetAttributes(&fa, fn);
+    if (fe != cudaSuccess) return cudaGetErrorString(fe);
+    if (fa.binaryVersion < 80) {
+      plan->reason = "this build has no sm_80+ code for the device (TORCH_CUDA_ARCH_LIST without 8.0 or newer)";
+      return nullptr;
+    }
     cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     if (e != cudaSuccess) return cudaGetErrorString(e);
     attr = true;

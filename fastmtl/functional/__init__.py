@@ -1,5 +1,5 @@
 """User-facing functions: argument normalisation and clear errors, then ``fastmtl.ops``."""
 from .lstm import lstm  # noqa: F401
-from .heads import multitask_cross_entropy, multitask_predict  # noqa: F401
+from .heads import check_input_errors, multitask_cross_entropy, multitask_predict  # noqa: F401
 
-__all__ = ["lstm", "multitask_cross_entropy", "multitask_predict"]
+__all__ = ["lstm", "multitask_cross_entropy", "multitask_predict", "check_input_errors"]

@@ -115,7 +115,9 @@ def multitask_cross_entropy(hidden, weights, targets, levels, *, biases=None, le
     Args:
         hidden: (B, T, D) hidden states, batch first (any strides; float32, float64, bfloat16 or float16).
         weights: list of K head weights, each (C_k, D) like ``nn.Linear.weight``.
-        targets: list of K int64 target tensors: (B,) for a sequence task, (B, T) for a token task.
+        targets: list of K int64 target tensors: (B,) for a sequence task, (B, T) for a token task. On CUDA the
+            values of targets and lengths are validated on the device without a synchronisation: a bad one is
+            reported by :func:`check_input_errors` (or at once with ``FASTMTL_SYNC_CHECKS=1``).
         levels: ``"sequence"`` / ``"token"`` per task (or one for all).
         biases: list of K biases (C_k,) or None (per task or for all).
         lengths: (B,) real lengths (each in [1, T]); positions t >= lengths[b] never count. None: all T.
@@ -213,3 +215,31 @@ def multitask_predict(hidden, weights, levels, *, biases=None, lengths=None, poo
         z = torch.nn.functional.linear(x, weights[k], biases[k])
         out.append(z.log_softmax(-1) if output == "log_probs" else z)
     return out
+
+
+def check_input_errors(device=None):
+    """Raise the first bad length or target value the CUDA heads kernels have met since the last check.
+
+    On CUDA, ``multitask_cross_entropy`` / ``multitask_predict`` (and ``torch.ops.fastmtl.multitask_loss`` /
+    ``multitask_predict``) check shapes, dtypes and devices at once, but not the *values* of ``lengths`` and
+    ``targets``, which live on the device: reading them back would synchronise every call (and forbid CUDA graphs).
+    The kernels treat a bad value safely (a length clamped to [1, T], a target outside [0, C) that is not
+    ``ignore_index`` counted as ignored) and record the first one per device. This function synchronises, raises
+    the ``ValueError`` the CPU op would have raised and clears the record; call it where a synchronisation costs
+    nothing (after an epoch, in tests). ``FASTMTL_SYNC_CHECKS=1`` makes every call check itself instead (debugging).
+    No-op without CUDA or in a CPU-only build (the CPU op raises at once). ``device``: a CUDA device (default: every
+    device that ran the ops).
+    """
+    if not torch.cuda.is_available():
+        return
+    try:
+        op = torch.ops.fastmtl.check_input_errors
+    except (AttributeError, RuntimeError):  # CPU-only build
+        return
+    if device is None:
+        devices = range(torch.cuda.device_count())
+    else:
+        devices = [torch.device(device).index if torch.device(device).index is not None
+                   else torch.cuda.current_device()]
+    for d in devices:
+        op(int(d))

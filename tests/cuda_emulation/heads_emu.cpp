@@ -8,6 +8,7 @@
 // Registered as fastmtl_emu::multitask_loss / multitask_predict (CPU tensors, same schemas as fastmtl).
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __grid_constant__
 #include <cuda_runtime_api.h>
 #include <vector_types.h>
 
@@ -61,6 +62,9 @@ inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cm
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "fastmtl/heads_checks.h"
+#include "fastmtl/heads_schema.h"
+
 namespace {
 using at::Tensor;
 using OptList = c10::List<std::optional<Tensor>>;
@@ -96,23 +100,30 @@ void dispatch(fc::HeadsParams& p, std::vector<fc::HeadsTask>& tasks) {
   // 256-byte aligned base, like the CUDA allocator
   unsigned char* base = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
   fc::heads_bind(p, base);
-  std::memcpy(base + p.off_tasks, tasks.data(), sizeof(fc::HeadsTask) * p.K);
+  // The task table as the launchers pass it: a kernel parameter up to kMaxParamTasks tasks, else a "device" copy.
+  fc::HeadsTaskTable table{};
+  if (p.K <= fc::kMaxParamTasks) {
+    for (int k = 0; k < p.K; ++k) table.t[k] = tasks[k];
+    p.tasks = nullptr;
+  } else {
+    p.tasks = tasks.data();
+  }
   const fc::HeadsParams pc = p;
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    launch(p.num_seq_tasks * p.B + p.K, 0, [&] { fastmtl::cuda::heads_prep_kernel<T>(pc); });
+    launch(p.num_seq_tasks * p.B + p.K, 0, [&] { fastmtl::cuda::heads_prep_kernel<T>(pc, table); });
     TORCH_CHECK(p.err[0] == 0, "emulated prep kernel reported error code ", p.err[0], " task ", p.err[1], " index ",
                 p.err[2], " value ", p.err[3]);
     const size_t smem = fastmtl::cuda::SmemLayout<T>::bytes;
-    launch(p.row_tiles, smem, [&] { fastmtl::cuda::heads_row_kernel<T>(pc); });
+    launch(p.row_tiles, smem, [&] { fastmtl::cuda::heads_row_kernel<T>(pc, table); });
     if (p.predict) return;
-    if (p.compute_grad) launch(p.weight_blocks, smem, [&] { fastmtl::cuda::heads_weight_kernel<T>(pc); });
+    if (p.compute_grad) launch(p.weight_blocks, smem, [&] { fastmtl::cuda::heads_weight_kernel<T>(pc, table); });
     int64_t hb = 0, wb = 0;
     if (p.compute_grad) {
       hb = std::min<int64_t>((p.B * p.T * p.D + 255) / 256, 3);
       wb = std::min<int64_t>((p.weight_elems + 255) / 256, 2);
     }
-    launch(hb + wb + 1, 0, [&] { fastmtl::cuda::heads_finalize_kernel<T>(pc, hb, wb); });
+    launch(hb + wb + 1, 0, [&] { fastmtl::cuda::heads_finalize_kernel<T>(pc, table, hb, wb); });
   };
   switch (p.dtype) {
     case fc::kHeadsFloat32: go(float()); break;
@@ -133,6 +144,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> los
     at::TensorList targets, const OptList& class_weights, const Tensor& task_weights, at::IntArrayRef levels,
     at::IntArrayRef poolings, at::IntArrayRef ignore_indices, at::ArrayRef<double> label_smoothings,
     bool compute_grad) {
+  // the ops' own argument checks (fastmtl/heads_checks.h)
+  const fastmtl::HeadsDims s = fastmtl::check_heads_args(hidden_in, lengths, weights, biases, levels, poolings);
+  fastmtl::check_multitask_loss_args(hidden_in, s.B, s.T, s.K, weights, targets, class_weights, task_weights, levels,
+                                     ignore_indices, label_smoothings);
   const Tensor hidden = hidden_in.contiguous();
   const auto o = hidden.options();
   const int64_t K = weights.size();
@@ -175,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> los
   const Tensor lam = task_weights.to(at::kFloat).contiguous();
   Tensor len;
   if (lengths.has_value() && lengths->defined()) len = lengths->contiguous();
-  Tensor err = at::zeros({4}, o.dtype(at::kLong));
+  Tensor err = at::zeros({fc::kHeadsErrWords}, o.dtype(at::kLong));
   fc::HeadsParams p;
   p.dtype = dtype_code(hidden.scalar_type());
   p.hidden = hidden.data_ptr();
@@ -197,6 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> los
 std::vector<Tensor> predict_emu(const Tensor& hidden_in, const std::optional<Tensor>& lengths,
                                 at::TensorList weights, const OptList& biases, at::IntArrayRef levels,
                                 at::IntArrayRef poolings) {
+  fastmtl::check_heads_args(hidden_in, lengths, weights, biases, levels, poolings);
   const Tensor hidden = hidden_in.contiguous();
   const auto o = hidden.options();
   const int64_t K = weights.size();
@@ -220,7 +236,7 @@ std::vector<Tensor> predict_emu(const Tensor& hidden_in, const std::optional<Ten
   }
   Tensor len;
   if (lengths.has_value() && lengths->defined()) len = lengths->contiguous();
-  Tensor err = at::zeros({4}, o.dtype(at::kLong));
+  Tensor err = at::zeros({fc::kHeadsErrWords}, o.dtype(at::kLong));
   fc::HeadsParams p;
   p.dtype = dtype_code(hidden.scalar_type());
   p.hidden = hidden.data_ptr();
@@ -236,15 +252,10 @@ std::vector<Tensor> predict_emu(const Tensor& hidden_in, const std::optional<Ten
 }
 }  // namespace
 
+// The real ops' schemas (one definition: fastmtl/heads_schema.h), under the emulator's own namespace.
 TORCH_LIBRARY(fastmtl_emu, m) {
-  m.def(
-      "multitask_loss(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, Tensor[] targets, "
-      "Tensor?[] class_weights, Tensor task_weights, int[] levels, int[] poolings, int[] ignore_indices, "
-      "float[] label_smoothings, bool compute_grad) "
-      "-> (Tensor total, Tensor losses, Tensor grad_hidden, Tensor[] grad_weights, Tensor[] grad_biases)");
-  m.def(
-      "multitask_predict(Tensor hidden, Tensor? lengths, Tensor[] weights, Tensor?[] biases, int[] levels, "
-      "int[] poolings) -> Tensor[]");
+  m.def(fastmtl::kMultitaskLossSchema);
+  m.def(fastmtl::kMultitaskPredictSchema);
 }
 TORCH_LIBRARY_IMPL(fastmtl_emu, CPU, m) {
   m.impl("multitask_loss", &loss_emu);

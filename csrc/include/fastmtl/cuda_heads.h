@@ -3,12 +3,12 @@
 //
 // Contract: the `multitask_loss` / `multitask_predict` schemas in csrc/fastmtl.cpp.
 //
-// How a call runs (all on the caller's stream, no host synchronisation inside the launchers):
+// How a call runs (all on the caller's stream, no host synchronisation, no host-to-device copy in the common case,
+// so a call can be captured in a CUDA graph):
 //   heads_plan        host only: lays out the workspace (offsets per task, tile counts, split counts).
-//   heads_prepare     uploads the task table into the workspace and launches the prep kernel: pooled rows of the
-//                     sequence-level tasks (and the argmax of max pooling), per-task normalisers (sum of the class
-//                     weights of the non-ignored items), sum of class weights, and validation of lengths / targets
-//                     into `err` (int64[4]: code, task, index, value; code 0 = ok, 1 = length, 2 = target).
+//   heads_prepare     binds the workspace and launches the prep kernel: pooled rows of the sequence-level tasks (and
+//                     the argmax of max pooling), per-task normalisers (sum of the class weights of the non-ignored
+//                     items), sum of class weights, and validation of lengths / targets (see HeadsParams::err).
 //   heads_run         the row kernel (ONE launch for all K tasks: per (task, 64-row tile) the logits tiles on tensor
 //                     cores, online log-sum-exp, per-row losses; with gradients the logit-gradient tile is formed on
 //                     chip and multiplied by W into a per-task fp32 grad-hidden accumulator owned by that block, and
@@ -17,6 +17,11 @@
 //                     recomputes the logits tile from the saved per-row log-sum-exp and accumulates dlogits^T X and
 //                     the bias gradient on chip), and the finalize kernel (fixed-order sums: grad_hidden over tasks
 //                     incl. the pooling backward, grad_W / grad_b over row tiles / splits, the losses and the total).
+// With p.fused (and a device with cooperative launches) heads_prepare launches nothing and heads_run makes ONE
+// cooperative launch that runs prep, rows, weights and finalize with grid barriers in between; otherwise (or when
+// the driver refuses the grid) one launch per phase, as described above.
+// The task table travels as a kernel parameter (HeadsTaskTable, by value) when K <= kMaxParamTasks; beyond that the
+// caller uploads it to device memory (p.tasks) itself.
 // Every reduction has a fixed order, so results are bitwise reproducible run to run (no float atomics).
 #pragma once
 #include <cuda_runtime_api.h>
@@ -28,6 +33,14 @@ namespace fastmtl {
 namespace cuda {
 
 enum HeadsDType : int { kHeadsFloat32 = 0, kHeadsFloat16 = 1, kHeadsBFloat16 = 2 };
+
+// The error record the kernels write when they meet a bad length or target (first one wins, atomically): int64
+// words {code, task, index, value, num_classes, ignore_index, T, level}; code 0 = none, 1 = length (index b),
+// 2 = target (index: row b for a sequence task, b * T + t for a token task). The kernels never read out of bounds
+// meanwhile (bad lengths are clamped, bad targets count as ignored). The buffer outlives the calls and is cleared
+// by whoever reads it (the glue: csrc/cuda/heads_glue.cpp).
+enum HeadsErr : int { kHeadsErrCode = 0, kHeadsErrTask, kHeadsErrIndex, kHeadsErrValue, kHeadsErrClasses,
+                      kHeadsErrIgnore, kHeadsErrT, kHeadsErrLevel, kHeadsErrWords };
 
 // One task. The caller fills the "inputs" part; heads_plan fills the "layout" part.
 struct HeadsTask {
@@ -42,8 +55,8 @@ struct HeadsTask {
   int64_t num_classes = 0;
   int64_t ignore_index = -100;
   float label_smoothing = 0.f;
-  int level = 0;    // 0 sequence, 1 token
-  int pooling = 0;  // 0 last, 1 first, 2 mean, 3 max, 4 last_first (sequence tasks)
+  int level = 0;    // heads::Level (fastmtl/heads_math.h): 0 sequence, 1 token
+  int pooling = 0;  // heads::Pooling: 0 last, 1 first, 2 mean, 3 max, 4 last_first (sequence tasks)
   // layout (heads_plan)
   int index = 0;              // k
   int64_t rows = 0;           // B (sequence) or B*T (token)
@@ -77,7 +90,7 @@ struct HeadsParams {
   void* total = nullptr;        // 0-d
   void* losses = nullptr;       // (K)
   void* grad_hidden = nullptr;  // (B, T, D)
-  int64_t* err = nullptr;       // int64[4], zeroed by the caller
+  int64_t* err = nullptr;       // int64[kHeadsErrWords] error record (see HeadsErr), zero when no error is pending
   // layout (heads_plan) and workspace pointers (heads_prepare)
   int64_t D_pad = 0;
   bool vec_loads = false;     // 16-byte loads of X / W rows (D * elem % 16 == 0, aligned bases)
@@ -86,9 +99,11 @@ struct HeadsParams {
   int64_t row_tiles = 0;      // blocks of the row kernel
   int64_t weight_blocks = 0;  // blocks of the weight kernel
   int64_t weight_elems = 0;   // grad_W + grad_b elements over all tasks
-  size_t off_tasks = 0, off_pooled = 0, off_argmax = 0, off_norm = 0, off_wsum = 0, off_row_loss = 0,
-         off_row_stats = 0, off_row_y = 0, off_gx = 0, off_gw = 0, off_gb = 0, workspace_bytes = 0;
-  const HeadsTask* tasks = nullptr;  // device copy of the task table (inside the workspace)
+  size_t off_pooled = 0, off_argmax = 0, off_norm = 0, off_wsum = 0, off_row_loss = 0,
+         off_row_stats = 0, off_row_y = 0, off_gx = 0, off_gw = 0, off_gb = 0, off_sync = 0, workspace_bytes = 0;
+  // Device copy of the task table, set by the caller when K > kMaxParamTasks; nullptr otherwise (the launchers then
+  // pass the table as a kernel parameter and the kernels point this at it).
+  const HeadsTask* tasks = nullptr;
   void* pooled = nullptr;
   int32_t* argmax = nullptr;
   float* norm = nullptr;
@@ -99,6 +114,16 @@ struct HeadsParams {
   float* gx = nullptr;
   float* gw = nullptr;
   float* gb = nullptr;
+  unsigned int* grid_sync = nullptr;  // the fused kernel's grid-barrier counter (zeroed by heads_run)
+  unsigned long long barrier_timeout_ns = 10000000000ull;  // its barrier traps after this wait (0: never)
+  bool fused = true;  // one cooperative launch when the device allows it (else one launch per phase)
+};
+
+// The task table as a kernel parameter (by value, __grid_constant__): no upload, nothing for a CUDA graph to go
+// stale. 16 tasks keep the parameters (HeadsParams + table) under the classic 4 KB kernel-parameter limit.
+constexpr int kMaxParamTasks = 16;
+struct HeadsTaskTable {
+  HeadsTask t[kMaxParamTasks];
 };
 
 // Host only. Fills the layout fields of `p` and `tasks` and returns the workspace size in bytes.
@@ -109,13 +134,13 @@ size_t heads_plan(HeadsParams& p, HeadsTask* tasks, int num_sms);
 // that tests the kernels on the host).
 void heads_bind(HeadsParams& p, void* workspace);
 
-// Binds the workspace (device memory of p.workspace_bytes, 256-byte aligned), uploads the task table (from host
-// memory; the copy is staged, so `tasks` may be freed after the call) and launches the prep kernel.
-// Launchers return nullptr on success or a static error string (cudaGetErrorString or a fixed message).
+// Binds the workspace (device memory of p.workspace_bytes, 256-byte aligned) and launches the prep kernel. `tasks`
+// is the host table (heads_plan's output): passed by value when K <= kMaxParamTasks, else p.tasks must already
+// point at a device copy of it. Launchers return nullptr on success or a static error string.
 const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspace, cudaStream_t stream);
 
-// Launches the row kernel, the weight kernel (with gradients) and the finalize kernel.
-const char* heads_run(const HeadsParams& p, cudaStream_t stream);
+// Launches the row kernel, the weight kernel (with gradients) and the finalize kernel (same `tasks` rule).
+const char* heads_run(const HeadsParams& p, const HeadsTask* tasks, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmtl

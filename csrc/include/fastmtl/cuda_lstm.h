@@ -77,7 +77,9 @@ const char* lstm_bwd_finish(DType dt, const void* dhrec, const void* dc_state, v
 // accumulation), applies the gate/cell update for its hidden units (the cell state never leaves the CTA), writes
 // h_t to a global double buffer, and meets the other CTAs at a grid-wide barrier before the next step.
 // The grid is never larger than what the occupancy calculator says is co-resident (1 CTA per SM when the
-// weights need it), so the hand-rolled barrier cannot deadlock.
+// weights need it), and the kernels are launched cooperatively, so the driver guarantees co-residency or refuses
+// the launch (kPersistentGridTooLarge: the glue then takes the standard path). The grid barrier traps with a
+// message naming the kernel after `barrier_timeout_ns` (0: never) rather than spin forever.
 struct PersistentPlan {
   bool ok = false;
   int hc = 0;                // hidden units per CTA (4, 8, 16 or 32)
@@ -89,6 +91,10 @@ struct PersistentPlan {
 // Decides whether the persistent path applies (see the rule in csrc/cuda/README.md) and sizes it.
 // Never launches anything; queries device attributes and the occupancy calculator (cached per device).
 // `backward` sizes the backward kernel (its shared memory differs) instead of the forward one.
+// Returned (as this very pointer) by the persistent launchers when the driver refuses the cooperative launch
+// because the grid cannot be co-resident right now (MPS / green-context SM limits): nothing was launched.
+extern const char* const kPersistentGridTooLarge;
+
 const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32, int device, bool backward,
                                  PersistentPlan* plan);
 
@@ -103,6 +109,7 @@ struct PersistentFwdArgs {
   void* hbuf;               // (D, 2, B, H) storage dtype; hbuf[d][0] must hold hx[d] at launch
   const int* batch_sizes;   // (T,) device int32: active rows per step, or nullptr (all B)
   unsigned int* barrier;    // one zeroed counter per launch (D counters when launched per direction)
+  unsigned long long barrier_timeout_ns = 10000000000ull;  // grid-barrier wait after which the kernel traps; 0 never
   int T, B, H, D;
 };
 const char* lstm_persistent_fwd(DType dt, const PersistentFwdArgs& a, const PersistentPlan& plan,
@@ -127,6 +134,7 @@ struct PersistentBwdArgs {
   void* grad_cx;            // (D, B, H)
   const int* batch_sizes;   // (T,) device int32, or nullptr (all B)
   unsigned int* barrier;    // zeroed counters, one per launch
+  unsigned long long barrier_timeout_ns = 10000000000ull;  // as in PersistentFwdArgs
   int T, B, H, D;
 };
 const char* lstm_persistent_bwd(DType dt, const PersistentBwdArgs& a, const PersistentPlan& plan,
