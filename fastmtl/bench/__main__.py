@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "train", "train_step")
+RUNNERS = ("lstm", "heads", "train", "train_step", "train_step_mtl")
 
 
 def main(argv=None):
@@ -16,7 +16,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<machine>.json)")
     p.add_argument("--no-save", action="store_true", help="print only")
     args, rest = p.parse_known_args(argv)
-    names = [n for n in RUNNERS if n != "train_step"] if args.name == "all" else [args.name]
+    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl")] if args.name == "all" else [args.name]
     for name in names:
         mod = importlib.import_module("fastmtl.bench." + name)
         sub = argparse.ArgumentParser(prog="python -m fastmtl.bench " + name)
