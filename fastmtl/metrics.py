@@ -12,8 +12,9 @@ def _check_same_length(gold, pred, what="gold and pred"):
         raise ValueError("fastmtl: %s have different lengths (%d vs %d)" % (what, len(gold), len(pred)))
 
 
-def accuracy(gold, pred):
-    """Fraction of positions where ``pred == gold``. Lists of labels, or lists of label lists (flattened)."""
+def flatten_pairs(gold, pred):
+    """``(gold, pred)`` as flat label lists: lists of labels as they are, lists of label lists flattened (each pair
+    of sequences checked to have the same length)."""
     _check_same_length(gold, pred)
     if gold and isinstance(gold[0], (list, tuple)):
         g2, p2 = [], []
@@ -22,6 +23,12 @@ def accuracy(gold, pred):
             g2 += list(g)
             p2 += list(p)
         gold, pred = g2, p2
+    return gold, pred
+
+
+def accuracy(gold, pred):
+    """Fraction of positions where ``pred == gold``. Lists of labels, or lists of label lists (flattened)."""
+    gold, pred = flatten_pairs(gold, pred)
     if not gold:
         return 0.0
     return sum(g == p for g, p in zip(gold, pred)) / len(gold)

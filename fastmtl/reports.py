@@ -17,7 +17,7 @@ For label reports micro precision = recall = F1 = accuracy. All values are fract
 import collections
 import json
 
-from .metrics import _check_same_length, _prf, get_spans, is_span_tagset
+from .metrics import _check_same_length, _prf, flatten_pairs, get_spans, is_span_tagset
 
 __all__ = ["classification_counts_report", "label_report", "span_report", "task_reports", "format_report",
            "prediction_records", "dumps_records"]
@@ -60,14 +60,7 @@ def span_report(gold, pred):
 def label_report(gold, pred):
     """Per label report of single labels (lists of labels), with ``"accuracy"``. Lists of label lists (token tasks)
     are flattened (sequence by sequence lengths must match)."""
-    _check_same_length(gold, pred)
-    if gold and isinstance(gold[0], (list, tuple)):
-        g2, p2 = [], []
-        for i, (g, p) in enumerate(zip(gold, pred)):
-            _check_same_length(g, p, "gold and pred sequence %d" % i)
-            g2 += list(g)
-            p2 += list(p)
-        gold, pred = g2, p2
+    gold, pred = flatten_pairs(gold, pred)
     tp = collections.Counter(g for g, p in zip(gold, pred) if g == p)
     out = classification_counts_report(tp, collections.Counter(pred), collections.Counter(gold))
     out["accuracy"] = (sum(tp.values()) / len(gold)) if gold else 0.0
