@@ -29,6 +29,7 @@ struct Lanes {
   static FASTMTL_KERNEL_INLINE T load(const T* p) { return *p; }
   static FASTMTL_KERNEL_INLINE void store(T* p, const T& v) { *p = v; }
   static FASTMTL_KERNEL_INLINE T splat(T x) { return x; }
+  static FASTMTL_KERNEL_INLINE T bcast(const T* p, int64_t k) { return p[k]; }
   static FASTMTL_KERNEL_INLINE T load_n(const T* p, int) { return *p; }
   static FASTMTL_KERNEL_INLINE void store_n(T* p, const T& v, int) { *p = v; }
 };
@@ -43,6 +44,21 @@ struct Lanes<float, VB, true> {
   static FASTMTL_KERNEL_INLINE type load(const float* p) { return F::load(p); }
   static FASTMTL_KERNEL_INLINE void store(float* p, const type& v) { F::store(p, v); }
   static FASTMTL_KERNEL_INLINE type splat(float x) { return F::splat(x); }
+  // p[k] in every lane, as one broadcast load. Written as such for GCC on x86's AVX/AVX-512 vectors: it expands the
+  // duplicate of a loaded float into 16 masked lane inserts (a vector constructor), and F::splat's 0 + x (not an
+  // identity for x = -0.0) into an add and a register broadcast. (The operand is read-only during a kernel call, so
+  // the asm needs no memory operand, which would keep the accumulators in memory. Clang emits the broadcast load
+  // itself, and rejects the constraint outside a function targeting the ISA.)
+  static FASTMTL_KERNEL_INLINE type bcast(const float* p, int64_t k) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    if constexpr (VB == 64 || VB == 32) {
+      type v;
+      asm("vbroadcastss (%1,%2,4), %0" : "=v"(v) : "r"(p), "r"(k));
+      return v;
+    }
+#endif
+    return F::splat(p[k]);
+  }
   // The first cnt lanes (0 < cnt <= W) from / to memory; the others zero.
   static FASTMTL_KERNEL_INLINE type load_n(const float* p, int cnt) {
     if (cnt == W) return F::load(p);
@@ -74,7 +90,7 @@ FASTMTL_KERNEL_INLINE void tile_gemm(const T* const* a, int64_t K, const T* pane
     const V w0 = L::load(p), w1 = L::load(p + W), w2 = L::load(p + 2 * W), w3 = L::load(p + 3 * W);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const V x = L::splat(a[m][k]);
+      const V x = L::bcast(a[m], k);
       acc[m][0] += x * w0;
       acc[m][1] += x * w1;
       acc[m][2] += x * w2;
