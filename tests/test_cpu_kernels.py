@@ -48,12 +48,15 @@ def test_lstm_parity_with_torch(isa, case):
     test_lstm.test_parity_with_torch(case, torch.float32, "cpu")
 
 
-# Batch sizes around every vector width (4, 8, 16 floats) so that the vector bodies and the scalar tails run.
-@pytest.mark.parametrize("B", [1, 3, 4, 7, 8, 9, 15, 16, 17, 33])
-def test_lstm_isas_agree(B):
+# The step kernels vectorise along the hidden units (4, 8, 16 floats per vector; forward tiles of one vector per
+# gate, backward tiles of four vectors) and block the batch rows (3 or 6 per register tile): hidden sizes around
+# every width (partial vectors and tiles) and batch sizes around every row block.
+@pytest.mark.parametrize("B,H", [(B, 7) for B in (1, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33)]
+                         + [(5, H) for H in (1, 2, 4, 8, 15, 16, 17, 31, 33, 64, 65)])
+def test_lstm_isas_agree(B, H):
     if len(ISAS) < 2:
         pytest.skip("this CPU runs only the scalar kernels: nothing to compare")
-    T, E, H = 6, 5, 7
+    T, E = 6, 5
     m = fastmtl.nn.LSTM(E, H, bidirectional=True)
     x = torch.randn(T, B, E) * 3  # large pre-activations reach the saturated ranges of sigmoid/tanh
     lengths = torch.randint(1, T + 1, (B,))
@@ -68,6 +71,16 @@ def test_lstm_isas_agree(B):
     for name in ISAS[1:]:
         for a, b in zip(results["scalar"], results[name]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda s: "%s vs scalar: %s" % (name, s))
+    # and all of them against torch.nn.LSTM over the packed batch
+    ref = torch.nn.LSTM(E, H, bidirectional=True)
+    ref.load_state_dict(m.state_dict())
+    xx = x.clone().requires_grad_(True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths, enforce_sorted=False)
+    out_p, (h, c) = ref(packed)
+    out = torch.nn.utils.rnn.pad_packed_sequence(out_p, total_length=T)[0]
+    grads = torch.autograd.grad((out.sin().sum() + h.sum() + c.cos().sum()), [xx] + list(ref.parameters()))
+    for a, b in zip(results["scalar"], [out, h, c] + list(grads)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_lstm_float64_every_isa(isa):

@@ -1,28 +1,38 @@
 // Fused CPU LSTM layer (both directions), forward and backward. Schema and layout: csrc/fastmtl.cpp.
 //
 // Forward, per layer:
-//   * the input projection of every (active) time step of both directions is ONE GEMM:
-//       gx (N, D*4H) = X_packed (N, I) @ [W_ih_fwd; W_ih_rev]^T + (b_ih + b_hh)
+//   * the input projection of every (active) time step of both directions is one GEMM per direction:
+//       gx (N, D*4H) = X_packed (N, I) @ W_ih^T       (the biases are added in the step kernel)
 //     X_packed holds, for t = 0..T-1, the rows x[t, :n_t] (n_t = number of sequences with length > t, a prefix of
 //     the batch because the caller sorts by length). With equal lengths X_packed is the input itself (no copy).
-//   * per step and direction one recurrent GEMM on the n_t active rows, accumulated in place into gx
-//     (beta = 1, so no separate gate buffer), then one fused vectorised pass over the rows (at::parallel_for;
-//     the pass is csrc/cpu/kernels/lstm_cell_<isa>.cpp, chosen at run time from the CPU's features) computing
-//     the activations and the new (c, h).
-//     The running (h, c) live in hy/cy themselves: a row that stops keeps its state at its last real token, and
-//     the reverse direction starts a row at its last real token simply because the row only becomes active then.
-//   * GEMMs go through ATen's public CPU API (at::cpu::mm_out, addmm_) on strided views; nothing private of torch.
-// Backward: the same walk in the other order; per step one fused pass producing the pre-activation gradients
-//   (packed (N, D*4H)) and dc_prev, and one GEMM dh_prev = dG_t @ W_hh on the active rows; then the weight
-//   gradients as large GEMMs over all steps: dW_ih = dG^T X_packed, dW_hh = dG^T H_prev_packed, db = sum dG,
-//   grad_input = dG W_ih (one GEMM, scattered back to the padded layout).
+//   * the time loop is fastmtl's own step kernel (csrc/cpu/kernels/lstm_cell_<isa>.cpp, chosen at run time from
+//     the CPU's features): per step and direction a register-blocked GEMM h_{t-1} @ W_hh^T against W_hh packed
+//     once per call into the micro-kernel's panel layout, whose epilogue adds gx_t and the bias, applies the gates
+//     and the cell update while the tile is in registers and writes h_t into the output rows, c_t and the reserve.
+//     h_{t-1} is read from the previous step's output rows (or hx where a sequence starts), so nothing is copied
+//     or transposed per step. The hidden units are split over the threads of one parallel region for the whole
+//     loop (both directions concurrently, a barrier per step among the threads of a direction; none at all with
+//     two threads and two directions).
+//   * a sequence that stops keeps its state: c lives in cy and is only touched while the sequence runs; hy is
+//     read from the output at its last real token. The reverse direction starts a row at its last real token
+//     simply because the row only becomes active there.
+// Backward: the same walk in the other order with the backward step kernel: dh_t = dG_{t+1} @ W_hh (packed) +
+//   grad_output_t, and the epilogue forms the pre-activation gradients dG_t (packed (N, D*4H)) and dc_{t-1} in
+//   registers; then the weight gradients as large GEMMs over all steps: dW_ih = dG^T X_packed,
+//   dW_hh = dG^T H_prev_packed, db = sum dG, grad_input = dG W_ih (scattered back to the padded layout).
+// The reserve (D, T, B, 5H) holds per step and row the activated gates i, f, g, o and c (row-major).
+// GEMMs go through ATen's public CPU API (at::cpu::mm_out, addmm_); nothing private of torch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
+#include <utility>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -35,15 +45,12 @@
 namespace fastmtl {
 namespace {
 
-using cpu_kernels::BwdCols;
-using cpu_kernels::FwdCols;
-
 template <typename T>
-using FwdFn = void (*)(const FwdCols<T>&, int64_t, int64_t);
+using FwdFn = void (*)(const cpu_kernels::FwdStep<T>&, int64_t, int64_t);
 template <typename T>
-using BwdFn = void (*)(const BwdCols<T>&, int64_t, int64_t);
+using BwdFn = void (*)(const cpu_kernels::BwdStep<T>&, int64_t, int64_t);
 
-// The cell passes of the ISA chosen for this call (fastmtl/cpu_isa.h).
+// The step kernels of the ISA chosen for this call (fastmtl/cpu_isa.h).
 template <typename T>
 FwdFn<T> fwd_kernel(const cpu_kernels::LstmCellKernels& k) {
   if constexpr (std::is_same_v<T, float>) return k.fwd_f32;
@@ -54,22 +61,9 @@ BwdFn<T> bwd_kernel(const cpu_kernels::LstmCellKernels& k) {
   if constexpr (std::is_same_v<T, float>) return k.bwd_f32;
   else return k.bwd_f64;
 }
-
-// The two directions of a layer are independent. With two or three threads they run concurrently, one thread
-// each, with no synchronisation at all inside the time loop (the per-step GEMMs and passes then run
-// single-threaded: the BLAS and at::parallel_for run serially inside a parallel region). With more threads each
-// direction in turn gets all of them per step.
-template <typename F>
-void run_directions(int64_t D, const F& run_direction) {
-  const int nt = at::get_num_threads();
-  const bool concurrent = D == 2 && !at::in_parallel_region() && nt >= 2 && nt <= 3;
-  if (concurrent) {
-    at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
-      for (int64_t dir = d0; dir < d1; ++dir) run_direction(dir);
-    });
-  } else {
-    for (int64_t dir = 0; dir < D; ++dir) run_direction(dir);
-  }
+template <typename T>
+int lanes(const cpu_kernels::LstmCellKernels& k) {
+  return std::is_same_v<T, float> ? k.lanes_f32 : k.lanes_f64;
 }
 
 // GEMMs through ATen's public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind at::mm_out,
@@ -114,7 +108,7 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // page fault and a page clear per 4 KiB on first touch (the allocator hands large blocks back to the OS), which
 // measured as 20-35 % of a layer's time here. A slot keeps its largest buffer up to 64 MiB; larger requests
 // are allocated per call. Scratch never escapes an op call.
-enum ScratchSlot { kGates = 0, kPackedX, kGradOutT, kDGates, kHPrev0, kHPrev1, kNumSlots };
+enum ScratchSlot { kGates = 0, kPackedX, kPackW, kDGates, kHPrev0, kHPrev1, kNumSlots };
 
 at::Tensor scratch(ScratchSlot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   constexpr int64_t cap_bytes = int64_t(64) << 20;
@@ -194,90 +188,227 @@ at::Tensor unpack_rows(const at::Tensor& p, const Steps& s, int64_t T, int64_t B
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward
+// The step loop: one parallel region for the whole time loop.
 // ---------------------------------------------------------------------------------------------------------
-// A fresh (D, H, B) copy of a (D, B, H) state (never a view: .contiguous() would alias when B or H is 1, and
-// these buffers are updated in place).
-at::Tensor transposed_copy(const at::Tensor& t) {
-  return at::empty({t.size(0), t.size(2), t.size(1)}, t.options()).copy_(t.transpose(1, 2));
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
-// Hidden units per parallel chunk of the fused pass: a step's pass is small next to its GEMM, and splitting it is
-// only worth a fork/join when each chunk has real work (~32K cell updates).
-inline int64_t unit_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+// A barrier for `size` participants in which a caller may stand for several (weight): the per-step
+// synchronisation of the threads sharing a direction's hidden units. Spins briefly, then yields (the machine may be
+// shared).
+class StepBarrier {
+ public:
+  void reset(int size) {
+    size_ = size;
+    count_.store(0);
+  }
+  void arrive_and_wait(int weight) {
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight == size_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 20000) cpu_relax();
+      else std::this_thread::yield();
+    }
+  }
 
+ private:
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> gen_{0};
+  int size_ = 1;
+};
+
+// Workers of a layer: a direction's hidden-unit blocks are split over its group of workers. Both directions run
+// concurrently, each on half of the threads (with two threads: one direction each, no synchronisation at all in
+// the time loop); one direction gets all of them. Worker v of the parallel_for range [0, nv) belongs to
+// direction dir_of(v) with rank v - start[dir] in a group of size[dir].
+struct Team {
+  int D = 1, nv = 1;
+  int start[2] = {0, 0}, size[2] = {1, 1};
+  int dir_of(int v) const { return D == 2 && v >= start[1] ? 1 : 0; }
+};
+
+Team make_team(int64_t D) {
+  Team tm;
+  tm.D = static_cast<int>(D);
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  if (D == 2) {
+    tm.size[0] = std::max(1, nt / 2);
+    tm.size[1] = std::max(1, nt - tm.size[0]);
+    tm.start[1] = tm.size[0];
+    tm.nv = tm.size[0] + tm.size[1];
+  } else {
+    tm.size[0] = nt;
+    tm.nv = nt;
+  }
+  return tm;
+}
+
+// Runs worker(dir, rank, group_size) for every worker once ("setup"), then step(dir, rank, group_size, s) for
+// s = 0..steps-1 with a barrier per step within each direction's group. A thread of the parallel region may stand
+// for several consecutive workers (when the runtime gives fewer threads); it then runs their steps in turn and
+// arrives at the barrier for all of them, so nothing can deadlock.
+template <typename Setup, typename Step>
+void run_team(const Team& tm, int64_t steps, const Setup& setup, const Step& step) {
+  StepBarrier bar[2];
+  bar[0].reset(tm.size[0]);
+  bar[1].reset(tm.size[1]);
+  auto body = [&](int64_t v0, int64_t v1) {
+    int weight[2] = {0, 0};
+    for (int64_t v = v0; v < v1; ++v) {
+      const int dir = tm.dir_of(int(v));
+      ++weight[dir];
+      setup(dir, int(v) - tm.start[dir], tm.size[dir]);
+    }
+    for (int64_t s = 0; s < steps; ++s) {
+      for (int64_t v = v0; v < v1; ++v) {
+        const int dir = tm.dir_of(int(v));
+        step(dir, int(v) - tm.start[dir], tm.size[dir], s);
+      }
+      for (int dir = 0; dir < tm.D; ++dir)
+        if (weight[dir] > 0 && weight[dir] < tm.size[dir]) bar[dir].arrive_and_wait(weight[dir]);
+    }
+  };
+  if (tm.nv == 1) body(0, 1);
+  else at::parallel_for(0, tm.nv, 1, body);
+}
+
+// Blocks [lo, hi) of `count` owned by rank r of a group of g.
+inline std::pair<int64_t, int64_t> share(int64_t count, int r, int g) {
+  return {count * r / g, count * (r + 1) / g};
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
-    const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx,
+    const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx_,
     const at::Tensor& cx, at::TensorList weights, bool bidirectional, bool need_reserve) {
-  const LstmDims d = check_lstm_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_forward",
+  const LstmDims d = check_lstm_layer_args(input_, lengths, hx_, cx, weights, bidirectional, "lstm_layer_forward",
                                            /*cuda=*/false);
-  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, per = d.bias ? 4 : 2;
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, per = d.bias ? 4 : 2, DH = D * H;
   auto input = input_.contiguous();
   auto output = at::empty({T, B, D * H}, input.options());
   auto reserve = need_reserve ? at::empty({D, T, B, 5 * H}, input.options()) : at::empty({0}, input.options());
   if (T == 0 || B == 0 || H == 0) {
     if (need_reserve) reserve.zero_();
     output.zero_();
-    return {output, hx.contiguous().clone(), cx.contiguous().clone(), reserve};
+    return {output, hx_.contiguous().clone(), cx.contiguous().clone(), reserve};
   }
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const Steps s = make_steps(len_c, T, B);
   const int64_t N = s.N;
-
+  auto hx = hx_.contiguous();
+  auto cy = cx.contiguous().clone();  // the running cell state (D, B, H), updated in place
   auto Xp = pack_rows(input, s);
-  // gx^T (D, 4H, N): the input projection of every active row, one GEMM per direction (the biases are added in
-  // the fused pass). Step t's block is the columns [off_t, off_t + n_t).
-  at::Tensor gxT = scratch(kGates, {D, G4, N}, input.options());
+  // gx (N, D*4H): the input projection of every active row, one GEMM per direction into its columns (the biases
+  // are added in the step kernel). Step t's rows are [off_t, off_t + n_t).
+  at::Tensor gx = scratch(kGates, {N, D * G4}, input.options());
   at::Tensor bias = d.bias ? at::empty({D, G4}, input.options()) : at::Tensor();
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) {
-    matmul_into(weights[dir * per], Xp.t(), gxT[dir], 0.f);
+    matmul_into(Xp, weights[dir * per].t(), gx.narrow(1, dir * G4, G4), 0.f);
     if (d.bias) {
       at::Tensor bd = bias[dir];
       at::add_out(bd, weights[dir * per + 2], weights[dir * per + 3]);
     }
     w_hh[dir] = weights[dir * per + 1].contiguous();
   }
-  // Running states, transposed (D, H, B); a sequence that stops keeps its state at its last real token, and the
-  // reverse direction starts a sequence at its last real token because it only becomes active there.
-  auto hT = transposed_copy(hx);
-  auto cT = transposed_copy(cx);
 
   const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
+  const Team tm = make_team(D);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
     const FwdFn<T_> kernel = fwd_kernel<T_>(kernels);
-    T_* gxp = gxT.data_ptr<T_>();
+    const int W = lanes<T_>(kernels);
+    const int64_t PF = cpu_kernels::fwd_blocks(H, W), psize = cpu_kernels::fwd_packed_size(H, W);
+    at::Tensor packed = scratch(kPackW, {D, psize}, input.options());
+    T_* wp = packed.data_ptr<T_>();
+    const T_* gxp = gx.const_data_ptr<T_>();
     T_* outp = output.data_ptr<T_>();
-    T_* hp = hT.data_ptr<T_>();
-    T_* cp = cT.data_ptr<T_>();
+    const T_* hxp = hx.const_data_ptr<T_>();
+    T_* cp = cy.data_ptr<T_>();
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
-    const T_* biasp = d.bias ? bias.const_data_ptr<T_>() : nullptr;
-    auto run_direction = [&](int64_t dir) {
-      const T_* W = w_hh[dir].const_data_ptr<T_>();
-      T_* h = hp + dir * H * B;
-      T_* c = cp + dir * H * B;
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = dir == 0 ? step : T - 1 - step;
-        const int64_t n = s.n[t];
-        T_* out_t = outp + t * B * D * H + dir * H;
-        T_* res_t = resp ? resp + (dir * T + t) * B * 5 * H : nullptr;
-        if (n > 0) {
-          T_* G = gxp + dir * G4 * N + s.off[t];
-          // gates^T (4H x n) += W_hh (4H x H) @ h_prev^T (H x n)
-          gemm_rm<T_>(false, false, G4, n, H, W, H, h, B, T_(1), G, N);
-          FwdCols<T_> a{G, N, biasp ? biasp + dir * G4 : nullptr, h, c, B, res_t, out_t, D * H, H, n, B};
-          at::parallel_for(0, H, unit_grain(n), [&](int64_t j0, int64_t j1) { kernel(a, j0, j1); });
-        } else if (res_t) {
-          std::memset(res_t, 0, 5 * H * B * sizeof(T_));
+    const T_* biasp = ptr_or_null<T_>(bias);
+    auto setup = [&](int dir, int rank, int g) {
+      const auto [p0, p1] = share(PF, rank, g);
+      cpu_kernels::pack_fwd<T_>(w_hh[dir].const_data_ptr<T_>(), H, W, wp + dir * psize, p0, p1);
+    };
+    auto step = [&](int dir, int rank, int g, int64_t st) {
+      const auto [p0, p1] = share(PF, rank, g);
+      const int64_t t = dir == 0 ? st : T - 1 - st;
+      const int64_t n = s.n[t];
+      T_* out_t = outp + t * B * DH + dir * H;
+      T_* res_t = resp ? resp + (dir * T + t) * B * 5 * H : nullptr;
+      if (n > 0 && p0 < p1) {
+        cpu_kernels::FwdStep<T_> a{};
+        a.gx = gxp + s.off[t] * D * G4 + dir * G4;
+        a.gx_ld = D * G4;
+        a.bias = biasp ? biasp + dir * G4 : nullptr;
+        const int64_t tp = dir == 0 ? t - 1 : t + 1;  // the step that produced h_{t-1}
+        a.hp_b = hxp + dir * B * H;
+        a.hp_b_ld = H;
+        if (tp >= 0 && tp < T) {
+          a.hp_a = outp + tp * B * DH + dir * H;
+          a.hp_a_ld = DH;
+          a.split = s.n[tp];
+        } else {
+          a.hp_a = a.hp_b;
+          a.hp_a_ld = H;
+          a.split = 0;
         }
-        for (int64_t b = n; b < B; ++b) std::memset(out_t + b * D * H, 0, H * sizeof(T_));  // padding: zero
+        a.c = cp + dir * B * H;
+        a.out = out_t;
+        a.out_ld = DH;
+        a.reserve = res_t;
+        a.wp = wp + dir * psize;
+        a.H = H;
+        a.n = n;
+        kernel(a, p0, p1);
+      }
+      // padded rows: zero output (and reserve, so that it is fully defined) in this worker's units
+      const int64_t j0 = std::min(H, p0 * W), j1 = std::min(H, p1 * W);
+      if (j1 > j0) {
+        for (int64_t b = n; b < B; ++b) {
+          std::memset(out_t + b * DH + j0, 0, (j1 - j0) * sizeof(T_));
+          if (res_t)
+            for (int64_t k = 0; k < 5; ++k) std::memset(res_t + b * 5 * H + k * H + j0, 0, (j1 - j0) * sizeof(T_));
+        }
       }
     };
-    run_directions(D, run_direction);
+    run_team(tm, T, setup, step);
   });
-  return {output, transposed_copy(hT), transposed_copy(cT), reserve};
+  // hy: h at each sequence's last real token (forward: t = len - 1; reverse: t = 0), hx for empty sequences.
+  auto hy = at::empty({D, B, H}, input.options());
+  {
+    const int64_t es = input.element_size();
+    const char* outb = static_cast<const char*>(output.const_data_ptr());
+    const char* hxb = static_cast<const char*>(hx.const_data_ptr());
+    char* hyb = static_cast<char*>(hy.data_ptr());
+    const int64_t* len = len_c.has_value() ? len_c->const_data_ptr<int64_t>() : nullptr;
+    for (int64_t dir = 0; dir < D; ++dir)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t L = len ? len[b] : T;
+        const char* src = L == 0 ? hxb + (dir * B + b) * H * es
+                                 : outb + ((dir == 0 ? L - 1 : 0) * B * DH + b * DH + dir * H) * es;
+        std::memcpy(hyb + (dir * B + b) * H * es, src, H * es);
+      }
+  }
+  return {output, hy, cy, reserve};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -289,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
   const LstmDims d = check_lstm_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward",
                                            /*cuda=*/false);
-  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2;
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2, DH = D * H;
   check_lstm_backward_args(grad_output_, grad_hy_, grad_cy_, output_, reserve_, input_, d, "lstm_layer_backward");
   auto input = input_.contiguous();
   auto output = output_.contiguous();
@@ -303,105 +434,139 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const Steps s = make_steps(len_c, T, B);
-  const int64_t N = s.N;
-  // Everything per step is transposed (unit-major), as in the forward pass.
-  auto goT = scratch(kGradOutT, {D, T, H, B}, input.options());  // grad_output, unit-major per step
-  goT.copy_(grad_output_.reshape({T, B, D, H}).permute({2, 0, 3, 1}));
-  auto cxT = transposed_copy(cx);                                       // (D, H, B)
-  auto dhT = transposed_copy(grad_hy_);  // running dL/dh_t^T, becomes grad_hx^T
-  auto dcT = transposed_copy(grad_cy_);  // running dL/dc_t^T, becomes grad_cx^T
+  const int64_t N = s.N, LG = D * G4;
+  auto go = grad_output_.contiguous();
+  auto ghy = grad_hy_.contiguous();
+  auto cx_c = cx.contiguous();
+  auto dcs = grad_cy_.contiguous().clone();  // running dL/dc (D, B, H), becomes grad_cx
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
-  auto dGT = scratch(kDGates, {D, G4, N}, input.options());  // packed pre-activation gradients, transposed
-  std::vector<at::Tensor> hprev(D);                    // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
+  auto dG = scratch(kDGates, {N, LG}, input.options());  // packed pre-activation gradients (N, D*4H)
+  std::vector<at::Tensor> hprev(D);                        // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
   for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = scratch(dir == 0 ? kHPrev0 : kHPrev1, {N, H}, input.options());
 
   const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
+  const Team tm = make_team(D);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
     using T_ = scalar_t;
     const BwdFn<T_> kernel = bwd_kernel<T_>(kernels);
+    const int W = lanes<T_>(kernels);
+    const int64_t PB = cpu_kernels::bwd_blocks(H, W), psize = cpu_kernels::bwd_packed_size(H, W);
+    at::Tensor packed = scratch(kPackW, {D, psize}, input.options());
+    T_* wp = packed.data_ptr<T_>();
     const T_* resp = reserve.const_data_ptr<T_>();
-    const T_* gop = goT.const_data_ptr<T_>();
-    const T_* outp = output.const_data_ptr<T_>();
-    const T_* hxp = hx_c.const_data_ptr<T_>();
-    const T_* cxp = cxT.const_data_ptr<T_>();
-    T_* dGp = dGT.data_ptr<T_>();
-    T_* dhp = dhT.data_ptr<T_>();
-    T_* dcp = dcT.data_ptr<T_>();
-    auto run_direction = [&](int64_t dir) {
-      const T_* W = w_hh[dir].const_data_ptr<T_>();
-      const T_* cx_d = cxp + dir * H * B;
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = dir == 0 ? T - 1 - step : step;
-        const int64_t n = s.n[t];
-        if (n == 0) continue;
-        BwdCols<T_> a{};
-        a.reserve = resp + (dir * T + t) * B * 5 * H;
-        a.cp_b = cx_d;
-        const int64_t tn = dir == 0 ? t - 1 : t + 1;  // the step that produced c_prev
-        if (tn >= 0 && tn < T) {
-          a.cp_a = resp + (dir * T + tn) * B * 5 * H + 4 * H * B;
-          a.split = dir == 0 ? n : s.n[tn];
-        } else {
-          a.cp_a = cx_d;
-          a.split = 0;
-        }
-        a.gout = gop + (dir * T + t) * H * B;
-        a.dh = dhp + dir * H * B;
-        a.dc = dcp + dir * H * B;
-        a.dgates = dGp + dir * G4 * N + s.off[t];
-        a.g_ld = N;
-        a.H = H;
-        a.n = n;
-        a.B = B;
-        at::parallel_for(0, H, unit_grain(n), [&](int64_t j0, int64_t j1) { kernel(a, j0, j1); });
-        // dh_prev^T (H x n) = W_hh^T (H x 4H) @ dgates^T (4H x n)
-        gemm_rm<T_>(true, false, H, n, G4, W, H, a.dgates, N, T_(0), a.dh, B);
-      }
-      // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
-      T_* hpv = hprev[dir].data_ptr<T_>();
-      const T_* hx_d = hxp + dir * B * H;
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = s.n[t];
-          T_* dst = hpv + s.off[t] * H;
-          int64_t from_out = 0;  // rows taking h from the neighbouring step's output
-          const T_* src = nullptr;
-          if (dir == 0 && t > 0) {
-            from_out = n;
-            src = outp + (t - 1) * B * D * H;
-          } else if (dir == 1 && t + 1 < T) {
-            from_out = s.n[t + 1];
-            src = outp + (t + 1) * B * D * H + H;
-          }
-          for (int64_t b = 0; b < from_out; ++b) std::memcpy(dst + b * H, src + b * D * H, H * sizeof(T_));
-          if (n > from_out) std::memcpy(dst + from_out * H, hx_d + from_out * H, (n - from_out) * H * sizeof(T_));
-        }
-      });
+    const T_* gop = go.const_data_ptr<T_>();
+    const T_* ghyp = ghy.const_data_ptr<T_>();
+    const T_* cxp = cx_c.const_data_ptr<T_>();
+    T_* dGp = dG.data_ptr<T_>();
+    T_* dcp = dcs.data_ptr<T_>();
+    auto setup = [&](int dir, int rank, int g) {
+      const auto [q0, q1] = share(PB, rank, g);
+      cpu_kernels::pack_bwd<T_>(w_hh[dir].const_data_ptr<T_>(), H, W, wp + dir * psize, q0, q1);
     };
-    run_directions(D, run_direction);
+    auto step = [&](int dir, int rank, int g, int64_t st) {
+      const auto [q0, q1] = share(PB, rank, g);
+      const int64_t t = dir == 0 ? T - 1 - st : st;
+      const int64_t n = s.n[t];
+      if (n == 0 || q0 >= q1) return;
+      cpu_kernels::BwdStep<T_> a{};
+      const int64_t tp = dir == 0 ? t + 1 : t - 1;  // the step processed before (its dG feeds dh_t)
+      if (tp >= 0 && tp < T && s.n[tp] > 0) {
+        a.dgn = dGp + s.off[tp] * LG + dir * G4;
+        a.np = s.n[tp];
+      } else {
+        a.dgn = nullptr;
+        a.np = 0;
+      }
+      a.dgn_ld = LG;
+      a.carry = ghyp + dir * B * H;
+      a.gout = gop + t * B * DH + dir * H;
+      a.gout_ld = DH;
+      a.reserve = resp + (dir * T + t) * B * 5 * H;
+      a.cp_b = cxp + dir * B * H;
+      const int64_t tn = dir == 0 ? t - 1 : t + 1;  // the step that produced c_{t-1}
+      if (tn >= 0 && tn < T) {
+        a.cp_a = resp + (dir * T + tn) * B * 5 * H + 4 * H;
+        a.cp_a_ld = 5 * H;
+        a.split = dir == 0 ? n : s.n[tn];
+      } else {
+        a.cp_a = a.cp_b;
+        a.cp_a_ld = H;
+        a.split = 0;
+      }
+      a.dc = dcp + dir * B * H;
+      a.dg = dGp + s.off[t] * LG + dir * G4;
+      a.dg_ld = LG;
+      a.wp = wp + dir * psize;
+      a.H = H;
+      a.n = n;
+      kernel(a, q0, q1);
+    };
+    run_team(tm, T, setup, step);
   });
+
+  // grad_hx: dh of the state each sequence started from, dG of its first processed step @ W_hh (forward: t = 0;
+  // reverse: t = len - 1, the rows [n_{t+1}, n_t) of step t); grad_hy for empty sequences.
+  auto dhx = ghy.clone();
+  for (int64_t dir = 0; dir < D; ++dir) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = dir == 0 ? 0 : (t + 1 < T ? s.n[t + 1] : 0), r1 = s.n[t];
+      if (dir == 0 && t > 0) break;
+      if (r1 <= r0) continue;
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu_hx", [&] {
+        gemm_rm<scalar_t>(false, false, r1 - r0, H, G4, dG.const_data_ptr<scalar_t>() + (s.off[t] + r0) * LG + dir * G4,
+                          LG, w_hh[dir].const_data_ptr<scalar_t>(), H, scalar_t(0),
+                          dhx.data_ptr<scalar_t>() + (dir * B + r0) * H, H);
+      });
+    }
+  }
+
+  // Packed previous hidden states for dW_hh: fwd h_{t-1} (hx at t = 0); rev h_{t+1} (hx at the last token).
+  const int64_t es = input.element_size();
+  const char* outb = static_cast<const char*>(output.const_data_ptr());
+  const char* hxb = static_cast<const char*>(hx_c.const_data_ptr());
+  for (int64_t dir = 0; dir < D; ++dir) {
+    char* hpv = static_cast<char*>(hprev[dir].data_ptr());
+    const char* hx_d = hxb + dir * B * H * es;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = s.n[t];
+        char* dst = hpv + s.off[t] * H * es;
+        int64_t from_out = 0;  // rows taking h from the neighbouring step's output
+        const char* src = nullptr;
+        if (dir == 0 && t > 0) {
+          from_out = n;
+          src = outb + (t - 1) * B * DH * es;
+        } else if (dir == 1 && t + 1 < T) {
+          from_out = std::min(n, s.n[t + 1]);
+          src = outb + ((t + 1) * B * DH + H) * es;
+        }
+        for (int64_t b = 0; b < from_out; ++b) std::memcpy(dst + b * H * es, src + b * DH * es, H * es);
+        if (n > from_out) std::memcpy(dst + from_out * H * es, hx_d + from_out * H * es, (n - from_out) * H * es);
+      }
+    });
+  }
 
   // Weight gradients and the input gradient: large GEMMs over all steps.
   auto Xp = pack_rows(input, s);
   auto gin = at::empty({N, I}, input.options());
   for (int64_t dir = 0; dir < D; ++dir) {
-    const auto& dG_d = dGT[dir];  // (4H, N)
+    const auto dG_d = dG.narrow(1, dir * G4, G4);  // (N, 4H)
     auto dW_ih = at::empty({G4, I}, input.options());
-    matmul_into(dG_d, Xp, dW_ih, 0.f);
-    matmul_into(dG_d.t(), weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
+    matmul_into(dG_d.t(), Xp, dW_ih, 0.f);
+    matmul_into(dG_d, weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
     auto dW_hh = at::empty({G4, H}, input.options());
-    matmul_into(dG_d, hprev[dir], dW_hh, 0.f);
+    matmul_into(dG_d.t(), hprev[dir], dW_hh, 0.f);
     grad_w.push_back(dW_ih);
     grad_w.push_back(dW_hh);
     if (d.bias) {
-      auto db = dG_d.sum(1);
+      auto db = dG_d.sum(0);
       grad_w.push_back(db);
       grad_w.push_back(db.clone());
     }
   }
   auto grad_input = unpack_rows(gin, s, T, B);
-  return {grad_input, transposed_copy(dhT), transposed_copy(dcT), grad_w};
+  return {grad_input, dhx, dcs, grad_w};
 }
 
 }  // namespace

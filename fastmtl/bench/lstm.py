@@ -32,7 +32,9 @@ def add_arguments(p):
     p.add_argument("--dtypes", default=None, help="comma list (default float32 on cpu, float32,bfloat16 on cuda)")
     p.add_argument("--directions", default="uni,bi")
     p.add_argument("--lengths", default="equal,var", help="equal and/or var (uniform in [T/4, T])")
-    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--modes", default="fwd,fwd+bwd",
+                   help="fwd (no_grad), infer (inference_mode), fwd+bwd; e.g. --shapes 1,20,300,256 --modes infer "
+                        "for the one-sentence latency")
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (cpu)")
@@ -52,7 +54,7 @@ def make_workload(provider, B, T, E, H, bidirectional, lengths, mode, device="cp
 
     provider: "fastmtl" (lengths= fast path), "torch" (padded batch, lengths ignored) or "torch_packed"
     (pack_padded_sequence -> torch.nn.LSTM -> pad_packed_sequence). lengths: "equal" or "var".
-    mode: "fwd" (no grad) or "fwd+bwd".
+    mode: "fwd" (no grad), "infer" (torch.inference_mode) or "fwd+bwd".
     """
     import fastmtl  # noqa: F401
 
@@ -67,7 +69,7 @@ def make_workload(provider, B, T, E, H, bidirectional, lengths, mode, device="cp
         m = torch.nn.LSTM(E, H, bidirectional=bidirectional, device=device, dtype=dt)
     x = torch.randn(T, B, E, generator=g).to(device=device, dtype=dt)
     lens = _lengths(B, T, g) if lengths == "var" else None
-    train = mode != "fwd"
+    train = mode == "fwd+bwd"
     if train:
         x.requires_grad_(True)
 
@@ -83,7 +85,11 @@ def make_workload(provider, B, T, E, H, bidirectional, lengths, mode, device="cp
         def fwd():
             return m(x)[0]
 
-    if not train:
+    if mode == "infer":
+        def run():
+            with torch.inference_mode():
+                return fwd()
+    elif not train:
         def run():
             with torch.no_grad():
                 return fwd()

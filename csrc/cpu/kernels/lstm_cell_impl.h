@@ -1,6 +1,10 @@
-// Bodies of the LSTM cell passes, included by each csrc/cpu/kernels/lstm_cell_<isa>.cpp, whose entry points
-// (function attributes for their ISA) inline them; see simd_math.h for why everything here is always_inline.
-// The cell formulas themselves are fastmtl/lstm_math.h, shared with the CUDA kernels.
+// Bodies of the LSTM recurrent-step kernels, included by each csrc/cpu/kernels/lstm_cell_<isa>.cpp, whose entry
+// points (function attributes for their ISA) inline them; see simd_math.h for why everything here is
+// always_inline. The cell formulas themselves are fastmtl/lstm_math.h, shared with the CUDA kernels.
+//
+// The micro-kernel: a register tile of M rows (sequences) x 4 vectors of W lanes, accumulated over K with one
+// broadcast of the row's operand and four FMAs against a packed panel row of 4W values (a GEMM micro-kernel in the
+// BLIS / oneDNN brgemm style, the panel streamed from cache, the row operands from L1), then an epilogue on the tile.
 #pragma once
 
 #include <cstdint>
@@ -15,129 +19,213 @@ namespace cpu_kernels {
 
 namespace lm = fastmtl::lstm_math;
 
-// After a block of units is computed: h^T[j0:j1, :n] -> output rows (a small transpose in cache), and the
-// padded part of the reserve block zeroed (so the reserve is fully defined).
-template <typename T>
-FASTMTL_KERNEL_INLINE void fwd_cols_finish(const FwdCols<T>& a, int64_t j0, int64_t j1) {
-  for (int64_t b = 0; b < a.n; ++b) {
-    T* o = a.out + b * a.out_ld;
-    const T* hp = a.h + b;
-    for (int64_t j = j0; j < j1; ++j) o[j] = hp[j * a.s_ld];
-  }
-  if (a.reserve && a.n < a.B) {
-    for (int64_t k = 0; k < 5; ++k)
-      for (int64_t j = j0; j < j1; ++j)
-        std::memset(a.reserve + (k * a.H + j) * a.B + a.n, 0, (a.B - a.n) * sizeof(T));
-  }
-}
+// The lanes of one ISA for element type T: float vectors of VB bytes, or one scalar (double, or no vector
+// extensions).
+template <typename T, int VB, bool kVec>
+struct Lanes {
+  typedef T type;
+  static constexpr int W = 1;
+  typedef KernelAct Act;
+  static FASTMTL_KERNEL_INLINE T load(const T* p) { return *p; }
+  static FASTMTL_KERNEL_INLINE void store(T* p, const T& v) { *p = v; }
+  static FASTMTL_KERNEL_INLINE T splat(T x) { return x; }
+  static FASTMTL_KERNEL_INLINE T bcast(const T* p, int64_t k) { return p[k]; }
+  static FASTMTL_KERNEL_INLINE T load_n(const T* p, int) { return *p; }
+  static FASTMTL_KERNEL_INLINE void store_n(T* p, const T& v, int) { *p = v; }
+};
 
-// Lanes [b0, b1) of unit j; the vector loop (float with VB > 0) then the scalar tail, the same formulas.
-template <typename T, int VB>
-FASTMTL_KERNEL_INLINE void fwd_unit(const FwdCols<T>& a, int64_t j) {
-  const int64_t H = a.H, L = a.g_ld, RB = a.B, n = a.n;
-  const T* gi = a.gates + j * L;
-  const T* gf = gi + H * L;
-  const T* gg = gi + 2 * H * L;
-  const T* go = gi + 3 * H * L;
-  const T bi = a.bias ? a.bias[j] : T(0), bf = a.bias ? a.bias[H + j] : T(0);
-  const T bg = a.bias ? a.bias[2 * H + j] : T(0), bo = a.bias ? a.bias[3 * H + j] : T(0);
-  T* hr = a.h + j * a.s_ld;
-  T* cr = a.c + j * a.s_ld;
-  T* ri = a.reserve ? a.reserve + j * RB : nullptr;
-  int64_t b = 0;
 #ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (VB > 0 && sizeof(T) == sizeof(float)) {
-    using F = VecF<VB>;
-    using V = typename F::type;
-    constexpr int W = F::kWidth;
-    const V vbi = F::splat(bi), vbf = F::splat(bf), vbg = F::splat(bg), vbo = F::splat(bo);
-    for (; b + W <= n; b += W) {
-      V i, f, g, o, c, h;
-      lm::cell_forward<VecAct<VB>>(F::load(gi + b) + vbi, F::load(gf + b) + vbf, F::load(gg + b) + vbg,
-                                   F::load(go + b) + vbo, F::load(cr + b), i, f, g, o, c, h);
-      F::store(cr + b, c);
-      F::store(hr + b, h);
-      if (ri) {
-        F::store(ri + b, i);
-        F::store(ri + H * RB + b, f);
-        F::store(ri + 2 * H * RB + b, g);
-        F::store(ri + 3 * H * RB + b, o);
-        F::store(ri + 4 * H * RB + b, c);
-      }
+template <int VB>
+struct Lanes<float, VB, true> {
+  using F = VecF<VB>;
+  typedef typename F::type type;
+  static constexpr int W = F::kWidth;
+  typedef VecAct<VB> Act;
+  static FASTMTL_KERNEL_INLINE type load(const float* p) { return F::load(p); }
+  static FASTMTL_KERNEL_INLINE void store(float* p, const type& v) { F::store(p, v); }
+  static FASTMTL_KERNEL_INLINE type splat(float x) { return F::splat(x); }
+  // p[k] in every lane, as one broadcast load. Written as such for GCC on x86's AVX/AVX-512 vectors: it expands the
+  // duplicate of a loaded float into 16 masked lane inserts (a vector constructor), and F::splat's 0 + x (not an
+  // identity for x = -0.0) into an add and a register broadcast. (The operand is read-only during a kernel call, so
+  // the asm needs no memory operand, which would keep the accumulators in memory. Clang emits the broadcast load
+  // itself, and rejects the constraint outside a function targeting the ISA.)
+  static FASTMTL_KERNEL_INLINE type bcast(const float* p, int64_t k) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    if constexpr (VB == 64 || VB == 32) {
+      type v;
+      asm("vbroadcastss (%1,%2,4), %0" : "=v"(v) : "r"(p), "r"(k));
+      return v;
     }
-  }
 #endif
-  for (; b < n; ++b) {
-    T i, f, g, o, c, h;
-    lm::cell_forward<KernelAct>(gi[b] + bi, gf[b] + bf, gg[b] + bg, go[b] + bo, cr[b], i, f, g, o, c, h);
-    cr[b] = c;
-    hr[b] = h;
-    if (ri) {
-      ri[b] = i;
-      ri[H * RB + b] = f;
-      ri[2 * H * RB + b] = g;
-      ri[3 * H * RB + b] = o;
-      ri[4 * H * RB + b] = c;
-    }
+    return F::splat(p[k]);
   }
-}
-
-template <typename T, int VB>
-FASTMTL_KERNEL_INLINE void fwd_cols_impl(const FwdCols<T>& a, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) fwd_unit<T, VB>(a, j);
-  fwd_cols_finish(a, j0, j1);
-}
-
-// Lanes [lo, hi) of unit j with c_prev^T row cp.
-template <typename T, int VB>
-FASTMTL_KERNEL_INLINE void bwd_cols_range(const BwdCols<T>& a, int64_t j, int64_t lo, int64_t hi, const T* cp) {
-  const int64_t H = a.H, L = a.g_ld, RB = a.B;
-  const T* ri = a.reserve + j * RB;
-  const T* gout = a.gout + j * RB;
-  const T* dh = a.dh + j * RB;
-  T* dc = a.dc + j * RB;
-  T* di = a.dgates + j * L;
-  int64_t b = lo;
-#ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (VB > 0 && sizeof(T) == sizeof(float)) {
-    using F = VecF<VB>;
-    using V = typename F::type;
-    constexpr int W = F::kWidth;
-    const V one = F::splat(1.0f);
-    for (; b + W <= hi; b += W) {
-      V vi, vf, vg, vo, vcp;
-      lm::cell_backward<VecAct<VB>>(F::load(ri + b), F::load(ri + H * RB + b), F::load(ri + 2 * H * RB + b),
-                                    F::load(ri + 3 * H * RB + b), F::load(ri + 4 * H * RB + b), F::load(cp + b),
-                                    F::load(dh + b) + F::load(gout + b), F::load(dc + b), one, vi, vf, vg, vo, vcp);
-      F::store(di + b, vi);
-      F::store(di + H * L + b, vf);
-      F::store(di + 2 * H * L + b, vg);
-      F::store(di + 3 * H * L + b, vo);
-      F::store(dc + b, vcp);
-    }
+  // The first cnt lanes (0 < cnt <= W) from / to memory; the others zero.
+  static FASTMTL_KERNEL_INLINE type load_n(const float* p, int cnt) {
+    if (cnt == W) return F::load(p);
+    type v = F::splat(0.f);
+    std::memcpy(&v, p, sizeof(float) * cnt);
+    return v;
   }
+  static FASTMTL_KERNEL_INLINE void store_n(float* p, const type& v, int cnt) {
+    if (cnt == W) F::store(p, v);
+    else std::memcpy(p, &v, sizeof(float) * cnt);
+  }
+};
+template <typename T, int VB>
+using LanesOf = Lanes<T, VB, (VB > 0 && sizeof(T) == sizeof(float))>;
+#else
+template <typename T, int VB>
+using LanesOf = Lanes<T, VB, false>;
 #endif
-  const T one(1);
-  for (; b < hi; ++b) {
-    T vi, vf, vg, vo, vcp;
-    lm::cell_backward<KernelAct>(ri[b], ri[H * RB + b], ri[2 * H * RB + b], ri[3 * H * RB + b], ri[4 * H * RB + b],
-                                 cp[b], dh[b] + gout[b], dc[b], one, vi, vf, vg, vo, vcp);
-    di[b] = vi;
-    di[H * L + b] = vf;
-    di[2 * H * L + b] = vg;
-    di[3 * H * L + b] = vo;
-    dc[b] = vcp;
+
+// acc[m][v] = sum_k a[m][k] * panel[k*4W + v*W .. +W]
+template <typename L, int M, typename T>
+FASTMTL_KERNEL_INLINE void tile_gemm(const T* const* a, int64_t K, const T* panel, typename L::type (&acc)[M][4]) {
+  using V = typename L::type;
+  constexpr int W = L::W;
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < 4; ++v) acc[m][v] = L::splat(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T* p = panel + k * 4 * W;
+    const V w0 = L::load(p), w1 = L::load(p + W), w2 = L::load(p + 2 * W), w3 = L::load(p + 3 * W);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const V x = L::bcast(a[m], k);
+      acc[m][0] += x * w0;
+      acc[m][1] += x * w1;
+      acc[m][2] += x * w2;
+      acc[m][3] += x * w3;
+    }
   }
 }
 
-template <typename T, int VB>
-FASTMTL_KERNEL_INLINE void bwd_cols_impl(const BwdCols<T>& a, int64_t j0, int64_t j1) {
-  const int64_t RB = a.B;
-  // two ranges: c_prev from the neighbouring step (b < split) or the initial state
-  const int64_t split = a.split < a.n ? a.split : a.n;
-  for (int64_t j = j0; j < j1; ++j) {
-    bwd_cols_range<T, VB>(a, j, 0, split, a.cp_a + j * RB);
-    bwd_cols_range<T, VB>(a, j, split, a.n, a.cp_b + j * RB);
+// Forward: rows [b0, b0 + M) of unit block p.
+template <typename L, int M, typename T>
+FASTMTL_KERNEL_INLINE void fwd_tile(const FwdStep<T>& a, int64_t p, int64_t b0) {
+  using V = typename L::type;
+  using Act = typename L::Act;
+  constexpr int W = L::W;
+  const int64_t H = a.H, j = p * W;
+  const int cnt = H - j < W ? int(H - j) : W;
+  const T* rows[M];
+  for (int m = 0; m < M; ++m) {
+    const int64_t b = b0 + m;
+    rows[m] = b < a.split ? a.hp_a + b * a.hp_a_ld : a.hp_b + b * a.hp_b_ld;
+  }
+  V acc[M][4];
+  tile_gemm<L, M>(rows, H, a.wp + p * H * 4 * W, acc);
+  V bi = L::splat(T(0)), bf = bi, bg = bi, bo = bi;
+  if (a.bias) {
+    bi = L::load_n(a.bias + j, cnt);
+    bf = L::load_n(a.bias + H + j, cnt);
+    bg = L::load_n(a.bias + 2 * H + j, cnt);
+    bo = L::load_n(a.bias + 3 * H + j, cnt);
+  }
+  for (int m = 0; m < M; ++m) {
+    const int64_t b = b0 + m;
+    const T* gx = a.gx + b * a.gx_ld + j;
+    T* c = a.c + b * H + j;
+    V i, f, g, o, cn, h;
+    lm::cell_forward<Act>(acc[m][0] + L::load_n(gx, cnt) + bi, acc[m][1] + L::load_n(gx + H, cnt) + bf,
+                          acc[m][2] + L::load_n(gx + 2 * H, cnt) + bg, acc[m][3] + L::load_n(gx + 3 * H, cnt) + bo,
+                          L::load_n(c, cnt), i, f, g, o, cn, h);
+    L::store_n(c, cn, cnt);
+    L::store_n(a.out + b * a.out_ld + j, h, cnt);
+    if (a.reserve) {
+      T* r = a.reserve + b * 5 * H + j;
+      L::store_n(r, i, cnt);
+      L::store_n(r + H, f, cnt);
+      L::store_n(r + 2 * H, g, cnt);
+      L::store_n(r + 3 * H, o, cnt);
+      L::store_n(r + 4 * H, cn, cnt);
+    }
+  }
+}
+
+template <typename L, int MR, typename T>
+FASTMTL_KERNEL_INLINE void fwd_rows_rest(const FwdStep<T>& a, int64_t p, int64_t b0, int64_t rest) {
+  if constexpr (MR > 1) {
+    if (rest == MR - 1) return fwd_tile<L, MR - 1>(a, p, b0);
+    return fwd_rows_rest<L, MR - 1>(a, p, b0, rest);
+  }
+}
+
+template <typename T, int VB, int MR>
+FASTMTL_KERNEL_INLINE void fwd_step_impl(const FwdStep<T>& a, int64_t p0, int64_t p1) {
+  using L = LanesOf<T, VB>;
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t b0 = 0;
+    for (; b0 + MR <= a.n; b0 += MR) fwd_tile<L, MR>(a, p, b0);
+    if (b0 < a.n) fwd_rows_rest<L, MR>(a, p, b0, a.n - b0);
+  }
+}
+
+// Backward: rows [b0, b0 + M) of unit block q (4W units); rows below np take dh from the recurrent product,
+// the others (carry) from a.carry.
+template <typename L, int M, bool kCarry, typename T>
+FASTMTL_KERNEL_INLINE void bwd_tile(const BwdStep<T>& a, int64_t q, int64_t b0) {
+  using V = typename L::type;
+  using Act = typename L::Act;
+  constexpr int W = L::W;
+  const int64_t H = a.H, j0 = q * 4 * W;
+  V acc[M][4];
+  if constexpr (kCarry) {
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = L::splat(T(0));
+  } else {
+    const T* rows[M];
+    for (int m = 0; m < M; ++m) rows[m] = a.dgn + (b0 + m) * a.dgn_ld;
+    tile_gemm<L, M>(rows, 4 * H, a.wp + q * 4 * H * 4 * W, acc);
+  }
+  const V one = L::splat(T(1));
+  for (int m = 0; m < M; ++m) {
+    const int64_t b = b0 + m;
+    const T* r = a.reserve + b * 5 * H;
+    const T* cp = b < a.split ? a.cp_a + b * a.cp_a_ld : a.cp_b + b * H;
+    const T* go = a.gout + b * a.gout_ld;
+    T* dc = a.dc + b * H;
+    T* dg = a.dg + b * a.dg_ld;
+    for (int v = 0; v < 4; ++v) {
+      const int64_t j = j0 + v * W;
+      if (j >= H) break;
+      const int cnt = H - j < W ? int(H - j) : W;
+      V dh = acc[m][v] + L::load_n(go + j, cnt);
+      if constexpr (kCarry) dh += L::load_n(a.carry + b * H + j, cnt);
+      V di, df, dgg, dgo, dcp;
+      lm::cell_backward<Act>(L::load_n(r + j, cnt), L::load_n(r + H + j, cnt), L::load_n(r + 2 * H + j, cnt),
+                             L::load_n(r + 3 * H + j, cnt), L::load_n(r + 4 * H + j, cnt), L::load_n(cp + j, cnt),
+                             dh, L::load_n(dc + j, cnt), one, di, df, dgg, dgo, dcp);
+      L::store_n(dg + j, di, cnt);
+      L::store_n(dg + H + j, df, cnt);
+      L::store_n(dg + 2 * H + j, dgg, cnt);
+      L::store_n(dg + 3 * H + j, dgo, cnt);
+      L::store_n(dc + j, dcp, cnt);
+    }
+  }
+}
+
+template <typename L, int MR, bool kCarry, typename T>
+FASTMTL_KERNEL_INLINE void bwd_rows_rest(const BwdStep<T>& a, int64_t q, int64_t b0, int64_t rest) {
+  if constexpr (MR > 1) {
+    if (rest == MR - 1) return bwd_tile<L, MR - 1, kCarry>(a, q, b0);
+    return bwd_rows_rest<L, MR - 1, kCarry>(a, q, b0, rest);
+  }
+}
+
+template <typename L, int MR, bool kCarry, typename T>
+FASTMTL_KERNEL_INLINE void bwd_rows(const BwdStep<T>& a, int64_t q, int64_t lo, int64_t hi) {
+  int64_t b0 = lo;
+  for (; b0 + MR <= hi; b0 += MR) bwd_tile<L, MR, kCarry>(a, q, b0);
+  if (b0 < hi) bwd_rows_rest<L, MR, kCarry>(a, q, b0, hi - b0);
+}
+
+template <typename T, int VB, int MR>
+FASTMTL_KERNEL_INLINE void bwd_step_impl(const BwdStep<T>& a, int64_t q0, int64_t q1) {
+  using L = LanesOf<T, VB>;
+  const int64_t np = a.np < a.n ? a.np : a.n;
+  for (int64_t q = q0; q < q1; ++q) {
+    bwd_rows<L, MR, false>(a, q, 0, np);
+    bwd_rows<L, MR, true>(a, q, np, a.n);
   }
 }
 
@@ -145,25 +233,25 @@ FASTMTL_KERNEL_INLINE void bwd_cols_impl(const BwdCols<T>& a, int64_t j0, int64_
 }  // namespace fastmtl
 
 // Defines the entry points and the table of one ISA: FASTMTL_DEFINE_LSTM_CELL_KERNELS(name, vector bytes (0: no
-// explicit vectors), function attribute).
-#define FASTMTL_DEFINE_LSTM_CELL_KERNELS(isa, VB, ATTR)                                                   \
+// explicit vectors), rows per float register tile, function attribute).
+#define FASTMTL_DEFINE_LSTM_CELL_KERNELS(isa, VB, MR, ATTR)                                               \
   namespace fastmtl {                                                                                     \
   namespace cpu_kernels {                                                                                 \
   namespace {                                                                                             \
-  ATTR void lstm_fwd_f32_##isa(const FwdCols<float>& a, int64_t j0, int64_t j1) {                         \
-    fwd_cols_impl<float, VB>(a, j0, j1);                                                                  \
+  ATTR void lstm_fwd_f32_##isa(const FwdStep<float>& a, int64_t p0, int64_t p1) {                        \
+    fwd_step_impl<float, VB, MR>(a, p0, p1);                                                              \
   }                                                                                                       \
-  ATTR void lstm_fwd_f64_##isa(const FwdCols<double>& a, int64_t j0, int64_t j1) {                        \
-    fwd_cols_impl<double, VB>(a, j0, j1);                                                                 \
+  ATTR void lstm_fwd_f64_##isa(const FwdStep<double>& a, int64_t p0, int64_t p1) {                       \
+    fwd_step_impl<double, VB, 4>(a, p0, p1);                                                              \
   }                                                                                                       \
-  ATTR void lstm_bwd_f32_##isa(const BwdCols<float>& a, int64_t j0, int64_t j1) {                         \
-    bwd_cols_impl<float, VB>(a, j0, j1);                                                                  \
+  ATTR void lstm_bwd_f32_##isa(const BwdStep<float>& a, int64_t q0, int64_t q1) {                         \
+    bwd_step_impl<float, VB, MR>(a, q0, q1);                                                              \
   }                                                                                                       \
-  ATTR void lstm_bwd_f64_##isa(const BwdCols<double>& a, int64_t j0, int64_t j1) {                        \
-    bwd_cols_impl<double, VB>(a, j0, j1);                                                                 \
+  ATTR void lstm_bwd_f64_##isa(const BwdStep<double>& a, int64_t q0, int64_t q1) {                        \
+    bwd_step_impl<double, VB, 4>(a, q0, q1);                                                              \
   }                                                                                                       \
-  const LstmCellKernels kTable_##isa{&lstm_fwd_f32_##isa, &lstm_fwd_f64_##isa, &lstm_bwd_f32_##isa,        \
-                                     &lstm_bwd_f64_##isa};                                                 \
+  const LstmCellKernels kTable_##isa{LanesOf<float, VB>::W, LanesOf<double, VB>::W, &lstm_fwd_f32_##isa,   \
+                                     &lstm_fwd_f64_##isa, &lstm_bwd_f32_##isa, &lstm_bwd_f64_##isa};        \
   }                                                                                                       \
   const LstmCellKernels* lstm_cell_kernels_##isa() { return &kTable_##isa; }                              \
   }                                                                                                       \
