@@ -29,6 +29,7 @@
 #include "fastmtl/checks.h"
 #include "fastmtl/cuda_heads.h"
 #include "fastmtl/heads_checks.h"
+#include "glue_env.h"
 #include "heads_composite.h"
 
 namespace fastmtl {
@@ -163,17 +164,6 @@ bool fused_launch() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-// FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10, 0 = never): the fused kernel's grid barrier traps after it.
-unsigned long long barrier_timeout_ns() {
-  const char* e = std::getenv("FASTMTL_GRID_BARRIER_TIMEOUT_S");
-  if (e == nullptr || *e == '\0') return 10000000000ull;
-  char* end = nullptr;
-  const double v = std::strtod(e, &end);
-  FASTMTL_CHECK_VALUE(end != e && *end == '\0' && v >= 0.0 && v < 1e9, "FASTMTL_GRID_BARRIER_TIMEOUT_S must be a ",
-                      "number of seconds >= 0 (0: no timeout), got '", e, "'");
-  return static_cast<unsigned long long>(v * 1e9);
-}
-
 // Launches prep + run for a planned call (p.err and the layout are set); raises launch errors, and with
 // FASTMTL_SYNC_CHECKS=1 the input errors of this call.
 void launch_heads(cuda::HeadsParams& p, std::vector<cuda::HeadsTask>& tasks, const at::Tensor& hidden,
@@ -186,7 +176,7 @@ void launch_heads(cuda::HeadsParams& p, std::vector<cuda::HeadsTask>& tasks, con
     p.tasks = reinterpret_cast<const cuda::HeadsTask*>(table.data_ptr());
   }
   p.fused = fused_launch();
-  p.barrier_timeout_ns = barrier_timeout_ns();
+  p.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
   const std::string what = std::string("fastmtl ") + op;
   check_launch(cuda::heads_prepare(p, tasks.data(), workspace.data_ptr(), stream), (what + " (prep)").c_str());
   check_launch(cuda::heads_run(p, tasks.data(), stream), what.c_str());

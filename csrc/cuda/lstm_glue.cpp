@@ -44,6 +44,7 @@
 #include "fastmtl/checks.h"
 #include "fastmtl/cuda_lstm.h"
 #include "fastmtl/lstm_checks.h"
+#include "glue_env.h"
 
 namespace {
 
@@ -176,17 +177,6 @@ bool choose_persistent(const Layer& L, const at::Tensor& input, fc::DType kdt, b
   return plan->ok;
 }
 
-// FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10; 0 = wait forever) in nanoseconds.
-unsigned long long barrier_timeout_ns() {
-  const char* e = std::getenv("FASTMTL_GRID_BARRIER_TIMEOUT_S");
-  if (e == nullptr || *e == '\0') return 10000000000ull;
-  char* end = nullptr;
-  const double v = std::strtod(e, &end);
-  FASTMTL_CHECK_VALUE(end != e && *end == '\0' && v >= 0.0 && v < 1e9, "FASTMTL_GRID_BARRIER_TIMEOUT_S must be a ",
-                      "number of seconds >= 0 (0: no timeout), got '", e, "'");
-  return static_cast<unsigned long long>(v * 1e9);
-}
-
 // The persistent launch result: true when it ran; false when the driver refused the cooperative launch (nothing
 // was launched; the caller takes the standard path, unless the persistent path is forced); throws on other errors.
 bool persistent_launched(const char* err, const char* what) {
@@ -268,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
     a.B = static_cast<int>(B);
     a.H = static_cast<int>(H);
     a.D = static_cast<int>(D);
-    a.barrier_timeout_ns = barrier_timeout_ns();
+    a.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
     if (persistent_launched(fc::lstm_persistent_fwd(kdt, a, plan, stream), "fastmtl LSTM persistent forward kernel"))
       return {output, hy, cy, reserve};
   }
@@ -374,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     a.B = static_cast<int>(B);
     a.H = static_cast<int>(H);
     a.D = static_cast<int>(D);
-    a.barrier_timeout_ns = barrier_timeout_ns();
+    a.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
     persistent =
         persistent_launched(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
   }
