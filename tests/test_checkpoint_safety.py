@@ -18,7 +18,7 @@ from fastmtl import fileio
 from fastmtl import train as T
 from fastmtl.nn import SequenceTask, TokenTask
 
-from train_data import TASKS, TINY, TINY_ARGS, write_splits
+from train_data import TASKS, TINY, TINY_ARGS, one_line_error, write_splits
 from train_data import data_args as _data_args
 from train_data import synthetic as _synthetic
 
@@ -87,15 +87,6 @@ def test_payload_is_live(tmp_path, kind):
     assert os.path.exists(marker)
 
 
-def _one_line_error(capsys, must_contain):
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for s in must_contain:
-        assert s in lines[0], (s, lines[0])
-    return lines[0]
-
-
 def _refusal_words(kind):
     return ["pickle"] if kind != "pickle-0" else ["not a fastmtl checkpoint"]
 
@@ -107,11 +98,11 @@ def test_every_entry_point_refuses_a_pickle(files, tmp_path, capsys, kind):
     words = _refusal_words(kind)
 
     assert cli.main(["evaluate", evil, files["test"]]) != 0
-    _one_line_error(capsys, [evil] + words)
+    one_line_error(capsys, evil, *words)
     assert cli.main(["predict", evil, "w1 w2"]) != 0
-    _one_line_error(capsys, [evil] + words)
+    one_line_error(capsys, evil, *words)
     assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--init-encoder", evil]) != 0
-    _one_line_error(capsys, [evil] + words)
+    one_line_error(capsys, evil, *words)
     out = tmp_path / "run"
     out.mkdir()
     last = _plant(str(out / "last.pt"), marker, kind)
@@ -119,7 +110,7 @@ def test_every_entry_point_refuses_a_pickle(files, tmp_path, capsys, kind):
         planted = f.read()
     assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", str(out),
                                                                 "--resume"]) != 0
-    _one_line_error(capsys, [last] + words)
+    one_line_error(capsys, last, *words)
 
     model = fastmtl.MultiTaskLSTM(30, 8, 8, [TokenTask("tags", 3), SequenceTask("label", 2)])
     with pytest.raises(C.CheckpointError, match="evil.pt"):
@@ -191,9 +182,9 @@ def test_corrupted_checkpoints_refused_by_name(trained, tmp_path, capsys, _fresh
         with open(path, "wb") as f:
             f.write(bad)
         assert cli.main(["evaluate", path, data["test"]]) != 0, what
-        _one_line_error(capsys, [path])
+        one_line_error(capsys, path)
         assert cli.main(["predict", path, "w1"]) != 0, what
-        _one_line_error(capsys, [path])
+        one_line_error(capsys, path)
         with pytest.raises(C.CheckpointError, match="bad%d.pt" % i):
             T.load_checkpoint(path)
         with pytest.raises(C.CheckpointError, match="bad%d.pt" % i):
@@ -210,31 +201,31 @@ def test_corrupted_last_and_init_encoder_refused(trained, files, tmp_path, capsy
     (run / "last.pt").write_bytes(bytes(raw))
     assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", str(run),
                                                                 "--resume"]) != 0
-    _one_line_error(capsys, [str(run / "last.pt"), "checksum"])
+    one_line_error(capsys, str(run / "last.pt"), "checksum")
     short = tmp_path / "short.pt"
     with open(os.path.join(out, "best.pt"), "rb") as f:
         short.write_bytes(f.read()[:-100])
     assert cli.main(["train"] + _data_args(files) + TINY_ARGS + ["--epochs", "1", "--init-encoder",
                                                                 str(short)]) != 0
-    _one_line_error(capsys, [str(short)])
+    one_line_error(capsys, str(short))
 
 
 def test_wrong_kind_and_missing_files(trained, tmp_path, capsys):
     out, data = trained
     last = os.path.join(out, "last.pt")
     assert cli.main(["evaluate", last, data["test"]]) != 0
-    _one_line_error(capsys, [last, "--resume"])
+    one_line_error(capsys, last, "--resume")
     missing = str(tmp_path / "nope.pt")
     assert cli.main(["predict", missing, "w1"]) != 0
-    _one_line_error(capsys, [missing])
+    one_line_error(capsys, missing)
     assert cli.main(["evaluate", str(tmp_path), data["test"]]) != 0  # a folder
-    _one_line_error(capsys, [str(tmp_path)])
+    one_line_error(capsys, str(tmp_path))
     plain = str(tmp_path / "plain.safetensors")
     from safetensors.torch import save_file
 
     save_file({"w": torch.randn(3)}, plain)  # valid safetensors, not a fastmtl checkpoint
     assert cli.main(["evaluate", plain, data["test"]]) != 0
-    _one_line_error(capsys, [plain, "not a fastmtl checkpoint"])
+    one_line_error(capsys, plain, "not a fastmtl checkpoint")
 
 
 def test_well_checksummed_but_malformed_body(tmp_path, capsys):
@@ -245,7 +236,7 @@ def test_well_checksummed_but_malformed_body(tmp_path, capsys):
     with pytest.raises(C.CheckpointError, match="odd.pt"):
         T.load_checkpoint(path)
     assert cli.main(["predict", path, "w1"]) != 0
-    _one_line_error(capsys, [path])
+    one_line_error(capsys, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

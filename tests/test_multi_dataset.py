@@ -3,7 +3,6 @@ selection, resume; and the CLI generated from TrainConfig."""
 import dataclasses
 import json
 import os
-import random
 from collections import Counter
 
 import pytest
@@ -13,41 +12,15 @@ from fastmtl import train as T
 from fastmtl.training import EpochPlanner, read_toml
 from fastmtl.training.config import TrainConfig, option_name
 
-from train_data import synthetic
+from train_data import SMALL_TOML, write_two_corpora
 
-SMALL = """
-embedding_dim = 8
-hidden_size = 8
-batch_size = 8
-char_dim = 0
-warmup_steps = 0
-threads = 1
-progress = false
-quiet = true
-"""
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path.name
+SMALL = SMALL_TOML
 
 
 @pytest.fixture
 def two(tmp_path):
     """Two corpora in tmp_path: ``a`` with BIO tags (token task), ``b`` with a sentence label, and run.toml."""
-    rng = random.Random(3)
-    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
-        _write(tmp_path / ("a_%s.jsonl" % split), [{"tokens": r["tokens"], "tags": r["tags"]}
-                                                   for r in synthetic(n, rng)])
-        _write(tmp_path / ("b_%s.jsonl" % split), [{"tokens": r["tokens"], "label": r["label"]}
-                                                   for r in synthetic(n // 2, rng)])
-    toml = SMALL + "epochs = 2\n\n[sampling]\nstrategy = \"temperature\"\ntemperature = 2.0\n"
-    for d in "ab":
-        toml += ('\n[[datasets]]\nname = "%s"\ntrain = "%s_train.jsonl"\ndev = "%s_dev.jsonl"\n'
-                 'test = "%s_test.jsonl"\n' % (d, d, d, d))
-    toml += ('\n[[tasks]]\nname = "tags"\nlevel = "token"\ndataset = "a"\n'
-             '\n[[tasks]]\nname = "label"\nlevel = "sequence"\ndataset = "b"\nsource = "label"\n')
-    (tmp_path / "run.toml").write_text(toml)
+    write_two_corpora(tmp_path, extra="epochs = 2\n\n[sampling]\nstrategy = \"temperature\"\ntemperature = 2.0\n")
     return tmp_path
 
 

@@ -3,7 +3,6 @@ import glob
 import json
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from fastmtl import cli
 from fastmtl import train as T
 from fastmtl.checkpoint import load_checkpoint_tree
 from train_data import data_args as _data_args
-from train_data import write_splits
+from train_data import assert_ddp_matches_one_process, write_splits
+from train_data import params as _params
 
 TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1)
 TINY_ARGS = ["--embedding-dim", "8", "--hidden-size", "8", "--batch-size", "8", "--no-progress", "--quiet",
@@ -87,10 +87,6 @@ def test_atis_tiny_subset(tmp_path, capsys):
     assert m["intent"]["accuracy"] > 0.5  # the majority intent alone gives ~0.71
 
 
-def _params(result):
-    return {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
-
-
 @pytest.mark.parametrize("at", ["epoch_start", "mid_epoch"])
 def test_deterministic_and_resume(files, tmp_path, monkeypatch, at):
     cfg = T.TrainConfig(format="jsonl", train=files["train"], dev=files["dev"], test=None,
@@ -161,37 +157,12 @@ def test_transfer_init_encoder(files, tmp_path):
     assert set(r["test"]) == {"label"}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, cfg, path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    r = T.train(cfg)
-    if rank == 0:
-        torch.save(_params(r), path)
-
-
 def test_ddp_two_processes_match_one(files, tmp_path):
     """Two gloo processes, each with half of every global batch, end with the parameters one process gets on the
     whole batches (uneven token counts per rank included)."""
-    import torch.multiprocessing as mp
-
     cfg = T.TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags", "label:sequence:label"],
                         epochs=1, dropout=0.0, unk_alpha=0.0, device="cpu", weighting="uncertainty", **TINY)
-    single = _params(T.train(cfg))
-    path = str(tmp_path / "ddp.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg, path), nprocs=2, join=True, start_method="spawn")
-    ddp = torch.load(path)
-    assert set(ddp) == set(single)
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
-    # and they moved: the test is not vacuous
-    init = T.train(cfg, epochs=0)
-    assert any(not torch.allclose(init["model"].state_dict()[k], single[k]) for k in single)
+    assert_ddp_matches_one_process(cfg, tmp_path)
 
 
 def test_sequence_aux_task_is_trained_not_reported(files, tmp_path):

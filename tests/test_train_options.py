@@ -13,21 +13,13 @@ from fastmtl import train as T
 from fastmtl.checkpoint import load_checkpoint_tree
 
 from train_data import TASKS, TINY, TINY_ARGS, write_splits
+from train_data import one_line_error as _one_line_error
 from train_data import data_args as _data_args
 
 
 @pytest.fixture
 def files(tmp_path, _fresh_seed):
     return write_splits(tmp_path, random.Random(_fresh_seed))
-
-
-def _one_line_error(capsys, *must_contain):
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for s in must_contain:
-        assert s in lines[0], (s, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

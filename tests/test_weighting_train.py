@@ -1,10 +1,8 @@
 """The gradient-based methods and FAMO in the trainer: every one trains (one dataset with two tasks; two datasets,
 whose batches hold one task: K = 1), PCGrad's seeded task order resumes bitwise, soft sharing is refused clearly,
 and two DDP processes (gloo) match one process on the global batches."""
-import json
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from fastmtl.checkpoint import load_checkpoint_tree
 from fastmtl.training import read_toml
 from fastmtl.training.config import WEIGHTINGS, TrainConfig
 from fastmtl.weighting import GRADIENT_METHODS
-from train_data import synthetic, write_splits
+from train_data import assert_ddp_matches_one_process, write_splits, write_two_corpora
+from train_data import params as _params
 
 TINY = dict(embedding_dim=8, hidden_size=8, batch_size=8, warmup_steps=0, progress=False, quiet=True, threads=1,
             char_dim=4, char_filters=6)
@@ -29,10 +28,6 @@ def files(tmp_path):
 def _cfg(files, **kw):
     kw = {**TINY, "dev": files["dev"], "test": files["test"], **kw}
     return TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags", "label:sequence:label"], **kw)
-
-
-def _params(result):
-    return {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
 
 
 def test_the_methods_are_options():
@@ -51,20 +46,7 @@ def test_every_method_trains(files, method):
 
 
 def _two(tmp_path):
-    rng = random.Random(3)
-    for split, n in (("train", 32), ("dev", 8), ("test", 8)):
-        for d, rows in (("a", [{"tokens": r["tokens"], "tags": r["tags"]} for r in synthetic(n, rng)]),
-                        ("b", [{"tokens": r["tokens"], "label": r["label"]} for r in synthetic(n // 2, rng)])):
-            (tmp_path / ("%s_%s.jsonl" % (d, split))).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    toml = ("embedding_dim = 8\nhidden_size = 8\nbatch_size = 8\nchar_dim = 0\nwarmup_steps = 0\nthreads = 1\n"
-            "progress = false\nquiet = true\nepochs = 2\n")
-    for d in "ab":
-        toml += ('\n[[datasets]]\nname = "%s"\ntrain = "%s_train.jsonl"\ndev = "%s_dev.jsonl"\n'
-                 'test = "%s_test.jsonl"\n' % (d, d, d, d))
-    toml += ('\n[[tasks]]\nname = "tags"\nlevel = "token"\ndataset = "a"\n'
-             '\n[[tasks]]\nname = "label"\nlevel = "sequence"\ndataset = "b"\nsource = "label"\n')
-    (tmp_path / "run.toml").write_text(toml)
-    return read_toml(tmp_path / "run.toml")
+    return read_toml(write_two_corpora(tmp_path, (("train", 32), ("dev", 8), ("test", 8)), "epochs = 2\n"))
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "mgda", "mgda_ub", "nash_mtl", "famo"])
@@ -108,38 +90,14 @@ def test_deterministic_and_resumable(files, tmp_path, monkeypatch, method):
     assert calls["n"] == stop_at and all(torch.equal(pa[k], pc[k]) for k in pa)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, cfg, path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    r = T.train(cfg)
-    if rank == 0:
-        torch.save(_params(r), path)
-
-
 @pytest.mark.parametrize("method", ["pcgrad", "mgda_ub", "cagrad", "famo"])
 def test_ddp_two_processes_match_one(files, tmp_path, method):
     """Two gloo processes, each with half of every global batch: the per-task gradients (or the representation
     Gram matrix, or FAMO's losses) are reduced before the method reads them, so they end where one process on the
     whole batches ends."""
-    import torch.multiprocessing as mp
-
     cfg = _cfg(files, epochs=1, dropout=0.0, unk_alpha=0.0, device="cpu", weighting=method, dev=None, test=None,
                char_dim=0)
-    single = _params(T.train(cfg))
-    path = str(tmp_path / "ddp.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg, path), nprocs=2, join=True, start_method="spawn")
-    ddp = torch.load(path)
-    assert set(ddp) == set(single)
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
-    init = T.train(cfg, epochs=0)
-    assert any(not torch.allclose(init["model"].state_dict()[k], single[k]) for k in single)
+    assert_ddp_matches_one_process(cfg, tmp_path)
 
 
 def test_frozen_encoder_trains_the_heads_only(files, tmp_path):
