@@ -119,7 +119,8 @@ class UncertaintyWeighting(TaskWeighting):
         # only the tasks of this batch: a task without labels here has no loss term, and its s must not drift
         if tasks is None:
             return 0.5 * self.log_vars.sum()
-        idx = [i for i, t in enumerate(self.tasks) if t in set(tasks)]
+        tasks = set(tasks)
+        idx = [i for i, t in enumerate(self.tasks) if t in tasks]
         return 0.5 * self.log_vars[idx].sum()
 
     def describe(self):
