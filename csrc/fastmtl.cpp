@@ -16,7 +16,11 @@
 //   output  (T, B, D*H); positions t >= lengths[b] are zero.
 //   hy, cy  (D, B, H): the state at each sequence's last real token (forward direction) or at t = 0 (reverse).
 //   reserve (D, T, B, 5H) when need_reserve (activated gates i, f, g, o and the cell state c_t per step),
-//           else an empty tensor of shape (0,). Only lstm_layer_backward reads it.
+//           else an empty tensor of shape (0,). Only lstm_layer_backward(_multi) reads it.
+//   lstm_layer_backward_multi: K output gradients against one saved forward, as K stacked cotangents
+//           grad_output (K, T, B, D*H), grad_hy, grad_cy (K, D, B, H); every result has the leading K
+//           (grad_input (K, T, B, I), grad_hx, grad_cx (K, D, B, H), grad_weights[i] (K, *weights[i].shape)), row k
+//           what lstm_layer_backward gives for cotangent k. One time loop over K*B rows.
 // ---------------------------------------------------------------------------------------------------------
 // Multi-task heads + losses:
 //   hidden   (B, T, D) batch-first; lengths int64 (B,) on hidden's device (any order), None = all T.
@@ -51,6 +55,10 @@ TORCH_LIBRARY(fastmtl, m) {
       "bool bidirectional, bool need_reserve) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor? lengths, "
+      "Tensor hx, Tensor cx, Tensor[] weights, bool bidirectional, Tensor output, Tensor reserve) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+  m.def(
+      "lstm_layer_backward_multi(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor? lengths, "
       "Tensor hx, Tensor cx, Tensor[] weights, bool bidirectional, Tensor output, Tensor reserve) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def(fastmtl::kMultitaskLossSchema);     // fastmtl/heads_schema.h (shared with the CUDA emulation tests)

@@ -414,35 +414,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
 // ---------------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_cpu(
-    const at::Tensor& grad_output_, const at::Tensor& grad_hy_, const at::Tensor& grad_cy_,
-    const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
-    at::TensorList weights, bool bidirectional, const at::Tensor& output_, const at::Tensor& reserve_) {
-  const LstmDims d = check_lstm_layer_args(input_, lengths, hx, cx, weights, bidirectional, "lstm_layer_backward",
-                                           /*cuda=*/false);
+// Steps of the gradient rows when every forward row carries K cotangents (rows b*K .. b*K+K-1): n_t*K rows per
+// step, still a prefix.
+Steps scale_steps(const Steps& s, int64_t K) {
+  if (K == 1) return s;
+  Steps g = s;
+  for (auto& v : g.n) v *= K;
+  for (auto& v : g.off) v *= K;
+  g.N = s.N * K;
+  return g;
+}
+
+struct BackwardResult {
+  at::Tensor grad_input;  // (T, B*K, I), gradient row b*K + k
+  at::Tensor grad_hx;     // (D, B*K, H)
+  at::Tensor grad_cx;     // (D, B*K, H)
+  std::vector<at::Tensor> grad_w;  // each (K, *weight.shape)
+};
+
+// The backward of one layer for K cotangents against one saved forward (K = 1: lstm_layer_backward). The
+// cotangents come interleaved: go (T, B*K, D*H), ghy and gcy (D, B*K, H), gradient row b*K + k the k-th cotangent
+// of forward row b. The time loop runs on B*K gradient rows (the recurrent GEMMs see K times the rows, the step
+// kernel reads the forward's gates and c of row b for its K gradient rows, BwdStep::rep); after the loop every
+// weight gradient is one large GEMM per (cotangent, direction) over the saved activations and grad_input one GEMM
+// per direction over all K*N rows.
+BackwardResult lstm_backward_rows(const at::Tensor& go, const at::Tensor& ghy, const at::Tensor& gcy,
+                                  const at::Tensor& input, const std::optional<at::Tensor>& len_c,
+                                  const at::Tensor& hx_c, const at::Tensor& cx_c, at::TensorList weights,
+                                  const LstmDims& d, const at::Tensor& output, const at::Tensor& reserve, int64_t K) {
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D, G4 = 4 * H, I = d.I, per = d.bias ? 4 : 2, DH = D * H;
-  check_lstm_backward_args(grad_output_, grad_hy_, grad_cy_, output_, reserve_, input_, d, "lstm_layer_backward");
-  auto input = input_.contiguous();
-  auto output = output_.contiguous();
-  auto reserve = reserve_.contiguous();
-  auto hx_c = hx.contiguous();
-  std::vector<at::Tensor> grad_w;
-  if (T == 0 || B == 0 || H == 0) {
-    for (const auto& w : weights) grad_w.push_back(at::zeros_like(w));
-    return {at::zeros_like(input), grad_hy_.contiguous().clone(), grad_cy_.contiguous().clone(), grad_w};
+  const int64_t BK = B * K;
+  BackwardResult res;
+  if (T == 0 || B == 0 || H == 0 || K == 0) {
+    for (const auto& w : weights) {
+      auto sizes = w.sizes().vec();
+      sizes.insert(sizes.begin(), K);
+      res.grad_w.push_back(at::zeros(sizes, w.options()));
+    }
+    res.grad_input = at::zeros({T, BK, I}, input.options());
+    res.grad_hx = ghy.clone();
+    res.grad_cx = gcy.clone();
+    return res;
   }
-  std::optional<at::Tensor> len_c;
-  if (lengths.has_value()) len_c = lengths->contiguous();
-  const Steps s = make_steps(len_c, T, B);
+  const Steps s = make_steps(len_c, T, B);  // forward rows
+  const Steps sg = scale_steps(s, K);       // gradient rows
   const int64_t N = s.N, LG = D * G4;
-  auto go = grad_output_.contiguous();
-  auto ghy = grad_hy_.contiguous();
-  auto cx_c = cx.contiguous();
-  auto dcs = grad_cy_.contiguous().clone();  // running dL/dc (D, B, H), becomes grad_cx
+  auto dcs = gcy.clone();  // running dL/dc (D, B*K, H), becomes grad_cx
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) w_hh[dir] = weights[dir * per + 1].contiguous();
-  auto dG = scratch(kDGates, {N, LG}, input.options());  // packed pre-activation gradients (N, D*4H)
-  std::vector<at::Tensor> hprev(D);                        // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction
+  auto dG = scratch(kDGates, {sg.N, LG}, input.options());  // packed pre-activation gradients (N*K, D*4H)
+  std::vector<at::Tensor> hprev(D);  // packed h_{t-1} (fwd) / h_{t+1} (rev) per direction, forward rows
   for (int64_t dir = 0; dir < D; ++dir) hprev[dir] = scratch(dir == 0 ? kHPrev0 : kHPrev1, {N, H}, input.options());
 
   const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
@@ -472,15 +493,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
       cpu_kernels::BwdStep<T_> a{};
       const int64_t tp = dir == 0 ? t + 1 : t - 1;  // the step processed before (its dG feeds dh_t)
       if (tp >= 0 && tp < T && s.n[tp] > 0) {
-        a.dgn = dGp + s.off[tp] * LG + dir * G4;
-        a.np = s.n[tp];
+        a.dgn = dGp + sg.off[tp] * LG + dir * G4;
+        a.np = sg.n[tp];
       } else {
         a.dgn = nullptr;
         a.np = 0;
       }
       a.dgn_ld = LG;
-      a.carry = ghyp + dir * B * H;
-      a.gout = gop + t * B * DH + dir * H;
+      a.carry = ghyp + dir * BK * H;
+      a.gout = gop + t * BK * DH + dir * H;
       a.gout_ld = DH;
       a.reserve = resp + (dir * T + t) * B * 5 * H;
       a.cp_b = cxp + dir * B * H;
@@ -494,12 +515,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
         a.cp_a_ld = H;
         a.split = 0;
       }
-      a.dc = dcp + dir * B * H;
-      a.dg = dGp + s.off[t] * LG + dir * G4;
+      a.dc = dcp + dir * BK * H;
+      a.dg = dGp + sg.off[t] * LG + dir * G4;
       a.dg_ld = LG;
       a.wp = wp + dir * psize;
       a.H = H;
-      a.n = n;
+      a.n = sg.n[t];
+      a.rep = K;
       kernel(a, q0, q1);
     };
     run_team(tm, T, setup, step);
@@ -510,13 +532,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   auto dhx = ghy.clone();
   for (int64_t dir = 0; dir < D; ++dir) {
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t r0 = dir == 0 ? 0 : (t + 1 < T ? s.n[t + 1] : 0), r1 = s.n[t];
+      const int64_t r0 = dir == 0 ? 0 : (t + 1 < T ? sg.n[t + 1] : 0), r1 = sg.n[t];
       if (dir == 0 && t > 0) break;
       if (r1 <= r0) continue;
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu_hx", [&] {
-        gemm_rm<scalar_t>(false, false, r1 - r0, H, G4, dG.const_data_ptr<scalar_t>() + (s.off[t] + r0) * LG + dir * G4,
-                          LG, w_hh[dir].const_data_ptr<scalar_t>(), H, scalar_t(0),
-                          dhx.data_ptr<scalar_t>() + (dir * B + r0) * H, H);
+        gemm_rm<scalar_t>(false, false, r1 - r0, H, G4,
+                          dG.const_data_ptr<scalar_t>() + (sg.off[t] + r0) * LG + dir * G4, LG,
+                          w_hh[dir].const_data_ptr<scalar_t>(), H, scalar_t(0),
+                          dhx.data_ptr<scalar_t>() + (dir * BK + r0) * H, H);
       });
     }
   }
@@ -547,26 +570,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     });
   }
 
-  // Weight gradients and the input gradient: large GEMMs over all steps.
+  // Weight gradients and the input gradient: large GEMMs over all steps. Row n*K + k of dG is cotangent k of
+  // packed forward row n, so cotangent k's rows are a strided (N, D*4H) view.
   auto Xp = pack_rows(input, s);
-  auto gin = at::empty({N, I}, input.options());
+  auto gin = at::empty({sg.N, I}, input.options());
+  const auto dG3 = dG.view({N, K, LG});
   for (int64_t dir = 0; dir < D; ++dir) {
-    const auto dG_d = dG.narrow(1, dir * G4, G4);  // (N, 4H)
-    auto dW_ih = at::empty({G4, I}, input.options());
-    matmul_into(dG_d.t(), Xp, dW_ih, 0.f);
-    matmul_into(dG_d, weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
-    auto dW_hh = at::empty({G4, H}, input.options());
-    matmul_into(dG_d.t(), hprev[dir], dW_hh, 0.f);
-    grad_w.push_back(dW_ih);
-    grad_w.push_back(dW_hh);
+    matmul_into(dG.narrow(1, dir * G4, G4), weights[dir * per].contiguous(), gin, dir == 0 ? 0.f : 1.f);
+    auto dW_ih = at::empty({K, G4, I}, input.options());
+    auto dW_hh = at::empty({K, G4, H}, input.options());
+    for (int64_t k = 0; k < K; ++k) {
+      const auto dG_kd = dG3.select(1, k).narrow(1, dir * G4, G4);  // (N, 4H)
+      matmul_into(dG_kd.t(), Xp, dW_ih[k], 0.f);
+      matmul_into(dG_kd.t(), hprev[dir], dW_hh[k], 0.f);
+    }
+    res.grad_w.push_back(dW_ih);
+    res.grad_w.push_back(dW_hh);
     if (d.bias) {
-      auto db = dG_d.sum(0);
-      grad_w.push_back(db);
-      grad_w.push_back(db.clone());
+      auto db = dG3.narrow(2, dir * G4, G4).sum(0);  // (K, 4H)
+      res.grad_w.push_back(db);
+      res.grad_w.push_back(db.clone());
     }
   }
-  auto grad_input = unpack_rows(gin, s, T, B);
-  return {grad_input, dhx, dcs, grad_w};
+  res.grad_input = unpack_rows(gin, sg, T, BK);
+  res.grad_hx = dhx;
+  res.grad_cx = dcs;
+  return res;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+    const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
+    at::TensorList weights, bool bidirectional, const at::Tensor& output, const at::Tensor& reserve) {
+  const char* op = "lstm_layer_backward";
+  const LstmDims d = check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/false);
+  check_lstm_backward_args(grad_output, grad_hy, grad_cy, output, reserve, input, d, op);
+  std::optional<at::Tensor> len_c;
+  if (lengths.has_value()) len_c = lengths->contiguous();
+  BackwardResult r = lstm_backward_rows(grad_output.contiguous(), grad_hy.contiguous(), grad_cy.contiguous(),
+                                        input.contiguous(), len_c, hx.contiguous(), cx.contiguous(), weights, d,
+                                        output.contiguous(), reserve.contiguous(), 1);
+  std::vector<at::Tensor> grad_w;
+  for (auto& g : r.grad_w) grad_w.push_back(g.squeeze(0));
+  return {r.grad_input, r.grad_hx, r.grad_cx, grad_w};
+}
+
+// K cotangents (leading dimension of grad_output, grad_hy, grad_cy) against one saved forward; every result has
+// the leading K. Exactly K lstm_layer_backward calls, computed as one (lstm_backward_rows).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_multi_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+    const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
+    at::TensorList weights, bool bidirectional, const at::Tensor& output, const at::Tensor& reserve) {
+  const char* op = "lstm_layer_backward_multi";
+  const LstmDims d = check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/false);
+  const int64_t K = check_lstm_backward_multi_args(grad_output, grad_hy, grad_cy, output, reserve, input, d, op);
+  if (K == 0) {
+    std::vector<at::Tensor> grad_w;
+    for (const auto& w : weights) {
+      auto sizes = w.sizes().vec();
+      sizes.insert(sizes.begin(), 0);
+      grad_w.push_back(at::empty(sizes, w.options()));
+    }
+    return {at::empty({0, d.T, d.B, d.I}, input.options()), grad_hy.clone(), grad_cy.clone(), grad_w};
+  }
+  std::optional<at::Tensor> len_c;
+  if (lengths.has_value()) len_c = lengths->contiguous();
+  const int64_t T = d.T, B = d.B, H = d.H, D = d.D;
+  // interleave: gradient row b*K + k is cotangent k of forward row b
+  auto go = grad_output.permute({1, 2, 0, 3}).contiguous().view({T, B * K, D * H});
+  auto ghy = grad_hy.permute({1, 2, 0, 3}).contiguous().view({D, B * K, H});
+  auto gcy = grad_cy.permute({1, 2, 0, 3}).contiguous().view({D, B * K, H});
+  BackwardResult r = lstm_backward_rows(go, ghy, gcy, input.contiguous(), len_c, hx.contiguous(), cx.contiguous(),
+                                        weights, d, output.contiguous(), reserve.contiguous(), K);
+  auto deinterleave = [K](const at::Tensor& t) {  // (X, B*K, F) -> (K, X, B, F)
+    return t.view({t.size(0), -1, K, t.size(2)}).permute({2, 0, 1, 3}).contiguous();
+  };
+  return {deinterleave(r.grad_input), deinterleave(r.grad_hx), deinterleave(r.grad_cx), r.grad_w};
 }
 
 }  // namespace
@@ -583,4 +662,5 @@ const LstmCellKernels& lstm_cell_kernels() {
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
   m.impl("lstm_layer_forward", &fastmtl::lstm_layer_forward_cpu);
   m.impl("lstm_layer_backward", &fastmtl::lstm_layer_backward_cpu);
+  m.impl("lstm_layer_backward_multi", &fastmtl::lstm_layer_backward_multi_cpu);
 }

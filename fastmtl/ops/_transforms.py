@@ -59,6 +59,11 @@ def loop(op: Callable, batch_size: int, in_dims: Sequence[Any], args: Sequence[A
     return pytree.tree_unflatten(stacked, spec), pytree.tree_unflatten([0] * len(stacked), spec)
 
 
+def stack_at_0(t: Tensor, dim: Optional[int], n: int) -> Tensor:
+    """``t`` with its vmapped dim moved to dim 0 (None: not vmapped, expanded to ``n`` copies)."""
+    return t.unsqueeze(0).expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
 def fold(t: Tensor, dim: Optional[int], pos: int, n: int) -> Tensor:
     """Merges the vmapped dim of ``t`` (None: not vmapped, broadcast) into dimension ``pos`` of the per-sample
     layout, as index ``b * n + j`` (sample j of the vmapped dim, row b of the op's batch), contiguous."""

@@ -61,6 +61,14 @@ def _lstm_layer_backward_fake(grad_output, grad_hy, grad_cy, input, lengths, hx,
             [torch.empty_like(w) for w in weights])
 
 
+@torch.library.register_fake("fastmtl::lstm_layer_backward_multi")
+def _lstm_layer_backward_multi_fake(grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights, bidirectional,
+                                    output, reserve):
+    K = grad_output.shape[0]
+    return (input.new_empty((K, *input.shape)), hx.new_empty((K, *hx.shape)), cx.new_empty((K, *cx.shape)),
+            [w.new_empty((K, *w.shape)) for w in weights])
+
+
 def _setup_context(ctx, inputs, output):
     input, lengths, hx, cx, weights, bidirectional, need_reserve = inputs
     out, _, _, reserve = output
@@ -117,9 +125,9 @@ def _bwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_output, grad_hy, grad_cy, input, lengths, hx, cx, *weights)
 
 
-def _bwd_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
-    go, ghy, gcy, x, lengths, hx, cx, *ws = ctx.saved_tensors
-    bi = ctx.bidirectional
+def _double_vjp(go, ghy, gcy, x, lengths, hx, cx, ws, bi, g_gi, g_ghx, g_gcx, g_gw):
+    """The vjp of lstm_layer_backward (one cotangent) through the reference: (d_go, d_ghy, d_gcy, d_x, d_hx, d_cx,
+    d_ws)."""
     g_gw = list(g_gw) if g_gw is not None else [None] * len(ws)
     cot = (g_gi if g_gi is not None else torch.zeros_like(x),
            g_ghx if g_ghx is not None else torch.zeros_like(hx),
@@ -128,12 +136,39 @@ def _bwd_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
     _, vjp2 = torch.func.vjp(
         lambda go_, gh_, gc_, x_, h_, c_, ws_: _reference_layer_vjp(go_, gh_, gc_, x_, lengths, h_, c_, ws_, bi),
         go, ghy, gcy, x, hx, cx, list(ws))
-    d_go, d_ghy, d_gcy, d_x, d_hx, d_cx, d_ws = vjp2(cot)
+    return vjp2(cot)
+
+
+def _bwd_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
+    go, ghy, gcy, x, lengths, hx, cx, *ws = ctx.saved_tensors
+    d_go, d_ghy, d_gcy, d_x, d_hx, d_cx, d_ws = _double_vjp(go, ghy, gcy, x, lengths, hx, cx, ws, ctx.bidirectional,
+                                                            g_gi, g_ghx, g_gcx, g_gw)
     # output and reserve are functions of (input, hx, cx, weights): their influence is already in d_x ... d_ws.
     return d_go, d_ghy, d_gcy, d_x, None, d_hx, d_cx, list(d_ws), None, None, None
 
 
 _tr.register_autograd("lstm_layer_backward", _bwd_backward, _bwd_setup_context,
+                      lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[7]))))
+
+
+def _bwd_multi_backward(ctx, g_gi, g_ghx, g_gcx, g_gw):
+    # lstm_layer_backward_multi is K lstm_layer_backward calls: its vjp is theirs, summed over k for the shared
+    # forward arguments (rarely needed: double backward through a vmapped vjp).
+    go, ghy, gcy, x, lengths, hx, cx, *ws = ctx.saved_tensors
+    at = lambda g, k: None if g is None else g[k]  # noqa: E731
+    parts = [_double_vjp(go[k], ghy[k], gcy[k], x, lengths, hx, cx, ws, ctx.bidirectional, at(g_gi, k),
+                         at(g_ghx, k), at(g_gcx, k), None if g_gw is None else [at(g, k) for g in g_gw])
+             for k in range(go.shape[0])]
+    if not parts:
+        return (torch.zeros_like(go), torch.zeros_like(ghy), torch.zeros_like(gcy), None, None, None, None, None,
+                None, None, None)
+    stack = [torch.stack([p[i] for p in parts]) for i in range(3)]
+    total = [sum(p[i] for p in parts) for i in range(3, 6)]
+    d_ws = [sum(p[6][j] for p in parts) for j in range(len(ws))]
+    return (*stack, total[0], None, total[1], total[2], d_ws, None, None, None)
+
+
+_tr.register_autograd("lstm_layer_backward_multi", _bwd_multi_backward, _bwd_setup_context,
                       lambda args: pytree.tree_structure((0, 0, 0, [0] * len(args[7]))))
 
 
@@ -149,6 +184,12 @@ def _call_backward(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional,
     c = lambda t: t.contiguous()  # noqa: E731
     return torch.ops.fastmtl.lstm_layer_backward(c(go), c(ghy), c(gcy), c(input), lengths, c(hx), c(cx),
                                                  [c(w) for w in weights], bidirectional, c(output), c(reserve))
+
+
+def _call_backward_multi(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
+    c = lambda t: t.contiguous()  # noqa: E731
+    return torch.ops.fastmtl.lstm_layer_backward_multi(c(go), c(ghy), c(gcy), c(input), lengths, c(hx), c(cx),
+                                                       [c(w) for w in weights], bidirectional, c(output), c(reserve))
 
 
 def _reserve_placeholder(N, T, B, H, D, like):
@@ -270,6 +311,13 @@ def _backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths,
                and input.dtype in (torch.float32, torch.float64)
                and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
                and not (torch.is_grad_enabled() and _tr.any_requires_grad(tensors)))
+    if not fwd_vmapped and N > 0:
+        # Only the incoming gradients are vmapped (vmap of a vjp: K cotangents against one saved forward): one
+        # lstm_layer_backward_multi call on the saved activations, the cotangents stacked at dim 0 (differentiable
+        # like lstm_layer_backward, for a level below that records it).
+        stacked = [_tr.stack_at_0(g, d, N) for g, d in zip((grad_output, grad_hy, grad_cy), in_dims[:3])]
+        res = _call_backward_multi(*stacked, input, lengths, hx, cx, weights, bidirectional, output, reserve)
+        return res, (0, 0, 0, [0] * len(weights))
     if fold_ok:
         return _backward_vmap_fold(N, in_dims, grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
                                    bidirectional)
@@ -283,6 +331,24 @@ def _backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths,
 # Legacy vmap (gradcheck's check_batched_grad): one call per index.
 _tr.register_legacy_batched("lstm_layer_forward")
 _tr.register_legacy_batched("lstm_layer_backward")
+_tr.register_legacy_batched("lstm_layer_backward_multi")
+
+
+def _backward_multi_one(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
+    if reserve is None:
+        output, _, _, reserve = _call_forward(input, lengths, hx, cx, weights, bidirectional, True)
+    return _call_backward_multi(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve)
+
+
+@torch.library.register_vmap("fastmtl::lstm_layer_backward_multi")
+def _backward_multi_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
+                         bidirectional, output, reserve):
+    # As _backward_vmap's loop: a vmapped forward argument means the reserve is a placeholder (recompute it).
+    args = (grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights, bidirectional, output, reserve)
+    if not _tr.all_none([in_dims[i] for i in (3, 4, 5, 6, 7, 9, 10)]):
+        args = args[:9] + (None, None)
+        in_dims = in_dims[:9] + (None, None)
+    return _tr.loop(_backward_multi_one, info.batch_size, in_dims, args)
 
 
 def lstm_layer(input: Tensor, lengths: Optional[Tensor], hx: Tensor, cx: Tensor, weights: Sequence[Tensor],

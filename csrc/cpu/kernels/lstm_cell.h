@@ -98,6 +98,10 @@ struct BwdStep {
   int64_t dg_ld;
   const T* wp;       // W_hh packed by pack_bwd
   int64_t H, n;
+  // Gradient rows per forward row: gradient row b belongs to forward row b / rep (reserve, c_{t-1} and split are
+  // in forward rows). 1 for one backward; K for lstm_layer_backward_multi, whose K cotangents of forward row b are
+  // the consecutive gradient rows b*K .. b*K+K-1 (so the active rows stay a prefix).
+  int64_t rep = 1;
 };
 
 struct LstmCellKernels {

@@ -161,7 +161,7 @@ FASTMTL_KERNEL_INLINE void fwd_step_impl(const FwdStep<T>& a, int64_t p0, int64_
 }
 
 // Backward: rows [b0, b0 + M) of unit block q (4W units); rows below np take dh from the recurrent product,
-// the others (carry) from a.carry.
+// the others (carry) from a.carry. The saved forward values of gradient row b are those of forward row b / rep.
 template <typename L, int M, bool kCarry, typename T>
 FASTMTL_KERNEL_INLINE void bwd_tile(const BwdStep<T>& a, int64_t q, int64_t b0) {
   using V = typename L::type;
@@ -180,8 +180,9 @@ FASTMTL_KERNEL_INLINE void bwd_tile(const BwdStep<T>& a, int64_t q, int64_t b0) 
   const V one = L::splat(T(1));
   for (int m = 0; m < M; ++m) {
     const int64_t b = b0 + m;
-    const T* r = a.reserve + b * 5 * H;
-    const T* cp = b < a.split ? a.cp_a + b * a.cp_a_ld : a.cp_b + b * H;
+    const int64_t fb = a.rep == 1 ? b : b / a.rep;  // the forward row of gradient row b
+    const T* r = a.reserve + fb * 5 * H;
+    const T* cp = fb < a.split ? a.cp_a + fb * a.cp_a_ld : a.cp_b + fb * H;
     const T* go = a.gout + b * a.gout_ld;
     T* dc = a.dc + b * H;
     T* dg = a.dg + b * a.dg_ld;
