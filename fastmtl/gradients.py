@@ -22,11 +22,14 @@ The encoder backward is linear in its incoming gradient, so everything else foll
     their gradients from each pass.
   - ``"vmap"``: the encoder's forward under ``torch.func.vjp`` and ``torch.func.vmap`` of its vjp over the K
     stacked cotangents, the general form that works for any encoder built from fastmtl ops (or plain PyTorch).
-    Here the vmap rule of ``lstm_layer_backward`` takes its per-index path: one fused backward per cotangent on
-    the saved activations (its fold into the batch rows is not taken for these functorch-wrapped arguments, and
-    would recompute the K*B-row forward besides), so it costs what ``"loop"`` costs plus the functorch overhead.
-    A backward op taking K stacked output gradients against one saved forward (recurrent GEMMs on K*B rows,
-    per-task weight gradients) would make both schedules one fused call; it is a kernel addition, not done here.
+    Only the cotangents are vmapped, so the vmap rule of ``lstm_layer_backward`` runs each LSTM layer's K
+    backwards as one ``lstm_layer_backward_multi`` call on the saved activations: the time loop on K*B rows
+    (row b*K + k is cotangent k of sequence b), the gates read once per sequence, the weight gradients as large
+    GEMMs per task. The other encoder ops (embedding, dropout, character CNN) run through their vmap rules.
+
+  The K backwards cost about K times one backward in arithmetic either way (the LSTM backward is linear in its
+  cotangent, every product is per task); the fused call saves the per-pass overhead and runs the recurrent
+  products on K times the rows, which pays most where one backward is latency-bound (small batches, GPUs).
 
   Nothing here is CPU-specific: on CUDA both schedules run through the same ops.
 
@@ -131,7 +134,8 @@ class TaskGradients:
         """Gradients of :math:`\\sum_k c_k w_k L_k` with respect to the shared parameters (a list in the order of
         :attr:`params`), through one backward of the encoder."""
         if self._vjp is not None:
-            (g,) = self._vjp(tuple(self._cotangent(coeffs)))
+            with torch.no_grad():
+                (g,) = self._vjp(tuple(self._cotangent(coeffs)))
             return [g["m." + n].detach() for n in self.names]
         grads = torch.autograd.grad(self._hidden, self.params, self._cotangent(coeffs), retain_graph=retain_graph,
                                     allow_unused=True)
@@ -143,7 +147,8 @@ class TaskGradients:
         K = self.K
         if self._vjp is not None:
             cot = tuple(torch.stack([r[i] for r in self.rep]) for i in range(len(self.keys)))
-            (g,) = torch.func.vmap(self._vjp)(cot)
+            with torch.no_grad():  # the gradients are data here: nothing records a graph of the backward
+                (g,) = torch.func.vmap(self._vjp)(cot)
             return [g["m." + n].detach() for n in self.names]
         per = []
         for k in range(K):

@@ -6,9 +6,12 @@ tasks: intent (sequence, 26 classes), slots (token, 130) and for K > 2 further t
 variable lengths; dropout 0; Adam. Providers per K:
 
 * ``static``: ``zero_grad; loss = sum_k L_k; backward; step`` (the plain fastmtl step);
-* ``<method>/fused``: :func:`fastmtl.gradients.gradient_method_step` (one encoder forward, the heads once per task,
-  the K encoder backwards over the one saved forward (``--task-backward loop``, the trainer's default) or through
-  ``torch.func.vmap`` (``vmap``), the method on the Gram matrix, the combination into ``.grad``) and the step;
+* ``<method>/fused``: :func:`fastmtl.gradients.gradient_method_step` with ``mode="vmap"``: one encoder forward,
+  the heads once per task, the K encoder backwards as one ``lstm_layer_backward_multi`` call per LSTM layer (the K
+  cotangents against the one saved forward, reached through ``torch.func.vmap`` of the encoder's vjp), the method on
+  the Gram matrix, the combination into ``.grad``, and the step;
+* ``<method>/loop``: the same with ``mode="loop"``: K backward passes over the one saved forward (one fused
+  ``lstm_layer_backward`` per layer and pass);
 * ``<method>/separate``: what LibMTL does: one forward of the model, K ``torch.autograd.grad(L_k, shared + head k,
   retain_graph=True)`` passes, the K gradients flattened into a (K, P) matrix, the same method's coefficients from
   its Gram matrix, the combination written into ``.grad`` and the step (for ``mgda_ub``: K passes to the
@@ -38,9 +41,9 @@ METHODS = ("pcgrad", "cagrad", "mgda", "mgda_ub", "imtl", "aligned_mtl", "nash_m
 def add_arguments(parser):
     parser.add_argument("--ks", default="2,3,5", help="numbers of tasks (comma-separated)")
     parser.add_argument("--methods", default=",".join(METHODS) + ",famo")
-    parser.add_argument("--modes", default="fused,separate",
-                        help="fused (per-task backward as --task-backward), vmap (torch.func.vmap), separate")
-    parser.add_argument("--task-backward", default="loop", choices=("loop", "vmap"))
+    parser.add_argument("--modes", default="fused,loop,separate",
+                        help="fused (the multi-cotangent LSTM backward), loop (K backwards over one forward), "
+                             "separate (LibMTL's K autograd passes)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (--quick: 32)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 32 (--quick 16)")
     parser.add_argument("--hidden-size", type=int, default=None, help="per direction (default 512; --quick 64)")
@@ -207,7 +210,7 @@ def run(args):
     warmup = getattr(args, "warmup", None) or 1
     repeat = getattr(args, "repeat", None) or (7 if quick else 3)
     methods = [m for m in getattr(args, "methods", ",".join(METHODS) + ",famo").split(",") if m]
-    modes = [m for m in getattr(args, "modes", "fused,separate").split(",") if m]
+    modes = [m for m in getattr(args, "modes", "fused,loop,separate").split(",") if m]
     gen = torch.Generator().manual_seed(0)
     rows = []
     for K in _ints(getattr(args, "ks", "2,3,5")):
@@ -227,11 +230,11 @@ def run(args):
             for mode in modes:
                 if mode == "separate":
                     steps[m + "/separate"] = _separate_step(model, opt, batches, make_weighting(m, tasks))
-                elif mode in ("fused", "vmap"):
-                    tb = "vmap" if mode == "vmap" else getattr(args, "task_backward", "loop")
+                elif mode in ("fused", "loop"):
+                    tb = "vmap" if mode == "fused" else "loop"
                     steps["%s/%s" % (m, mode)] = _fused_step(model, opt, batches, make_weighting(m, tasks), tb)
                 else:
-                    raise SystemExit("unknown mode %r (fused, vmap, separate)" % mode)
+                    raise SystemExit("unknown mode %r (fused, loop, separate)" % mode)
         timing = _time_interleaved(steps, warmup, repeat, device)
         for name, t in timing.items():
             rows.append({**base, "provider": name, **t})
@@ -242,7 +245,7 @@ def run(args):
                 continue
             r["vs_static"] = r["median_ms"] / static
             m, _, mode = r["provider"].partition("/")
-            if mode in ("fused", "vmap") and m + "/separate" in timing:
+            if mode in ("fused", "loop") and m + "/separate" in timing:
                 r["speedup_vs_separate"] = timing[m + "/separate"]["median_ms"] / r["median_ms"]
         del model, opt, steps
     print_table(rows, ["K", "H", "provider", "median_ms", "vs_static", "speedup_vs_separate"])
