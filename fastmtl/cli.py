@@ -239,7 +239,13 @@ def _predict(ns):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
-    ns = p.parse_args(argv)
+    ns, extra = p.parse_known_args(argv)
+    if extra:
+        # predict's sentences may also follow its options (argparse binds a "*" positional at its first chance)
+        if ns.command == "predict" and not any(e.startswith("-") for e in extra):
+            ns.sentences = list(ns.sentences) + extra
+        else:
+            ns = p.parse_args(argv)  # the usual usage error for what is unknown
     if ns.command is None:
         p.print_help()
         return 2

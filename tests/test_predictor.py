@@ -316,3 +316,16 @@ def test_probs_under_every_sharing(kw):
     assert torch.allclose(probs["cls"].sum(-1), torch.ones(5), atol=1e-5)
     valid = (torch.arange(6)[None] < lengths[:, None]).float()
     assert torch.allclose(probs["ner"].sum(-1), valid, atol=1e-5)
+
+
+def test_cli_predict_sentences_before_or_after_options(checkpoint, capsys):
+    from fastmtl.cli import main
+
+    assert main(["predict", checkpoint, "w1 w2", "--details", "--top-k", "1"]) == 0
+    before = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert main(["predict", checkpoint, "--details", "--top-k", "1", "w1 w2"]) == 0
+    after = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert len(before) == 1 and before == after and before[0]["tokens"] == ["w1", "w2"]
+    assert len(after[0]["label"]["probs"]) == 1
+    with pytest.raises(SystemExit):  # an unknown option is still a usage error
+        main(["predict", checkpoint, "--no-such-option", "w1"])
