@@ -51,7 +51,29 @@ def generic_table(rows):
     return format_table(rows, keys)
 
 
-TABLES = {"lstm": lstm_table, "heads": heads_table}
+def mtl_table(rows):
+    """train_step_mtl: per K and method, ms per step of each schedule with its ratio to the static step."""
+    static = {r["K"]: r["median_ms"] for r in rows if r["provider"] == "static"}
+    by = {}
+    for r in rows:
+        m, _, mode = r["provider"].partition("/")
+        if m != "static":
+            by.setdefault((r["K"], m), {})[mode or "step"] = r["median_ms"]
+    out = []
+    for (K, m), t in by.items():
+        cell = lambda v: "%.0f (%.2fx)" % (v, v / static[K]) if v is not None and K in static else ""  # noqa: E731
+        row = {"K": K, "method": m, "static ms": "%.0f" % static[K] if K in static else ""}
+        row["fused ms (x static)"] = cell(t.get("fused", t.get("step")))
+        row["loop ms"] = cell(t.get("loop"))
+        row["separate ms (LibMTL)"] = cell(t.get("separate"))
+        best = t.get("fused", t.get("step"))
+        row["separate / fused"] = _x(t["separate"] / best) if best and t.get("separate") else ""
+        out.append(row)
+    return format_table(out, ["K", "method", "static ms", "fused ms (x static)", "loop ms", "separate ms (LibMTL)",
+                              "separate / fused"])
+
+
+TABLES = {"lstm": lstm_table, "heads": heads_table, "train_step_mtl": mtl_table, "train_step_mtl_quick": mtl_table}
 
 
 def render(path):
@@ -61,7 +83,7 @@ def render(path):
     for name, sec in data.get("sections", {}).items():
         m = sec.get("machine", {})
         parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
-                     % (name, name, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
+                     % (name, name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
                         m.get("torch_threads"), m.get("torch"), m.get("date")))
         parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
     return "\n".join(parts)
