@@ -82,8 +82,9 @@ def render(path):
     parts = []
     for name, sec in data.get("sections", {}).items():
         m = sec.get("machine", {})
+        command = name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name
         parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
-                     % (name, name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
+                     % (name, command, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
                         m.get("torch_threads"), m.get("torch"), m.get("date")))
         parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
     return "\n".join(parts)
