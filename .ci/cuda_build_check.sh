@@ -135,7 +135,7 @@ import fastmtl
 
 info = fastmtl.build_info()
 assert info["cuda"] is True, info
-ops = ["lstm_layer_forward", "lstm_layer_backward", "multitask_loss", "multitask_predict"]
+ops = ["lstm_layer_forward", "lstm_layer_backward", "lstm_layer_backward_multi", "multitask_loss", "multitask_predict"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmtl::" + op, "CUDA")]
 assert not missing, "no CUDA kernel registered for %s" % missing
 assert hasattr(torch.ops.fastmtl, "check_input_errors") or not hasattr(fastmtl.functional, "check_input_errors")

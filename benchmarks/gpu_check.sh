@@ -125,6 +125,28 @@ for path in ("standard", "persistent"):
             report("lstm path=%s %s bidirectional=%s fwd+bwd" % (path, str(dtype)[6:], bi), err, tol, t0)
 os.environ.pop("FASTMTL_LSTM_CUDA_PATH")
 
+for dtype, tol in ((torch.float32, 1e-2), (torch.float64, 1e-10)):
+    t0 = time.time()
+    try:  # lstm_layer_backward_multi (K cotangents, one call) against K lstm_layer_backward calls
+        T, B, I, H, D, K = 9, 7, 12, 16, 2, 3
+        g = dict(device=dev, dtype=dtype)
+        x, hx, cx = torch.randn(T, B, I, **g), torch.randn(D, B, H, **g), torch.randn(D, B, H, **g)
+        ws = [torch.randn(4 * H, n, **g) / 4 for _ in range(D) for n in (I, H)]
+        lengths = torch.randint(1, T + 1, (B,)).sort(descending=True).values
+        lengths[0] = T
+        out, _, _, res = torch.ops.fastmtl.lstm_layer_forward(x, lengths, hx, cx, ws, True, True)
+        GO, GH, GC = torch.randn(K, T, B, D * H, **g), torch.randn(K, D, B, H, **g), torch.randn(K, D, B, H, **g)
+        got = torch.ops.fastmtl.lstm_layer_backward_multi(GO, GH, GC, x, lengths, hx, cx, ws, True, out, res)
+        one = [torch.ops.fastmtl.lstm_layer_backward(GO[k], GH[k], GC[k], x, lengths, hx, cx, ws, True, out, res)
+               for k in range(K)]
+        sync()
+        flat = lambda r: [r[0], r[1], r[2]] + list(r[3])  # noqa: E731
+        err = max(rel(a, torch.stack([flat(o)[i] for o in one])) for i, a in enumerate(flat(got)))
+    except Exception as e:
+        print("lstm_layer_backward_multi %s: %s: %s" % (dtype, type(e).__name__, str(e)[:300]))
+        err = float("nan")
+    report("lstm_layer_backward_multi %s K=3 vs 3 single calls" % str(dtype)[6:], err, tol, t0)
+
 for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-1)):
     t0 = time.time()
     B, T, D = 6, 9, 64

@@ -26,9 +26,15 @@ def test_cuda_kernels_match_expectation():
         assert info["cuda_version"] == torch.version.cuda
 
 
+OPS = ("lstm_layer_forward", "lstm_layer_backward", "lstm_layer_backward_multi", "multitask_loss", "multitask_predict")
+
+
 def test_ops_registered():
-    for name in ("lstm_layer_forward", "lstm_layer_backward", "multitask_loss", "multitask_predict"):
+    for name in OPS:
         assert hasattr(torch.ops.fastmtl, name), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("fastmtl::" + name, "CPU"), name
+        if fastmtl.build_info()["cuda"]:  # a CUDA build has a CUDA kernel for every op
+            assert torch._C._dispatch_has_kernel_for_dispatch_key("fastmtl::" + name, "CUDA"), name
 
 
 def test_torch_mismatch_gives_clear_error(monkeypatch):

@@ -60,13 +60,18 @@ __device__ __forceinline__ void fwd_one(const FwdStepArgs& a, int b, int j) {
   }
 }
 
+// Gradient row b; the saved forward values (reserve, c_{t-1}, h_{t-1}, hx, cx, hprev) are those of forward row
+// b / rep (BwdStepArgs).
 template <typename T>
 __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
   using A = typename Num<T>::acc;
   const int H = a.H;
   const int64_t bh = (int64_t)b * H + j;
+  const int fb = a.rep == 1 ? b : b / a.rep;         // the forward row of gradient row b
+  const bool own_hp = a.rep == 1 || b % a.rep == 0;  // one gradient row per forward row writes hprev
+  const int64_t fbh = (int64_t)fb * H + j;
   T* dg = static_cast<T*>(a.dgates) + (int64_t)b * a.dgates_ld + j;
-  T* hp = static_cast<T*>(a.hprev) + bh;
+  T* hp = static_cast<T*>(a.hprev) + fbh;
   A* dcs = static_cast<A*>(a.dc_state) + bh;
   const A* dhrec = static_cast<const A*>(a.dhrec);
   if (b >= a.bt) {
@@ -76,19 +81,19 @@ __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) st(dg + k * H, A(0));
-    st(hp, A(0));
+    if (own_hp) st(hp, A(0));
     return;
   }
-  const T* r = static_cast<const T*>(a.res) + (int64_t)b * 5 * H + j;
+  const T* r = static_cast<const T*>(a.res) + (int64_t)fb * 5 * H + j;
   const A ig = ld(r), fg = ld(r + H), gg = ld(r + 2 * H), og = ld(r + 3 * H), c = ld(r + 4 * H);
   A c_prev;
   T h_prev;
   if (b < a.n_cprev) {
-    c_prev = ld(static_cast<const T*>(a.res_prev) + (int64_t)b * 5 * H + 4 * H + j);
-    h_prev = static_cast<const T*>(a.hsrc)[(int64_t)b * a.hsrc_ld + j];
+    c_prev = ld(static_cast<const T*>(a.res_prev) + (int64_t)fb * 5 * H + 4 * H + j);
+    h_prev = static_cast<const T*>(a.hsrc)[(int64_t)fb * a.hsrc_ld + j];
   } else {
-    c_prev = ld(static_cast<const T*>(a.cx) + bh);
-    h_prev = static_cast<const T*>(a.hx)[bh];
+    c_prev = ld(static_cast<const T*>(a.cx) + fbh);
+    h_prev = static_cast<const T*>(a.hx)[fbh];
   }
   A dh = ld(static_cast<const T*>(a.grad_out) + (int64_t)b * a.grad_out_ld + j);
   A dc;
@@ -106,7 +111,7 @@ __device__ __forceinline__ void bwd_one(const BwdStepArgs& a, int b, int j) {
   st(dg + H, d_f);
   st(dg + 2 * H, d_g);
   st(dg + 3 * H, d_o);
-  *hp = h_prev;
+  if (own_hp) *hp = h_prev;
 }
 
 // Rows are grid-strided over blockIdx.y (gridDim.y is capped at 65535).

@@ -1,8 +1,9 @@
 // Torch glue for the CUDA LSTM kernels (compiled only in CUDA builds): argument checks, device guard, current
 // stream, GEMMs through ATen (cuBLAS), the per-step loop, and TORCH_LIBRARY_IMPL(fastmtl, CUDA, m).
 //
-// Contract: csrc/fastmtl.cpp (lstm_layer_forward / lstm_layer_backward). Kernels: csrc/cuda/lstm.cu (standard
-// path) and csrc/cuda/lstm_persistent.cu (persistent forward and backward); launchers in fastmtl/cuda_lstm.h.
+// Contract: csrc/fastmtl.cpp (lstm_layer_forward / lstm_layer_backward / lstm_layer_backward_multi). Kernels:
+// csrc/cuda/lstm.cu (standard path) and csrc/cuda/lstm_persistent.cu (persistent forward and backward); launchers
+// in fastmtl/cuda_lstm.h.
 //
 // Path selection (forward and backward decide separately with the same rule; both read/write the same reserve,
 // dgates and hprev layouts, so any combination is consistent):
@@ -16,6 +17,8 @@
 //               one fused gate/cell kernel.
 //   FASTMTL_LSTM_CUDA_PATH=standard|persistent forces a path ("persistent" raises when it cannot apply), for tests
 //   and benchmarks; unset or "auto" uses the rule above.
+//   lstm_layer_backward_multi (K cotangents, one time loop on B*K interleaved gradient rows) always takes the
+//   standard path: the persistent backward kernel has no rows-per-forward-row divisor (BwdStepArgs::rep).
 // Precision does not depend on the shape: float32 uses TF32 only where torch allows it for both kinds of work
 // the layer does, matrix products (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision, which the
 // standard path's ATen GEMMs follow) and RNNs (torch.backends.cudnn.allow_tf32); the persistent kernel's tf32
@@ -297,6 +300,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   return {output, hy, cy, reserve};
 }
 
+// Zero weight gradients (empty layer), each with the leading sizes `lead` ({} or {K}).
+std::vector<at::Tensor> zero_weight_grads(at::TensorList weights, at::IntArrayRef lead) {
+  std::vector<at::Tensor> grad_w;
+  for (const auto& w : weights) {
+    std::vector<int64_t> sizes = lead.vec();
+    sizes.insert(sizes.end(), w.sizes().begin(), w.sizes().end());
+    grad_w.push_back(at::zeros(sizes, w.options()));
+  }
+  return grad_w;
+}
+
+// The standard path's backward time loop, both directions, on gradient rows: rep gradient rows per forward row
+// (rep = 1: lstm_layer_backward; rep = K: lstm_layer_backward_multi, gradient row b*K + k = cotangent k of forward
+// row b). go (T, B*rep, D*H), ghy, gcy (D, B*rep, H) and the results dG (T, B*rep, D*4H), grad_hx, grad_cx
+// (D, B*rep, H) are in gradient rows; hx_c, cx_c, out_c, res and hprev (D, T, B, H) in forward rows. Per step one
+// fused kernel (BwdStepArgs::rep) and one GEMM dG_t[:bt] @ W_hh on the bt = rep * bs[t] active gradient rows.
+void standard_backward_loop(const Layer& L, fc::DType kdt, cudaStream_t stream, int64_t rep, const at::Tensor& go,
+                            const at::Tensor& ghy, const at::Tensor& gcy, const at::Tensor& hx_c,
+                            const at::Tensor& cx_c, const at::Tensor& out_c, const at::Tensor& res, at::Tensor& dG,
+                            at::Tensor& hprev, at::Tensor& grad_hx, at::Tensor& grad_cx) {
+  const int64_t T = L.T, B = L.B, H = L.H, D = L.D, G = 4 * H, R = B * rep;
+  const int64_t ldo = D * H, ldg = D * G;
+  const auto acc_opts = go.options().dtype(acc_type(go.scalar_type()));
+  for (int64_t d = 0; d < D; ++d) {
+    const at::Tensor& whh = L.w_hh[d];  // (4H, H)
+    at::Tensor dc_state = at::empty({R, H}, acc_opts);
+    at::Tensor dhrec = at::empty({R, H}, acc_opts);
+    int64_t n_prev = 0;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? T - 1 - s : s;
+      const int64_t tp = d == 0 ? t - 1 : t + 1;  // previous step in this direction's forward order
+      const int64_t n_cprev = (tp >= 0 && tp < T) ? rep * L.bs[static_cast<size_t>(tp)] : 0;
+      const int64_t bt = rep * L.bs[static_cast<size_t>(t)];
+      fc::BwdStepArgs a;
+      a.grad_out = ptr_at(go, t * R * ldo + d * H);
+      a.grad_out_ld = ldo;
+      a.dhrec = dhrec.data_ptr();
+      a.grad_hy = ptr_at(ghy, d * R * H);
+      a.grad_cy = ptr_at(gcy, d * R * H);
+      a.dc_state = dc_state.data_ptr();
+      a.res = ptr_at(res, (d * T + t) * B * 5 * H);
+      a.res_prev = n_cprev > 0 ? ptr_at(res, (d * T + tp) * B * 5 * H) : nullptr;
+      a.cx = ptr_at(cx_c, d * B * H);
+      a.hsrc = n_cprev > 0 ? ptr_at(out_c, tp * B * ldo + d * H) : nullptr;
+      a.hsrc_ld = ldo;
+      a.hx = ptr_at(hx_c, d * B * H);
+      a.hprev = ptr_at(hprev, (d * T + t) * B * H);
+      a.dgates = ptr_at(dG, t * R * ldg + d * G);
+      a.dgates_ld = ldg;
+      a.grad_hx = ptr_at(grad_hx, d * R * H);
+      a.grad_cx = ptr_at(grad_cx, d * R * H);
+      a.B = static_cast<int>(R);
+      a.bt = static_cast<int>(bt);
+      a.n_prev = static_cast<int>(n_prev);
+      a.n_cprev = static_cast<int>(n_cprev);
+      a.H = static_cast<int>(H);
+      a.rep = static_cast<int>(rep);
+      check_launch(fc::lstm_bwd_step(kdt, a, stream), "fastmtl LSTM backward step kernel");
+      if (bt > 0) {
+        at::Tensor dh_v = dhrec.narrow(0, 0, bt);
+        mm_acc_out(dh_v, dG.select(0, t).narrow(0, 0, bt).narrow(1, d * G, G), whh);
+      }
+      n_prev = bt;
+    }
+    check_launch(fc::lstm_bwd_finish(kdt, dhrec.data_ptr(), dc_state.data_ptr(), ptr_at(grad_hx, d * R * H),
+                                     ptr_at(grad_cx, d * R * H), static_cast<int>(n_prev), static_cast<int>(H),
+                                     stream),
+                 "fastmtl LSTM backward finish kernel");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
     const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx, at::TensorList weights,
@@ -311,20 +385,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   at::Tensor grad_input = (T == 0 || B == 0 || H == 0) ? at::zeros({T, B, I}, opts) : at::empty({T, B, I}, opts);
   at::Tensor grad_hx = at::empty({D, B, H}, opts);
   at::Tensor grad_cx = at::empty({D, B, H}, opts);
-  std::vector<at::Tensor> grad_w;
   if (T == 0 || B == 0 || H == 0) {
     grad_hx.copy_(grad_hy);
     grad_cx.copy_(grad_cy);
-    for (int64_t d = 0; d < D; ++d) {
-      grad_w.push_back(at::zeros_like(L.w_ih[d]));
-      grad_w.push_back(at::zeros_like(L.w_hh[d]));
-      if (L.bias) {
-        grad_w.push_back(at::zeros_like(L.b_ih[d]));
-        grad_w.push_back(at::zeros_like(L.b_hh[d]));
-      }
-    }
-    return {grad_input, grad_hx, grad_cx, grad_w};
+    return {grad_input, grad_hx, grad_cx, zero_weight_grads(weights, {})};
   }
+  std::vector<at::Tensor> grad_w;
   const fc::DType kdt = to_kernel_dtype(input.scalar_type());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   const at::Tensor go = grad_output.contiguous();
@@ -334,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   const at::Tensor cx_c = cx.contiguous();
   const at::Tensor out_c = output.contiguous();
   const at::Tensor res = reserve.contiguous();
-  const int64_t ldo = D * H, ldg = D * G;
+  const int64_t ldg = D * G;
 
   at::Tensor dG = at::empty({T, B, ldg}, opts);        // gate pre-activation gradients, both directions
   at::Tensor hprev = at::empty({D, T, B, H}, opts);    // h_{t-1} per step (hx at each sequence's first step)
@@ -368,50 +434,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     persistent =
         persistent_launched(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
   }
-  for (int64_t d = 0; d < (persistent ? 0 : D); ++d) {
-    const at::Tensor& whh = L.w_hh[d];  // (4H, H)
-    at::Tensor dc_state = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
-    at::Tensor dhrec = at::empty({B, H}, opts.dtype(acc_type(input.scalar_type())));
-    int64_t n_prev = 0;
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = d == 0 ? T - 1 - s : s;
-      const int64_t tp = d == 0 ? t - 1 : t + 1;  // previous step in this direction's forward order
-      const int64_t n_cprev = (tp >= 0 && tp < T) ? L.bs[static_cast<size_t>(tp)] : 0;
-      const int64_t bt = L.bs[static_cast<size_t>(t)];
-      fc::BwdStepArgs a;
-      a.grad_out = ptr_at(go, t * B * ldo + d * H);
-      a.grad_out_ld = ldo;
-      a.dhrec = dhrec.data_ptr();
-      a.grad_hy = ptr_at(ghy, d * B * H);
-      a.grad_cy = ptr_at(gcy, d * B * H);
-      a.dc_state = dc_state.data_ptr();
-      a.res = ptr_at(res, (d * T + t) * B * 5 * H);
-      a.res_prev = n_cprev > 0 ? ptr_at(res, (d * T + tp) * B * 5 * H) : nullptr;
-      a.cx = ptr_at(cx_c, d * B * H);
-      a.hsrc = n_cprev > 0 ? ptr_at(out_c, tp * B * ldo + d * H) : nullptr;
-      a.hsrc_ld = ldo;
-      a.hx = ptr_at(hx_c, d * B * H);
-      a.hprev = ptr_at(hprev, (d * T + t) * B * H);
-      a.dgates = ptr_at(dG, t * B * ldg + d * G);
-      a.dgates_ld = ldg;
-      a.grad_hx = ptr_at(grad_hx, d * B * H);
-      a.grad_cx = ptr_at(grad_cx, d * B * H);
-      a.B = static_cast<int>(B);
-      a.bt = static_cast<int>(bt);
-      a.n_prev = static_cast<int>(n_prev);
-      a.n_cprev = static_cast<int>(n_cprev);
-      a.H = static_cast<int>(H);
-      check_launch(fc::lstm_bwd_step(kdt, a, stream), "fastmtl LSTM backward step kernel");
-      if (bt > 0) {
-        at::Tensor dh_v = dhrec.narrow(0, 0, bt);
-        mm_acc_out(dh_v, dG.select(0, t).narrow(0, 0, bt).narrow(1, d * G, G), whh);
-      }
-      n_prev = bt;
-    }
-    check_launch(fc::lstm_bwd_finish(kdt, dhrec.data_ptr(), dc_state.data_ptr(), ptr_at(grad_hx, d * B * H),
-                                     ptr_at(grad_cx, d * B * H), static_cast<int>(n_prev), static_cast<int>(H),
-                                     stream),
-                 "fastmtl LSTM backward finish kernel");
+  if (!persistent) {
+    standard_backward_loop(L, kdt, stream, /*rep=*/1, go, ghy, gcy, hx_c, cx_c, out_c, res, dG, hprev, grad_hx,
+                           grad_cx);
   }
 
   // Weight and input gradients as large GEMMs over all steps (padding rows of dG are zero).
@@ -435,9 +460,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   return {grad_input, grad_hx, grad_cx, grad_w};
 }
 
+// (K, X, B, F) stacked cotangents -> (X, B*K, F), row b*K + k = cotangent k of forward row b.
+at::Tensor interleave_cotangents(const at::Tensor& t) {
+  return t.permute({1, 2, 0, 3}).contiguous().view({t.size(1), t.size(2) * t.size(0), t.size(3)});
+}
+// (X, B*K, F) gradient rows -> (K, X, B, F).
+at::Tensor deinterleave_rows(const at::Tensor& t, int64_t K) {
+  return t.view({t.size(0), t.size(1) / K, K, t.size(2)}).permute({2, 0, 1, 3}).contiguous();
+}
+
+// K cotangents against one saved forward (csrc/fastmtl.cpp): exactly K lstm_layer_backward calls, computed as one.
+// The cotangents are interleaved into B*K gradient rows (row b*K + k = cotangent k of forward row b, so the rows
+// active at step t are the prefix K * bs[t]) and the standard path's time loop runs on them (its step kernel reads
+// the saved forward values of row b*K + k from forward row b: BwdStepArgs::rep = K). Always the standard path: the
+// persistent backward kernel (lstm_persistent.cu) has no rows-per-forward-row divisor, so FASTMTL_LSTM_CUDA_PATH
+// and the persistent rule do not apply here. After the loop: grad_input one GEMM over all K*T*B gradient rows, the
+// weight gradients one GEMM per (cotangent, direction) on strided views of dG (rows b*K + k), biases one column sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_layer_backward_multi_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx, at::TensorList weights,
+    bool bidirectional, const at::Tensor& output, const at::Tensor& reserve) {
+  const char* op = "lstm_layer_backward_multi";
+  Layer L = check_layer(input, lengths, hx, cx, weights, bidirectional, op);
+  const int64_t K =
+      fastmtl::check_lstm_backward_multi_args(grad_output, grad_hy, grad_cy, output, reserve, input, L, op);
+  const int64_t T = L.T, B = L.B, I = L.I, H = L.H, D = L.D, G = 4 * H, ldg = D * G;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options();
+  if (K == 0 || T == 0 || B == 0 || H == 0) {
+    return {at::zeros({K, T, B, I}, opts), grad_hy.clone(at::MemoryFormat::Contiguous),
+            grad_cy.clone(at::MemoryFormat::Contiguous), zero_weight_grads(weights, {K})};
+  }
+  const fc::DType kdt = to_kernel_dtype(input.scalar_type());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  note_capture_with_lengths(L, stream);
+  const int64_t R = B * K;  // gradient rows
+  const at::Tensor go = interleave_cotangents(grad_output);  // (T, B*K, D*H)
+  const at::Tensor ghy = interleave_cotangents(grad_hy);     // (D, B*K, H)
+  const at::Tensor gcy = interleave_cotangents(grad_cy);
+  at::Tensor dG = at::empty({T, R, ldg}, opts);      // gradient rows
+  at::Tensor hprev = at::empty({D, T, B, H}, opts);  // forward rows (the same for every cotangent)
+  at::Tensor grad_hx = at::empty({D, R, H}, opts);
+  at::Tensor grad_cx = at::empty({D, R, H}, opts);
+  standard_backward_loop(L, kdt, stream, K, go, ghy, gcy, hx.contiguous(), cx.contiguous(), output.contiguous(),
+                         reserve.contiguous(), dG, hprev, grad_hx, grad_cx);
+
+  // grad_input: one GEMM over every gradient row (padding rows of dG are zero), then back to (K, T, B, I).
+  const at::Tensor wih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);  // (D*4H, I)
+  at::Tensor gin = at::empty({T, R, I}, opts);
+  at::Tensor gin2 = gin.view({T * R, I});
+  at::mm_out(gin2, dG.view({T * R, ldg}), wih_cat);
+  // Weight gradients: cotangent k's rows of dG are the strided (T*B, D*4H) view dG3[:, k] (row stride K*D*4H).
+  const at::Tensor dG3 = dG.view({T * B, K, ldg});
+  const at::Tensor x2d = input.contiguous().view({T * B, I});
+  at::Tensor gbias;  // (K, D*4H)
+  if (L.bias) gbias = dG3.sum(0, /*keepdim=*/false, acc_type(input.scalar_type())).to(input.scalar_type());
+  std::vector<at::Tensor> grad_w;
+  for (int64_t d = 0; d < D; ++d) {
+    const at::Tensor hprev_d = hprev.select(0, d).view({T * B, H});
+    at::Tensor gwih = at::empty({K, G, I}, opts);
+    at::Tensor gwhh = at::empty({K, G, H}, opts);
+    for (int64_t k = 0; k < K; ++k) {
+      const at::Tensor dG_kd_t = dG3.select(1, k).narrow(1, d * G, G).t();  // (4H, T*B)
+      at::Tensor gwih_k = gwih.select(0, k);
+      at::Tensor gwhh_k = gwhh.select(0, k);
+      at::mm_out(gwih_k, dG_kd_t, x2d);
+      at::mm_out(gwhh_k, dG_kd_t, hprev_d);
+    }
+    grad_w.push_back(gwih);
+    grad_w.push_back(gwhh);
+    if (L.bias) {
+      at::Tensor gb = gbias.narrow(1, d * G, G);
+      grad_w.push_back(gb.clone(at::MemoryFormat::Contiguous));
+      grad_w.push_back(gb.clone(at::MemoryFormat::Contiguous));
+    }
+  }
+  return {deinterleave_rows(gin, K), deinterleave_rows(grad_hx, K), deinterleave_rows(grad_cx, K), grad_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmtl, CUDA, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+  m.impl("lstm_layer_backward_multi", &lstm_layer_backward_multi_cuda);
 }

@@ -37,6 +37,10 @@ struct FwdStepArgs {
 const char* lstm_fwd_step(DType dt, const FwdStepArgs& a, cudaStream_t stream);
 
 // One backward step (processing order is the reverse of the forward order of this direction).
+// Rows are gradient rows; gradient row b belongs to forward row b / rep (rep = 1: one backward, the same rows;
+// rep = K: lstm_layer_backward_multi, whose K cotangents of forward row b are the gradient rows b*K .. b*K+K-1, so
+// the active gradient rows are still a prefix). B, bt, n_prev, n_cprev count gradient rows (K times the forward
+// rows); the pointers marked [fwd] are indexed by the forward row, the others by the gradient row.
 //   n_prev: rows active in the previously processed step (0 for the first): their dh comes from dhrec and their
 //           dc from dc_state; active rows b >= n_prev start here (their last forward step) and take grad_hy/grad_cy.
 //           Rows bt <= b < n_prev finished at the previous processed step: grad_hx/grad_cx are written for them.
@@ -50,18 +54,20 @@ struct BwdStepArgs {
   const void* grad_hy;   // (B, H)
   const void* grad_cy;   // (B, H)
   void* dc_state;        // (B, H) acc_t
-  const void* res;       // (B, 5H) reserve rows at t
-  const void* res_prev;  // (B, 5H) reserve rows at the previous forward step, or nullptr
-  const void* cx;        // (B, H)
-  const void* hsrc;      // output rows at the previous forward step (H values each), or nullptr
+  const void* res;       // [fwd] (B/rep, 5H) reserve rows at t
+  const void* res_prev;  // [fwd] (B/rep, 5H) reserve rows at the previous forward step, or nullptr
+  const void* cx;        // [fwd] (B/rep, H)
+  const void* hsrc;      // [fwd] output rows at the previous forward step (H values each), or nullptr
   int64_t hsrc_ld;
-  const void* hx;        // (B, H)
-  void* hprev;           // (B, H) rows at t of the h_{t-1} buffer (for the W_hh gradient); zero for inactive rows
+  const void* hx;        // [fwd] (B/rep, H)
+  void* hprev;           // [fwd] (B/rep, H) rows at t of the h_{t-1} buffer (for the W_hh gradient); zero for
+                         // inactive rows; written by gradient row b*rep only
   void* dgates;          // rows of 4H at t: gradient of the gate pre-activations; zero for inactive rows
   int64_t dgates_ld;
   void* grad_hx;         // (B, H)
   void* grad_cx;         // (B, H)
   int B, bt, n_prev, n_cprev, H;
+  int rep = 1;           // gradient rows per forward row
 };
 const char* lstm_bwd_step(DType dt, const BwdStepArgs& a, cudaStream_t stream);
 
