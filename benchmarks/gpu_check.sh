@@ -14,6 +14,8 @@
 #   tests      tests/test_build.py, test_lstm_cuda.py, test_heads_cuda.py (--timeout)   180
 #   bench-lstm python -m fastmtl.bench lstm --device cuda (float32 with TF32 on both sides, see below)  200
 #   bench-heads / bench-train_step   python -m fastmtl.bench heads|train_step --device cuda              90 each
+#   bench-mtl  python -m fastmtl.bench.train_step_mtl --device cuda --ks 3,5 (pcgrad fused/loop/separate,
+#              mgda_ub, famo; writes <gpu>-mtl.json)                                   60
 # The benchmarks write benchmarks/results/h200.json (or h100.json: from the GPU's name), copied to $OUT.
 # float32 benchmarks run with TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (torch's matmul TF32 switch; cuDNN's RNN TF32 is
 # on by default): the issue's targets compare float32 with TF32 on both sides, and fastmtl uses TF32 only where
@@ -188,7 +190,10 @@ RESULTS=$($PY -c 'from fastmtl.bench.common import default_results_path as p; pr
 step bench-lstm 200 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PY" -m fastmtl.bench lstm --device cuda
 step bench-heads 90 "$PY" -m fastmtl.bench heads --device cuda
 step bench-train_step 90 "$PY" -m fastmtl.bench train_step --device cuda
+MTL_RESULTS=${RESULTS%.json}-mtl.json
+step bench-mtl 60 "$PY" -m fastmtl.bench.train_step_mtl --device cuda --ks 3,5 --methods pcgrad,mgda_ub,famo
 [ -n "$RESULTS" ] && [ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"
+[ -n "$RESULTS" ] && [ -f "$MTL_RESULTS" ] && cp "$MTL_RESULTS" "$OUT/"
 
 {
     echo "=== gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - T0 ))s in all, budget ${BUDGET}s)"
