@@ -143,6 +143,21 @@ def machine_info(device="cpu"):
                     break
     except OSError:
         pass
+    # the instruction sets: what this CPU offers, the kernel set fastmtl runs on it, torch's own dispatch level
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features"))), [])
+        wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "asimd", "sve")
+        info["cpu_isa"] = [x for x in wanted if x in flags]
+    except OSError:
+        pass
+    try:
+        from .._native import cpu_kernel
+        info["fastmtl_cpu_kernel"] = cpu_kernel()
+    except Exception:  # an extension without CPU kernel selection
+        pass
+    if hasattr(torch.backends, "cpu"):
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -83,9 +83,11 @@ def render(path):
     for name, sec in data.get("sections", {}).items():
         m = sec.get("machine", {})
         command = name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name
+        where = m.get("cpu") if m.get("device") == "cpu" else m.get("device")
+        if m.get("device") == "cpu" and m.get("cpu_isa"):
+            where += " (%s; fastmtl %s kernels)" % (", ".join(m["cpu_isa"]), m.get("fastmtl_cpu_kernel", "?"))
         parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
-                     % (name, command, m.get("device"), m.get("cpu") if m.get("device") == "cpu" else m.get("device"),
-                        m.get("torch_threads"), m.get("torch"), m.get("date")))
+                     % (name, command, m.get("device"), where, m.get("torch_threads"), m.get("torch"), m.get("date")))
         parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
     return "\n".join(parts)
 
