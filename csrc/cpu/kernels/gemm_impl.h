@@ -114,7 +114,14 @@ FASTMTL_KERNEL_INLINE void gemm_pack_a(const GemmF32& g, int64_t i0, int64_t mc,
       const float* rows[MR];
       for (int r = 0; r < MR; ++r) rows[r] = g.a + (i + (r < cnt ? r : 0)) * g.lda + p0;
       constexpr int64_t PB = 16;
-      for (int64_t pb = 0; pb < kc; pb += PB) {
+      for (int64_t pb = 0; cnt == MR && pb + PB <= kc; pb += PB) {
+        // a whole block: MR rows of PB values read into a local block, written transposed
+        float blk[MR][PB];
+        for (int r = 0; r < MR; ++r) std::memcpy(blk[r], rows[r] + pb, sizeof(float) * PB);
+        for (int64_t p = 0; p < PB; ++p)
+          for (int r = 0; r < MR; ++r) d[(pb + p) * MR + r] = blk[r][p];
+      }
+      for (int64_t pb = cnt == MR ? kc / PB * PB : 0; pb < kc; pb += PB) {
         const int64_t pe = pb + PB < kc ? pb + PB : kc;
         for (int r = 0; r < MR; ++r) {
           if (r < cnt) {
@@ -150,7 +157,15 @@ FASTMTL_KERNEL_INLINE void gemm_pack_b(const GemmF32& g, int64_t p0, int64_t kc,
       }
     } else {  // B stored (n x k): op(B)[p, j] = b[j*ldb + p], a transpose in blocks of 16 k-steps
       constexpr int64_t PB = 16;
-      for (int64_t pb = 0; pb < kc; pb += PB) {
+      const float* s0 = g.b + j * g.ldb + p0;
+      for (int64_t pb = 0; cnt == NR && pb + PB <= kc; pb += PB) {
+        // a whole block: NR rows of PB values read into a local block, written transposed
+        float blk[NR][PB];
+        for (int c = 0; c < NR; ++c) std::memcpy(blk[c], s0 + c * g.ldb + pb, sizeof(float) * PB);
+        for (int64_t p = 0; p < PB; ++p)
+          for (int c = 0; c < NR; ++c) d[(pb + p) * NR + c] = blk[c][p];
+      }
+      for (int64_t pb = cnt == NR ? kc / PB * PB : 0; pb < kc; pb += PB) {
         const int64_t pe = pb + PB < kc ? pb + PB : kc;
         for (int c = 0; c < NR; ++c) {
           if (c < cnt) {
