@@ -45,9 +45,11 @@ constexpr double kParallelMacs = 1 << 20;
 
 }  // namespace
 
-// Measured (1 and 2 threads, AMD EPYC Zen 5, torch's MKL): the AVX-512 kernel about 2x torch from 8 x 64 x 256 up
-// to the large LSTM GEMMs, the AVX2 one 1.1-1.8x; both merely on par with it when m is below one register tile
-// (B's packing then costs as much as the product), where ATen keeps the GEMM.
+// Measured (1 and 2 threads, AMD EPYC Zen 5, torch's MKL): the AVX-512 kernel about 2x torch (190-210 against
+// 90-98 GFLOP/s per core) on the large LSTM GEMMs and from one register tile of rows up (14 x 512 x 2048: 0.21
+// against 0.42 ms), the AVX2 one 1.05-1.25x on the large ones and on par from 6 rows. Below one register tile of
+// rows the whole of B is packed for a few rows and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against
+// 0.22 ms), so ATen keeps those (the grad_hx GEMM of a step where few sequences start).
 bool use_own_gemm_f32(int64_t m, int64_t n, int64_t k) {
   const cpu_kernels::GemmKernels& t = cpu_kernels::gemm_kernels();
   return t.beats_blas && m >= t.mr && n > 0 && k > 0;
