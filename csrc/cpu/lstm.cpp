@@ -69,11 +69,6 @@ int lanes(const cpu_kernels::LstmCellKernels& k) {
   return std::is_same_v<T, float> ? k.lanes_f32 : k.lanes_f64;
 }
 
-// GEMMs through ATen's public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind at::mm_out,
-// called directly): torch's BLAS, without a dispatcher round trip per call. The per-step GEMMs are many and small,
-// and in the concurrent-directions path they run on worker threads where every dispatcher call would go through
-// the autograd layers again.
-//
 // How gemm_f32 addresses a 2-D view (rows x cols): stored row-major (unit column stride, ld = row stride) or
 // transposed (unit row stride, ld = column stride); false when neither stride is 1.
 bool gemm_operand(const at::Tensor& t, bool& trans, int64_t& ld) {
@@ -90,6 +85,11 @@ bool gemm_operand(const at::Tensor& t, bool& trans, int64_t& ld) {
   return false;
 }
 
+// GEMMs through ATen's public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind at::mm_out,
+// called directly): torch's BLAS, without a dispatcher round trip per call. The per-step GEMMs are many and small,
+// and in the concurrent-directions path they run on worker threads where every dispatcher call would go through
+// the autograd layers again.
+//
 // c = beta * c + a @ b for 2-D (possibly strided, one unit stride each) tensors; beta is 0 or 1. float32 through
 // fastmtl's own GEMM where cpu::use_own_gemm_f32 says so (c row-major), the rest through ATen.
 void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
