@@ -37,6 +37,8 @@
 #include <torch/library.h>
 #ifndef FASTMTL_NO_PYTHON
 #include <torch/extension.h>
+
+#include "cpu/kernels/gemm.h"
 #endif
 
 #include "fastmtl/cpu_isa.h"
@@ -96,6 +98,25 @@ pybind11::dict build_info() {
   d["cpu_kernels_compiled"] = compiled;
   return d;
 }
+
+// c = op(a) @ op(b) + beta * c in place through fastmtl's own float32 GEMM (csrc/cpu/kernels/gemm.h) with the
+// active ISA's kernel, whether or not the LSTM op would use it for this size: a (k, m) if trans_a else (m, k),
+// b (n, k) if trans_b else (k, n), c (m, n); float32 CPU matrices with the last dimension contiguous.
+void gemm_f32_for_tests(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b, double beta,
+                        at::Tensor c) {
+  for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&c)}) {
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "_gemm_f32_for_tests: expected 2-D float32 CPU tensors, got ", t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, "_gemm_f32_for_tests: the last dimension must be contiguous");
+  }
+  TORCH_CHECK(beta == 0.0 || beta == 1.0, "_gemm_f32_for_tests: beta must be 0 or 1");
+  const int64_t m = c.size(0), n = c.size(1), k = trans_a ? a.size(0) : a.size(1);
+  TORCH_CHECK((trans_a ? a.size(1) : a.size(0)) == m && (trans_b ? b.size(0) : b.size(1)) == n &&
+                  (trans_b ? b.size(1) : b.size(0)) == k,
+              "_gemm_f32_for_tests: shapes do not match: a ", a.sizes(), " b ", b.sizes(), " c ", c.sizes());
+  fastmtl::cpu::gemm_f32(trans_a, trans_b, m, n, k, a.const_data_ptr<float>(), a.stride(0),
+                         b.const_data_ptr<float>(), b.stride(0), float(beta), c.data_ptr<float>(), c.stride(0));
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -110,5 +131,11 @@ PYBIND11_MODULE(_C, m) {
         "'auto', or the instruction set forced by set_cpu_kernel / FASTMTL_CPU_KERNEL.");
   m.def("cpu_kernels", &fastmtl::cpu::supported_isa_names,
         "The instruction sets this CPU and build support, baseline first.");
+  m.def("_gemm_f32_for_tests", &gemm_f32_for_tests, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("trans_a"),
+        pybind11::arg("trans_b"), pybind11::arg("beta"), pybind11::arg("c"),
+        "Tests only: c = op(a) @ op(b) + beta * c in place with fastmtl's own float32 GEMM (active ISA).");
+  m.def("_gemm_f32_used_by_lstm", &fastmtl::cpu::use_own_gemm_f32, pybind11::arg("m"), pybind11::arg("n"),
+        pybind11::arg("k"),
+        "Tests only: whether the LSTM op runs a float32 GEMM of this size through fastmtl's own kernel (active ISA).");
 }
 #endif  // FASTMTL_NO_PYTHON

@@ -197,9 +197,12 @@ W = [torch.randn(26, 14), torch.randn(33, 14)]
 args = (hid, W, [torch.randint(0, 26, (4,)), torch.randint(0, 33, (4, 6))], ["sequence", "token"])
 tot = multitask_cross_entropy(*args)[0]
 tot_ref = multitask_cross_entropy_reference(*args)[0]
+ga, gb, gc = torch.randn(37, 29), torch.randn(45, 29), torch.empty(37, 45)
+fastmtl._C._gemm_f32_for_tests(ga, gb, False, True, 0.0, gc)  # the own GEMM of the active ISA, directly
 print(json.dumps({"isas": fastmtl.cpu_kernels(), "active": fastmtl.cpu_kernel(),
                   "out": (out - ro).abs().max().item(), "grad": (gx - x.grad).abs().max().item(),
-                  "heads": abs(float(tot) - float(tot_ref))}))
+                  "heads": abs(float(tot) - float(tot_ref)),
+                  "gemm": (gc.double() - ga.double() @ gb.double().t()).abs().max().item()}))
 """
 
 
@@ -232,4 +235,4 @@ def test_runs_on_emulated_older_cpus(cpu, expected):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["isas"] == expected and res["active"] == expected[-1], res
-    assert res["out"] < 1e-5 and res["grad"] < 1e-5 and res["heads"] < 1e-4, res
+    assert res["out"] < 1e-5 and res["grad"] < 1e-5 and res["heads"] < 1e-4 and res["gemm"] < 1e-4, res
