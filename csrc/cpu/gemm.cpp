@@ -1,6 +1,9 @@
 // The float32 GEMM dispatcher (csrc/cpu/kernels/gemm.h): the active ISA's kernel table, the per-thread packing
 // workspace and the split of C over the threads.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -9,6 +12,7 @@
 
 #include "fastmtl/cpu_isa.h"
 #include "kernels/gemm.h"
+#include "matmul.h"
 
 namespace fastmtl {
 namespace cpu_kernels {
@@ -102,6 +106,47 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const
       else t.gemm_f32(g, 0, m, lo, hi, w);
     }
   });
+}
+
+// How gemm_f32 addresses a 2-D view (rows x cols): stored row-major (unit column stride, ld = row stride) or
+// transposed (unit row stride, ld = column stride); false when neither stride is 1.
+static bool gemm_operand(const at::Tensor& t, bool& trans, int64_t& ld) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) {
+    trans = false;
+    ld = t.stride(0);
+    return true;
+  }
+  if (t.size(0) <= 1 || t.stride(0) == 1) {
+    trans = true;
+    ld = t.stride(1);
+    return true;
+  }
+  return false;
+}
+
+// See matmul.h. The ATen side calls the public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind
+// at::mm_out) directly: torch's BLAS without a dispatcher round trip per call (the LSTM's per-step GEMMs are many
+// and small, and in its concurrent-directions path they run on worker threads where every dispatcher call would
+// go through the autograd layers again).
+void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
+  if (c.numel() == 0) return;
+  if (a.size(1) == 0) {
+    if (beta == 0.f) c.zero_();
+    return;
+  }
+  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  bool ta = false, tb = false;
+  int64_t lda = 0, ldb = 0;
+  if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+      (n <= 1 || c.stride(1) == 1) && cpu::use_own_gemm_f32(m, n, k) && gemm_operand(a, ta, lda) &&
+      gemm_operand(b, tb, ldb)) {
+    cpu::gemm_f32(ta, tb, m, n, k, a.const_data_ptr<float>(), lda, b.const_data_ptr<float>(), ldb, beta,
+                  c.data_ptr<float>(), c.stride(0));
+    return;
+  }
+  at::Tensor out = c;
+  if (beta == 0.f) at::cpu::mm_out(out, a, b);
+  else at::cpu::addmm_(out, a, b);
 }
 
 }  // namespace cpu

@@ -4,7 +4,7 @@
 // tasks, and one pooled (B, D) matrix per pooling used by sequence-level tasks. On each source, small-vocabulary
 // tasks are concatenated into one segment (one GEMM for all of them); a large-vocabulary task has its own segment.
 // A segment is processed a chunk of rows at a time, so logits never exist beyond one (rows x classes) chunk:
-//   logits = X_chunk @ W^T + b                        (at::addmm, MKL)
+//   logits = X_chunk @ W^T + b                        (cpu::matmul_into: fastmtl's GEMM or torch's BLAS)
 //   fused pass per row and task: max, logsumexp, item loss, and (compute_grad) the scaled gradient of the logits
 //   written in place over the logits                   (csrc/cpu/kernels/heads_rows_<isa>.cpp, chosen at run
 //                                                       time from the CPU; at::parallel_for over rows)
@@ -30,6 +30,7 @@
 
 #include "fastmtl/cpu_isa.h"
 #include "kernels/heads_rows.h"
+#include "matmul.h"
 
 namespace fastmtl {
 namespace heads_cpu {
@@ -338,6 +339,16 @@ void segment_params(const std::vector<int64_t>& ids, const Parsed& P, Tensor& W,
 
 int64_t chunk_rows(int64_t N, int64_t Cs) { return std::max<int64_t>(1, std::min<int64_t>(N, kChunkElems / Cs)); }
 
+// logits (rows x Cs) = X_chunk @ W^T + bias, through cpu::matmul_into (fastmtl's GEMM where it is faster).
+void logits_into(const Tensor& L, const Tensor& X, const Tensor& W, const Tensor& bias) {
+  if (bias.defined()) {
+    L.copy_(bias.unsqueeze(0).expand_as(L));
+    cpu::matmul_into(X, W.t(), L, 1.f);
+  } else {
+    cpu::matmul_into(X, W.t(), L, 0.f);
+  }
+}
+
 template <typename T>
 void loss_segment(Source& src, const std::vector<int64_t>& ids, Parsed& P, bool compute_grad,
                   std::vector<Tensor>& gW, std::vector<Tensor>& gB) {
@@ -377,10 +388,7 @@ void loss_segment(Source& src, const std::vector<int64_t>& ids, Parsed& P, bool 
     const int64_t rc = std::min(R, N - r0);
     Tensor Lc = L.narrow(0, 0, rc);
     Tensor Xc = src.X.narrow(0, r0, rc);
-    if (bias.defined())
-      at::addmm_out(Lc, bias, Xc, W.t());
-    else
-      at::mm_out(Lc, Xc, W.t());
+    logits_into(Lc, Xc, W, bias);
     T* lp = Lc.data_ptr<T>();
     at::parallel_for(0, rc, grain, [&](int64_t b, int64_t e) {
       xent_rows(lp, Cs, b, e, r0, src.rowpos, st.data(), nt, compute_grad, row_losses.data());
@@ -389,14 +397,8 @@ void loss_segment(Source& src, const std::vector<int64_t>& ids, Parsed& P, bool 
       for (int64_t j = 0; j < nt; ++j) seg_loss[j] += row_losses[r * nt + j];
     if (compute_grad) {
       Tensor gXc = src.gX.narrow(0, r0, rc);
-      if (src.gx_written)
-        gXc.addmm_(Lc, W);
-      else
-        at::mm_out(gXc, Lc, W);
-      if (r0 == 0)
-        at::mm_out(gWs, Lc.t(), Xc);
-      else
-        gWs.addmm_(Lc.t(), Xc);
+      cpu::matmul_into(Lc, W, gXc, src.gx_written ? 1.f : 0.f);
+      cpu::matmul_into(Lc.t(), Xc, gWs, r0 == 0 ? 0.f : 1.f);
       if (bias.defined()) {
         if (r0 == 0)
           at::sum_out(gBs, Lc, {0});
@@ -572,10 +574,7 @@ std::vector<Tensor> predict_impl(Parsed& P) {
         const int64_t rc = std::min(R, N - r0);
         Tensor Lc = L.narrow(0, 0, rc);
         Tensor Xc = s.X.narrow(0, r0, rc);
-        if (bias.defined())
-          at::addmm_out(Lc, bias, Xc, W.t());
-        else
-          at::mm_out(Lc, Xc, W.t());
+        logits_into(Lc, Xc, W, bias);
         const T* lp = Lc.data_ptr<T>();
         at::parallel_for(0, rc, grain,
                          [&](int64_t b, int64_t e) { argmax_rows<T>(lp, Cs, b, e, r0, s.rowpos, pt.data(), nt); });

@@ -44,6 +44,7 @@
 #include "fastmtl/lstm_checks.h"
 #include "kernels/gemm.h"
 #include "kernels/lstm_cell.h"
+#include "matmul.h"
 
 namespace fastmtl {
 namespace {
@@ -69,49 +70,7 @@ int lanes(const cpu_kernels::LstmCellKernels& k) {
   return std::is_same_v<T, float> ? k.lanes_f32 : k.lanes_f64;
 }
 
-// How gemm_f32 addresses a 2-D view (rows x cols): stored row-major (unit column stride, ld = row stride) or
-// transposed (unit row stride, ld = column stride); false when neither stride is 1.
-bool gemm_operand(const at::Tensor& t, bool& trans, int64_t& ld) {
-  if (t.size(1) <= 1 || t.stride(1) == 1) {
-    trans = false;
-    ld = t.stride(0);
-    return true;
-  }
-  if (t.size(0) <= 1 || t.stride(0) == 1) {
-    trans = true;
-    ld = t.stride(1);
-    return true;
-  }
-  return false;
-}
-
-// GEMMs through ATen's public CPU kernels (at::cpu::mm_out / addmm_, the structured kernels behind at::mm_out,
-// called directly): torch's BLAS, without a dispatcher round trip per call. The per-step GEMMs are many and small,
-// and in the concurrent-directions path they run on worker threads where every dispatcher call would go through
-// the autograd layers again.
-//
-// c = beta * c + a @ b for 2-D (possibly strided, one unit stride each) tensors; beta is 0 or 1. float32 through
-// fastmtl's own GEMM where cpu::use_own_gemm_f32 says so (c row-major), the rest through ATen.
-void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
-  if (c.numel() == 0) return;
-  if (a.size(1) == 0) {
-    if (beta == 0.f) c.zero_();
-    return;
-  }
-  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
-  bool ta = false, tb = false;
-  int64_t lda = 0, ldb = 0;
-  if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-      (n <= 1 || c.stride(1) == 1) && cpu::use_own_gemm_f32(m, n, k) && gemm_operand(a, ta, lda) &&
-      gemm_operand(b, tb, ldb)) {
-    cpu::gemm_f32(ta, tb, m, n, k, a.const_data_ptr<float>(), lda, b.const_data_ptr<float>(), ldb, beta,
-                  c.data_ptr<float>(), c.stride(0));
-    return;
-  }
-  at::Tensor out = c;
-  if (beta == 0.f) at::cpu::mm_out(out, a, b);
-  else at::cpu::addmm_(out, a, b);
-}
+using cpu::matmul_into;  // csrc/cpu/matmul.h
 
 // Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C; op(A) = A^T with A stored (k x m, lda) when trans_a, else
 // A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb). beta is 0 or 1.

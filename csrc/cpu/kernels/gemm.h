@@ -64,8 +64,8 @@ const GemmKernels& gemm_kernels();
 }  // namespace cpu_kernels
 
 namespace cpu {
-// Whether the LSTM op should run a float32 GEMM of this size through gemm_f32 rather than ATen: the active ISA's
-// kernel beats torch's BLAS (GemmKernels::beats_blas) and the product is large enough.
+// Whether the CPU ops (LSTM, heads) should run a float32 GEMM of this size through gemm_f32 rather than ATen: the
+// active ISA's kernel beats torch's BLAS (GemmKernels::beats_blas) and the product is large enough.
 bool use_own_gemm_f32(int64_t m, int64_t n, int64_t k);
 // Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C (beta 0 or 1; see the top of this file) with the active ISA's
 // kernel, split over at::get_num_threads() threads when it is large (one thread inside a parallel region).
