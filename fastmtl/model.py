@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding import constrained_marginals, viterbi_decode
+from .functional.dropout import dropout
 from .nn import MultiTaskHeads
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
@@ -222,10 +223,10 @@ class MultiTaskLSTM(torch.nn.Module):
         x = self.embedding(ids)
         if self.char_cnn is not None:
             x = torch.cat([x, self.char_cnn(ids, chars).to(x.dtype)], dim=2)
-        return torch.nn.functional.dropout(x, self.dropout, self.training)
+        return dropout(x, self.dropout, self.training)
 
     def _drop(self, h):
-        return torch.nn.functional.dropout(h, self.dropout, self.training)
+        return dropout(h, self.dropout, self.training)
 
     def encode(self, ids, lengths, chars=None):
         """Returns ``{group key: hidden (B, T, D)}`` for every heads module. ``chars``: optional (B, T, L)

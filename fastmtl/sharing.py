@@ -10,6 +10,7 @@ r"""Encoders and parameter-sharing strategies for :class:`fastmtl.MultiTaskLSTM`
 """
 import torch
 
+from .functional.dropout import dropout
 from .nn import LSTM
 
 __all__ = ["Encoder", "soft_sharing_penalty", "SHARING"]
@@ -43,7 +44,7 @@ class Encoder(torch.nn.Module):
         outs = []
         for i, layer in enumerate(self.layers):
             if i > 0 and self.dropout > 0:
-                x = torch.nn.functional.dropout(x, self.dropout, self.training)
+                x = dropout(x, self.dropout, self.training)
             x = layer(x, lengths=lengths)[0]
             outs.append(x)
         return outs
