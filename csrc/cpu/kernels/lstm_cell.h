@@ -29,17 +29,29 @@ namespace cpu_kernels {
 // (zero past H).
 inline int64_t fwd_blocks(int64_t H, int W) { return (H + W - 1) / W; }
 inline int64_t fwd_packed_size(int64_t H, int W) { return fwd_blocks(H, W) * H * 4 * W; }
+// A transpose of the block's 4W rows: done a tile of kKT columns at a time (each source row read as one short
+// contiguous run, the tile written as kKT contiguous destination rows), so both sides stay in L1 and the source is
+// streamed row by row (a per-column walk touches 4W lines per element; at B = 1 the pack is most of a call).
 template <typename T>
 void pack_fwd(const T* w_hh, int64_t H, int W, T* dst, int64_t p0, int64_t p1) {
+  constexpr int64_t kKT = 16;
   const int64_t W4 = 4 * int64_t(W);
   for (int64_t p = p0; p < p1; ++p) {
     T* d = dst + p * H * W4;
-    for (int64_t k = 0; k < H; ++k)
+    for (int64_t k0 = 0; k0 < H; k0 += kKT) {
+      const int64_t kn = H - k0 < kKT ? H - k0 : kKT;
       for (int64_t g = 0; g < 4; ++g)
         for (int64_t u = 0; u < W; ++u) {
           const int64_t j = p * W + u;
-          d[k * W4 + g * W + u] = j < H ? w_hh[(g * H + j) * H + k] : T(0);
+          T* out = d + k0 * W4 + g * W + u;
+          if (j < H) {
+            const T* src = w_hh + (g * H + j) * H + k0;
+            for (int64_t kk = 0; kk < kn; ++kk) out[kk * W4] = src[kk];
+          } else {
+            for (int64_t kk = 0; kk < kn; ++kk) out[kk * W4] = T(0);
+          }
         }
+    }
   }
 }
 
