@@ -158,6 +158,11 @@ def machine_info(device="cpu"):
         pass
     if hasattr(torch.backends, "cpu"):
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    # instruction-set caps in force (e.g. an AVX2-only run on an AVX-512 CPU: torch, oneDNN, MKL and fastmtl capped)
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                       "FASTMTL_CPU_KERNEL") if os.environ.get(k)}
+    if caps:
+        info["isa_caps"] = caps
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -86,6 +86,8 @@ def render(path):
         where = m.get("cpu") if m.get("device") == "cpu" else m.get("device")
         if m.get("device") == "cpu" and m.get("cpu_isa"):
             where += " (%s; fastmtl %s kernels)" % (", ".join(m["cpu_isa"]), m.get("fastmtl_cpu_kernel", "?"))
+        if m.get("isa_caps"):
+            where += ", capped: " + " ".join("%s=%s" % kv for kv in sorted(m["isa_caps"].items()))
         parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
                      % (name, command, m.get("device"), where, m.get("torch_threads"), m.get("torch"), m.get("date")))
         parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
