@@ -102,14 +102,20 @@ inline LstmDims check_lstm_layer_args(const at::Tensor& input, const std::option
 }
 
 // The backward op's extra tensors: grad_output and output (T, B, D*H), grad_hy and grad_cy (D, B, H), reserve
-// (D, T, B, 5H), all with input's dtype and device.
+// (D, T, B, 5H), all with input's dtype and device. K >= 0 (lstm_layer_backward_multi): the incoming gradients
+// carry a leading K (K stacked cotangents), output and reserve do not.
 inline void check_lstm_backward_args(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                                      const at::Tensor& grad_cy, const at::Tensor& output, const at::Tensor& reserve,
-                                     const at::Tensor& input, const LstmDims& d, const char* op) {
+                                     const at::Tensor& input, const LstmDims& d, const char* op, int64_t K = -1) {
   const std::vector<int64_t> out_shape{d.T, d.B, d.D * d.H}, state{d.D, d.B, d.H}, res_shape{d.D, d.T, d.B, 5 * d.H};
+  std::vector<int64_t> g_out = out_shape, g_state = state;
+  if (K >= 0) {
+    g_out.insert(g_out.begin(), K);
+    g_state.insert(g_state.begin(), K);
+  }
   using Expect = std::tuple<const at::Tensor*, const char*, const std::vector<int64_t>*>;
-  for (auto [t, name, shape] : {Expect{&grad_output, "grad_output", &out_shape}, Expect{&output, "output", &out_shape},
-                                Expect{&grad_hy, "grad_hy", &state}, Expect{&grad_cy, "grad_cy", &state}}) {
+  for (auto [t, name, shape] : {Expect{&grad_output, "grad_output", &g_out}, Expect{&output, "output", &out_shape},
+                                Expect{&grad_hy, "grad_hy", &g_state}, Expect{&grad_cy, "grad_cy", &g_state}}) {
     FASTMTL_CHECK_VALUE(t->defined() && t->sizes() == at::IntArrayRef(*shape), op, ": ", name, " must have shape ",
                         at::IntArrayRef(*shape), ", got ", t->defined() ? shape_str(*t) : std::string("None"));
   }
@@ -123,8 +129,8 @@ inline void check_lstm_backward_args(const at::Tensor& grad_output, const at::Te
   }
 }
 
-// lstm_layer_backward_multi: the cotangents carry a leading K, grad_output (K, T, B, D*H), grad_hy and grad_cy
-// (K, D, B, H); output and reserve as for one backward. Returns K.
+// lstm_layer_backward_multi: grad_output (K, T, B, D*H), grad_hy and grad_cy (K, D, B, H); output and reserve as
+// for one backward. Returns K.
 inline int64_t check_lstm_backward_multi_args(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                                               const at::Tensor& grad_cy, const at::Tensor& output,
                                               const at::Tensor& reserve, const at::Tensor& input, const LstmDims& d,
@@ -133,22 +139,7 @@ inline int64_t check_lstm_backward_multi_args(const at::Tensor& grad_output, con
                       ": grad_output must have shape (K, T, B, D*H) (K stacked output gradients), got ",
                       grad_output.defined() ? shape_str(grad_output) : std::string("None"));
   const int64_t K = grad_output.size(0);
-  const std::vector<int64_t> out_shape{K, d.T, d.B, d.D * d.H}, state{K, d.D, d.B, d.H},
-      res_shape{d.D, d.T, d.B, 5 * d.H}, fwd_out{d.T, d.B, d.D * d.H};
-  using Expect = std::tuple<const at::Tensor*, const char*, const std::vector<int64_t>*>;
-  for (auto [t, name, shape] : {Expect{&grad_output, "grad_output", &out_shape}, Expect{&output, "output", &fwd_out},
-                                Expect{&grad_hy, "grad_hy", &state}, Expect{&grad_cy, "grad_cy", &state}}) {
-    FASTMTL_CHECK_VALUE(t->defined() && t->sizes() == at::IntArrayRef(*shape), op, ": ", name, " must have shape ",
-                        at::IntArrayRef(*shape), ", got ", t->defined() ? shape_str(*t) : std::string("None"));
-  }
-  FASTMTL_CHECK_VALUE(reserve.defined() && reserve.sizes() == at::IntArrayRef(res_shape), op,
-                      ": reserve must have shape (D, T, B, 5H) = ", at::IntArrayRef(res_shape), ", got ",
-                      reserve.defined() ? shape_str(reserve) : std::string("None"),
-                      " (run lstm_layer_forward with need_reserve=True when gradients are needed)");
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output, "grad_output"},
-                         {&grad_hy, "grad_hy"}, {&grad_cy, "grad_cy"}, {&output, "output"}, {&reserve, "reserve"}}) {
-    check_like_input(*t, input, op, name);
-  }
+  check_lstm_backward_args(grad_output, grad_hy, grad_cy, output, reserve, input, d, op, K);
   return K;
 }
 
