@@ -41,16 +41,20 @@ def _check(m, n, k, ta, tb, beta, strided):
     c0 = c.double().clone()
     ref = opa @ opb + (c0 if beta else 0)
     scale = opa.abs() @ opb.abs() + (c0.abs() if beta else 0)
-    below = c.as_strided((c.shape[0], 1), c.stride(), c.storage_offset() - 1) if strided else None
-    before = below.clone() if strided else None
+    if strided:  # C is a window of a larger buffer: everything outside the window must stay as it was
+        base = torch.as_strided(c, (c.shape[0] + 2, c.stride(0)), (c.stride(0), 1),
+                                c.storage_offset() - c.stride(0) - 5)
+        outside = torch.ones_like(base, dtype=torch.bool)
+        outside[1:c.shape[0] + 1, 5:c.shape[1] + 5] = False
+        before = base[outside].clone()
     _C._gemm_f32_for_tests(a, b, ta, tb, float(beta), c)
     err = (c.double() - ref).abs()
     tol = 1e-5 * math.sqrt(k) * scale + 1e-30
     what = "m=%d n=%d k=%d trans_a=%s trans_b=%s beta=%d strided=%s" % (m, n, k, ta, tb, beta, strided)
     assert bool(torch.isfinite(c).all()), what + ": non-finite result"
     assert bool((err <= tol).all()), "%s: max err %.3g (scale %.3g)" % (what, err.max().item(), scale.max().item())
-    if strided:  # nothing outside C's window is written
-        assert torch.equal(below, before), what + ": wrote outside C"
+    if strided:
+        assert torch.equal(base[outside], before), what + ": wrote outside C"
 
 
 @pytest.mark.parametrize("ta,tb", list(itertools.product((False, True), repeat=2)))
@@ -76,7 +80,9 @@ def test_gemm_blocks_and_threads(isa, m, n, k, threads):
 
 def test_gemm_k_zero_and_bad_arguments():
     c = torch.randn(3, 4)
-    _C._gemm_f32_for_tests(torch.empty(3, 0), torch.empty(0, 4), False, False, 1.0, c.clone())
+    kept = c.clone()
+    _C._gemm_f32_for_tests(torch.empty(3, 0), torch.empty(0, 4), False, False, 1.0, kept)
+    assert torch.equal(kept, c)  # k = 0, beta = 1: C unchanged
     out = c.clone()
     _C._gemm_f32_for_tests(torch.empty(3, 0), torch.empty(0, 4), False, False, 0.0, out)
     assert bool((out == 0).all())

@@ -59,7 +59,12 @@ def test_vmap_with_different_randomness():
     assert set(y.unique().tolist()) <= {0.0, 2.0}
 
 
-def test_model_uses_it_in_training_only():
+def test_model_uses_it_in_training_only(monkeypatch):
+    import fastmtl.model as fm
+
+    calls = []
+    real = fm.dropout
+    monkeypatch.setattr(fm, "dropout", lambda x, p, training: calls.append(training) or real(x, p, training))
     torch.manual_seed(0)
     m = fastmtl.MultiTaskLSTM(50, 8, 6, [fastmtl.nn.SequenceTask("a", 3)], dropout=0.5)
     ids, lengths = torch.randint(1, 50, (4, 5)), torch.tensor([5, 4, 3, 2])
@@ -72,3 +77,4 @@ def test_model_uses_it_in_training_only():
     torch.manual_seed(1)
     t2 = m.encode(ids, lengths)
     assert all(torch.equal(t1[k], t2[k]) for k in t1) and not all(torch.equal(t1[k], e1[k]) for k in t1)
+    assert calls and set(calls) == {False, True}  # the model's dropout is fastmtl.functional.dropout

@@ -74,6 +74,27 @@ def test_multi_zero_cotangents(device):
     assert gi.shape == (0, 4, 3, 2) and ghx.shape == (0, 2, 3, 5) and [g.shape[0] for g in gw] == [0] * len(ws)
 
 
+@pytest.mark.parametrize("T,B,I,H", [(0, 3, 2, 4), (3, 2, 0, 4), (3, 2, 2, 0), (3, 0, 2, 4)])
+def test_multi_empty_shapes_match_single(device, T, B, I, H):
+    # what lstm_layer_backward returns for an empty layer, K times
+    K, D = 2, 2
+    x, hx, cx = torch.randn(T, B, I, dtype=torch.float64), torch.randn(D, B, H, dtype=torch.float64), \
+        torch.randn(D, B, H, dtype=torch.float64)
+    ws = []
+    for _ in range(D):
+        ws += [torch.randn(4 * H, I, dtype=torch.float64), torch.randn(4 * H, H, dtype=torch.float64)]
+    x, hx, cx, ws = x.to(device), hx.to(device), cx.to(device), [w.to(device) for w in ws]
+    out, hy, cy, res = torch.ops.fastmtl.lstm_layer_forward(x, None, hx, cx, ws, True, True)
+    go, ghy, gcy = _cotangents(K, T, B, H, D, torch.float64, device, None)
+    multi = torch.ops.fastmtl.lstm_layer_backward_multi(go, ghy, gcy, x, None, hx, cx, ws, True, out, res)
+    for k in range(K):
+        single = torch.ops.fastmtl.lstm_layer_backward(go[k], ghy[k], gcy[k], x, None, hx, cx, ws, True, out, res)
+        for a, b in zip(multi[:3], single[:3]):
+            torch.testing.assert_close(a[k], b)
+        for a, b in zip(multi[3], single[3]):
+            torch.testing.assert_close(a[k], b)
+
+
 @pytest.mark.parametrize("bi,bias,lengths", [(True, True, [5, 4, 2]), (False, False, None)])
 def test_multi_opcheck(device, bi, bias, lengths):
     x, lens, hx, cx, ws, out, res = _layer(device, torch.float64, 5, 3, 4, 6, bi, bias, lengths)
@@ -138,3 +159,28 @@ def test_vmap_of_vjp_runs_one_multi_backward_per_layer(device, monkeypatch):
         (one,) = vjp(cots[k])
         for n in params:
             torch.testing.assert_close(batched[n][k], one[n], atol=1e-12, rtol=1e-10)
+
+
+def test_outer_vmap_over_inputs_of_a_vmapped_vjp():
+    # the multi op under an outer vmap whose forward arguments are vmapped: its rule recomputes each sample's reserve
+    x, lens, hx, cx, ws, out, res = _layer("cpu", torch.float64, 4, 3, 2, 5, True, True, None)
+    xs = torch.randn(2, *x.shape, dtype=torch.float64)
+    cots = torch.randn(3, 4, 3, 10, dtype=torch.float64)
+
+    def per_input(xx):
+        _, vjp = torch.func.vjp(lambda w0: torch.ops.fastmtl.lstm_layer_forward(xx, None, hx, cx, [w0] + ws[1:],
+                                                                                True, True)[0], ws[0])
+        return torch.func.vmap(vjp)(cots)[0]
+
+    batched = torch.func.vmap(per_input)(xs)
+    for i in range(2):
+        torch.testing.assert_close(batched[i], per_input(xs[i]), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("isa", fastmtl.cpu_kernels())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_multi_equals_k_single_under_every_cpu_kernel(isa, dtype):
+    with fastmtl.use_cpu_kernel(isa):
+        assert fastmtl.cpu_kernel() == isa
+        test_multi_equals_k_single_backwards(CASES[4], dtype, "cpu")
+        test_multi_equals_k_single_backwards(CASES[5], dtype, "cpu")

@@ -53,7 +53,9 @@ constexpr double kParallelMacs = 1 << 20;
 // 90-98 GFLOP/s per core) on the large LSTM GEMMs and from one register tile of rows up (14 x 512 x 2048: 0.21
 // against 0.42 ms), the AVX2 one 1.05-1.25x on the large ones and on par from 6 rows. Below one register tile of
 // rows the whole of B is packed for a few rows and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against
-// 0.22 ms), so ATen keeps those (the grad_hx GEMM of a step where few sequences start).
+// 0.22 ms), so ATen keeps those (the grad_hx GEMM of a step where few sequences start). The per-ISA choice
+// (GemmKernels::beats_blas) was measured against MKL on this AMD CPU only: on an Intel CPU MKL's own AVX2/AVX-512
+// paths are tuned and may match or beat these kernels.
 bool use_own_gemm_f32(int64_t m, int64_t n, int64_t k) {
   const cpu_kernels::GemmKernels& t = cpu_kernels::gemm_kernels();
   return t.beats_blas && m >= t.mr && n > 0 && k > 0;

@@ -74,8 +74,8 @@ using cpu::matmul_into;  // csrc/cpu/matmul.h
 
 // Row-major C (m x n, ldc) = op(A) @ op(B) + beta * C; op(A) = A^T with A stored (k x m, lda) when trans_a, else
 // A (m x k, lda); op(B) = B^T with B stored (n x k, ldb) when trans_b, else B (k x n, ldb). beta is 0 or 1.
-// The per-step GEMMs, on strided views of the caller's buffers (no copies), as matmul_into (float32 through
-// gemm_f32 where cpu::use_own_gemm_f32 says so).
+// On raw pointers into the caller's buffers (no copies; grad_hx's GEMM on the rows where sequences start), as
+// matmul_into (float32 through gemm_f32 where cpu::use_own_gemm_f32 says so).
 template <typename T>
 inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
                     const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -620,15 +620,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   const char* op = "lstm_layer_backward_multi";
   const LstmDims d = check_lstm_layer_args(input, lengths, hx, cx, weights, bidirectional, op, /*cuda=*/false);
   const int64_t K = check_lstm_backward_multi_args(grad_output, grad_hy, grad_cy, output, reserve, input, d, op);
-  if (K == 0) {
-    std::vector<at::Tensor> grad_w;
-    for (const auto& w : weights) {
-      auto sizes = w.sizes().vec();
-      sizes.insert(sizes.begin(), 0);
-      grad_w.push_back(at::empty(sizes, w.options()));
-    }
-    return {at::empty({0, d.T, d.B, d.I}, input.options()), grad_hy.clone(), grad_cy.clone(), grad_w};
-  }
   std::optional<at::Tensor> len_c;
   if (lengths.has_value()) len_c = lengths->contiguous();
   const int64_t T = d.T, B = d.B, H = d.H, D = d.D;
@@ -638,8 +629,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   auto gcy = grad_cy.permute({1, 2, 0, 3}).contiguous().view({D, B * K, H});
   BackwardResult r = lstm_backward_rows(go, ghy, gcy, input.contiguous(), len_c, hx.contiguous(), cx.contiguous(),
                                         weights, d, output.contiguous(), reserve.contiguous(), K);
-  auto deinterleave = [K](const at::Tensor& t) {  // (X, B*K, F) -> (K, X, B, F)
-    return t.view({t.size(0), -1, K, t.size(2)}).permute({2, 0, 1, 3}).contiguous();
+  auto deinterleave = [B, K](const at::Tensor& t) {  // (X, B*K, F) -> (K, X, B, F); any size may be 0
+    return t.view({t.size(0), B, K, t.size(2)}).permute({2, 0, 1, 3}).contiguous();
   };
   return {deinterleave(r.grad_input), deinterleave(r.grad_hx), deinterleave(r.grad_cx), r.grad_w};
 }

@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -495,6 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
   note_capture_with_lengths(L, stream);
   const int64_t R = B * K;  // gradient rows
+  FASTMTL_CHECK_VALUE(R <= std::numeric_limits<int>::max(), op, ": B * K = ", B, " * ", K,
+                      " gradient rows exceed the kernels' 32-bit row index; pass fewer cotangents per call");
   const at::Tensor go = interleave_cotangents(grad_output);  // (T, B*K, D*H)
   const at::Tensor ghy = interleave_cotangents(grad_hy);     // (D, B*K, H)
   const at::Tensor gcy = interleave_cotangents(grad_cy);

@@ -83,7 +83,7 @@ def render(path):
     for name, sec in data.get("sections", {}).items():
         m = sec.get("machine", {})
         command = name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name
-        where = m.get("cpu") if m.get("device") == "cpu" else m.get("device")
+        where = (m.get("cpu") or "?") if m.get("device") == "cpu" else m.get("device")
         if m.get("device") == "cpu" and m.get("cpu_isa"):
             where += " (%s; fastmtl %s kernels)" % (", ".join(m["cpu_isa"]), m.get("fastmtl_cpu_kernel", "?"))
         if m.get("isa_caps"):

@@ -180,16 +180,15 @@ def _call_forward(input, lengths, hx, cx, weights, bidirectional, need_reserve):
                                                 [w.contiguous() for w in weights], bidirectional, need_reserve)
 
 
-def _call_backward(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
+def _call_backward(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve, multi=False):
+    op = torch.ops.fastmtl.lstm_layer_backward_multi if multi else torch.ops.fastmtl.lstm_layer_backward
     c = lambda t: t.contiguous()  # noqa: E731
-    return torch.ops.fastmtl.lstm_layer_backward(c(go), c(ghy), c(gcy), c(input), lengths, c(hx), c(cx),
-                                                 [c(w) for w in weights], bidirectional, c(output), c(reserve))
+    return op(c(go), c(ghy), c(gcy), c(input), lengths, c(hx), c(cx), [c(w) for w in weights], bidirectional,
+              c(output), c(reserve))
 
 
-def _call_backward_multi(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
-    c = lambda t: t.contiguous()  # noqa: E731
-    return torch.ops.fastmtl.lstm_layer_backward_multi(c(go), c(ghy), c(gcy), c(input), lengths, c(hx), c(cx),
-                                                       [c(w) for w in weights], bidirectional, c(output), c(reserve))
+def _call_backward_multi(*args):
+    return _call_backward(*args, multi=True)
 
 
 def _reserve_placeholder(N, T, B, H, D, like):
@@ -285,11 +284,12 @@ def _backward_vmap_fold(N, in_dims, go, ghy, gcy, input, lengths, hx, cx, weight
             (0, 2, 2, [0] * len(grad_w)))
 
 
-def _backward_one(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
-    """One sample of the looping rule; ``reserve`` None: recompute output and reserve with a fused forward."""
+def _backward_one(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve, multi=False):
+    """One sample of the looping rule (of lstm_layer_backward, or of the multi op); ``reserve`` None: recompute
+    output and reserve with a fused forward."""
     if reserve is None:
         output, _, _, reserve = _call_forward(input, lengths, hx, cx, weights, bidirectional, True)
-    return _call_backward(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve)
+    return _call_backward(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve, multi)
 
 
 @torch.library.register_vmap(_BWD)
@@ -334,12 +334,6 @@ _tr.register_legacy_batched("lstm_layer_backward")
 _tr.register_legacy_batched("lstm_layer_backward_multi")
 
 
-def _backward_multi_one(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve):
-    if reserve is None:
-        output, _, _, reserve = _call_forward(input, lengths, hx, cx, weights, bidirectional, True)
-    return _call_backward_multi(go, ghy, gcy, input, lengths, hx, cx, weights, bidirectional, output, reserve)
-
-
 @torch.library.register_vmap("fastmtl::lstm_layer_backward_multi")
 def _backward_multi_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths, hx, cx, weights,
                          bidirectional, output, reserve):
@@ -348,7 +342,7 @@ def _backward_multi_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, le
     if not _tr.all_none([in_dims[i] for i in (3, 4, 5, 6, 7, 9, 10)]):
         args = args[:9] + (None, None)
         in_dims = in_dims[:9] + (None, None)
-    return _tr.loop(_backward_multi_one, info.batch_size, in_dims, args)
+    return _tr.loop(lambda *a: _backward_one(*a, multi=True), info.batch_size, in_dims, args)
 
 
 def lstm_layer(input: Tensor, lengths: Optional[Tensor], hx: Tensor, cx: Tensor, weights: Sequence[Tensor],

@@ -33,14 +33,16 @@ struct GemmLanes<VB, true> {
   static FASTMTL_KERNEL_INLINE void store(float* p, const type& v) { F::store(p, v); }
   static FASTMTL_KERNEL_INLINE type zero() { return F::splat(0.f); }
   // p[kOff] in every lane as one broadcast load with a constant displacement (GCC on x86 otherwise builds the
-  // splat of a loaded float from lane inserts; see Lanes::bcast in lstm_cell_impl.h). The packed panels are
-  // read-only during a call.
+  // splat of a loaded float from lane inserts; see Lanes::bcast in lstm_cell_impl.h). Unlike the LSTM step
+  // kernels' operands, the packed A panel is rewritten within one call (per block of k and of rows, at the same
+  // address), so the asm names the float it reads as a memory input: it is ordered after the packing and never
+  // merged with a load of the previous contents.
   template <int kOff>
   static FASTMTL_KERNEL_INLINE type bcast(const float* p) {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
     if constexpr (VB == 64 || VB == 32) {
       type v;
-      asm("vbroadcastss %c2(%1), %0" : "=v"(v) : "r"(p), "i"(kOff * 4));
+      asm("vbroadcastss %c2(%1), %0" : "=v"(v) : "r"(p), "i"(kOff * 4), "m"(p[kOff]));
       return v;
     }
 #endif
