@@ -16,6 +16,8 @@
 #   bench-heads / bench-train_step   python -m fastmtl.bench heads|train_step --device cuda              90 each
 #   bench-mtl  python -m fastmtl.bench.train_step_mtl --device cuda --ks 3,5 (pcgrad fused/loop/separate,
 #              mgda_ub, famo; writes <gpu>-mtl.json)                                   60
+# Together the steps ask for more than the default budget: the last ones (bench-train_step, bench-mtl) run only on
+# what the earlier ones leave (SKIPPED in the summary otherwise); raise GPU_CHECK_BUDGET_S when device time allows.
 # The benchmarks write benchmarks/results/h200.json (or h100.json: from the GPU's name), copied to $OUT.
 # float32 benchmarks run with TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (torch's matmul TF32 switch; cuDNN's RNN TF32 is
 # on by default): the targets compare float32 with TF32 on both sides, and fastmtl uses TF32 only where

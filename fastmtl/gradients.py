@@ -24,8 +24,8 @@ The encoder backward is linear in its incoming gradient, so everything else foll
     stacked cotangents, the general form that works for any encoder built from fastmtl ops (or plain PyTorch).
     Only the cotangents are vmapped, so the vmap rule of ``lstm_layer_backward`` runs each LSTM layer's K
     backwards as one ``lstm_layer_backward_multi`` call on the saved activations: the time loop on K*B rows
-    (row b*K + k is cotangent k of sequence b), the gates read once per sequence, the weight gradients as large
-    GEMMs per task. The other encoder ops (embedding, dropout, character CNN) run through their vmap rules.
+    (row b*K + k is cotangent k of sequence b; its K rows read the sequence's saved gates), the weight gradients
+    as large GEMMs per task. The other encoder ops (embedding, dropout, character CNN) run through their vmap rules.
 
   The K backwards cost about K times one backward in arithmetic either way (the LSTM backward is linear in its
   cotangent, every product is per task); the fused call saves the per-pass overhead and runs the recurrent

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "train", "train_step", "train_step_mtl")
+RUNNERS = ("lstm", "heads", "train", "gemm", "train_step", "train_step_mtl")
 
 
 def main(argv=None):
@@ -15,7 +15,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<machine>.json)")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--section", default=None,
+                   help="name of the results section (default: the runner's name; e.g. lstm_infer for a second lstm "
+                        "run with other options)")
     args, rest = p.parse_known_args(argv)
+    if args.section and args.name == "all":
+        p.error("--section names one runner's section; not with all")
     names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl")] if args.name == "all" else [args.name]
     for name in names:
         mod = importlib.import_module("fastmtl.bench." + name)
@@ -30,7 +35,9 @@ def main(argv=None):
         if not args.no_save and rows:
             from .common import save_section
 
-            path = save_section(name, rows, path=args.out, device=args.device)
+            cmd = " ".join(["python -m fastmtl.bench"] + list(sys.argv[1:] if argv is None else argv))
+            path = save_section(args.section or name, rows, path=args.out, device=args.device,
+                                extra={"command": cmd})
             print("saved to %s" % path)
     return 0
 

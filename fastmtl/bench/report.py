@@ -16,16 +16,20 @@ def _x(v):
 
 def lstm_table(rows):
     out = []
+    # forward+backward rows (the forward-only rows of the same run are in the JSON); a run of other modes (e.g.
+    # --modes infer) shows its own
+    modes = {"fwd+bwd"} if any(r.get("mode") == "fwd+bwd" for r in rows) else {r.get("mode") for r in rows}
     for r in rows:
-        if r.get("mode") != "fwd+bwd":
+        if r.get("mode") not in modes:
             continue
         out.append({
-            "shape": "%d,%d,%d,%d" % (r["B"], r["T"], r["E"], r["H"]), "dtype": r["dtype"], "dir": r["dir"],
+            "shape": "%d,%d,%d,%d" % (r["B"], r["T"], r["E"], r["H"]), "mode": r["mode"], "dtype": r["dtype"],
+            "dir": r["dir"],
             "lengths": r["lengths"], "fastmtl ms": r["fastmtl_ms"], "torch ms": r["torch_ms"],
             "vs torch": _x(r["speedup_vs_torch"]),
             "torch packed ms": r.get("torch_packed_ms", ""), "vs packed": _x(r.get("speedup_vs_packed")),
             "GFLOP/s": r.get("fastmtl_gflops", ""), "GEMM GFLOP/s": r.get("gemm_gflops", "")})
-    return format_table(out, ["shape", "dtype", "dir", "lengths", "fastmtl ms", "torch ms", "vs torch",
+    return format_table(out, ["shape", "mode", "dtype", "dir", "lengths", "fastmtl ms", "torch ms", "vs torch",
                               "torch packed ms", "vs packed", "GFLOP/s", "GEMM GFLOP/s"])
 
 
@@ -73,7 +77,8 @@ def mtl_table(rows):
                               "separate / fused"])
 
 
-TABLES = {"lstm": lstm_table, "heads": heads_table, "train_step_mtl": mtl_table, "train_step_mtl_quick": mtl_table}
+TABLES = {"lstm": lstm_table, "lstm_infer": lstm_table, "lstm_one_sentence": lstm_table, "heads": heads_table,
+          "train_step_mtl": mtl_table, "train_step_mtl_quick": mtl_table}
 
 
 def render(path):
@@ -82,13 +87,14 @@ def render(path):
     parts = []
     for name, sec in data.get("sections", {}).items():
         m = sec.get("machine", {})
-        command = name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name
+        command = sec.get("command") or "python -m fastmtl.bench " + (
+            name[:-len("_quick")] + " --quick" if name.endswith("_quick") else name)
         where = (m.get("cpu") or "?") if m.get("device") == "cpu" else m.get("device")
         if m.get("device") == "cpu" and m.get("cpu_isa"):
             where += " (%s; fastmtl %s kernels)" % (", ".join(m["cpu_isa"]), m.get("fastmtl_cpu_kernel", "?"))
         if m.get("isa_caps"):
             where += ", capped: " + " ".join("%s=%s" % kv for kv in sorted(m["isa_caps"].items()))
-        parts.append("#### %s (`python -m fastmtl.bench %s`, %s, %s, %s threads, torch %s, %s)\n"
+        parts.append("#### %s (`%s`, %s, %s, %s threads, torch %s, %s)\n"
                      % (name, command, m.get("device"), where, m.get("torch_threads"), m.get("torch"), m.get("date")))
         parts.append(TABLES.get(name, generic_table)(sec.get("rows", [])) + "\n")
     return "\n".join(parts)
