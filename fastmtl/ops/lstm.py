@@ -16,9 +16,12 @@ The schema and tensor layouts are documented in ``csrc/fastmtl.cpp``.
   differentiating it is not meaningful).
 * vmap (``torch.library.register_vmap``): ``lstm_layer_forward`` folds the vmapped dimension into the batch
   (one call; row ``b * N + j`` is row b of sample j, so lengths stay non-increasing) when neither ``lengths`` nor
-  any weight is vmapped, and runs once per vmapped index otherwise. ``lstm_layer_backward`` folds the same way
-  when neither ``lengths`` nor any weight is vmapped (float32/float64, plain tensors) and computes the per-sample
-  weight gradients from the gate gradients (:func:`_backward_vmap_fold`); otherwise it loops. The reserve is the
+  any weight is vmapped, and runs once per vmapped index otherwise. ``lstm_layer_backward``: when only the
+  incoming gradients are vmapped (vmap of a vjp: K cotangents against one saved forward) it is one
+  ``lstm_layer_backward_multi`` call on the saved activations (the time loop on K*B rows, per-cotangent weight
+  gradients); otherwise it folds the same way as the forward when neither ``lengths`` nor any weight is vmapped
+  (float32/float64, plain tensors) and computes the per-sample weight gradients from the gate gradients
+  (:func:`_backward_vmap_fold`); otherwise it loops. The reserve is the
   backend's own memory layout, so under vmap the forward returns a zero-memory placeholder for it and the vmapped
   backward recomputes the reserve it needs with one fused forward (fold) or one per sample (loop; a loop with an
   unvmapped reserve, i.e. only the incoming gradients vmapped, uses it as it is). So
