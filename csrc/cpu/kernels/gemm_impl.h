@@ -93,89 +93,46 @@ FASTMTL_KERNEL_INLINE void gemm_tile(int64_t kc, const float* ap, const float* b
     }
 }
 
-// op(A)[i0 : i0+mc, p0 : p0+kc] into panels of MR rows: dst[(ip*kc + p)*MR + r] = op(A)[i0 + ip*MR + r, p0 + p],
-// zero past mc.
-template <int MR>
-FASTMTL_KERNEL_INLINE void gemm_pack_a(const GemmF32& g, int64_t i0, int64_t mc, int64_t p0, int64_t kc,
-                                       float* dst) {
-  for (int64_t ip = 0; ip * MR < mc; ++ip) {
-    const int64_t i = i0 + ip * MR;
-    const int cnt = mc - ip * MR < MR ? int(mc - ip * MR) : MR;
-    float* d = dst + ip * kc * MR;
-    if (g.trans_a) {  // A stored (k x m): op(A)[i, p] = a[p*lda + i], rows of the panel contiguous
-      const float* s = g.a + p0 * g.lda + i;
-      if (cnt == MR) {
-        for (int64_t p = 0; p < kc; ++p) std::memcpy(d + p * MR, s + p * g.lda, sizeof(float) * MR);
+// Packs a block of one operand into panels of W lanes (A: W = MR rows; B: W = NR columns), the lanes of a depth
+// step contiguous: dst[(lp*kc + p)*W + l] = X[lane0 + lp*W + l, p0 + p], zero past `lanes`. X(lane, depth) is
+// src[lane*ld + depth] when lane_major (A stored m x k, B stored n x k: a transpose in blocks of 16 depth steps)
+// and src[depth*ld + lane] otherwise (A stored k x m, B stored k x n: rows copied as they are).
+template <int W>
+FASTMTL_KERNEL_INLINE void gemm_pack_panels(const float* src, int64_t ld, bool lane_major, int64_t lane0,
+                                            int64_t lanes, int64_t p0, int64_t kc, float* dst) {
+  for (int64_t lp = 0; lp * W < lanes; ++lp) {
+    const int64_t l0 = lane0 + lp * W;
+    const int cnt = lanes - lp * W < W ? int(lanes - lp * W) : W;
+    float* d = dst + lp * kc * W;
+    if (!lane_major) {
+      const float* s = src + p0 * ld + l0;
+      if (cnt == W) {
+        for (int64_t p = 0; p < kc; ++p) std::memcpy(d + p * W, s + p * ld, sizeof(float) * W);
       } else {
         for (int64_t p = 0; p < kc; ++p) {
-          for (int r = 0; r < cnt; ++r) d[p * MR + r] = s[p * g.lda + r];
-          for (int r = cnt; r < MR; ++r) d[p * MR + r] = 0.f;
+          for (int l = 0; l < cnt; ++l) d[p * W + l] = s[p * ld + l];
+          for (int l = cnt; l < W; ++l) d[p * W + l] = 0.f;
         }
       }
-    } else {  // A stored (m x k): op(A)[i, p] = a[i*lda + p], a transpose in blocks of 16 k-steps
-      const float* rows[MR];
-      for (int r = 0; r < MR; ++r) rows[r] = g.a + (i + (r < cnt ? r : 0)) * g.lda + p0;
-      constexpr int64_t PB = 16;
-      for (int64_t pb = 0; cnt == MR && pb + PB <= kc; pb += PB) {
-        // a whole block: MR rows of PB values read into a local block, written transposed
-        float blk[MR][PB];
-        for (int r = 0; r < MR; ++r) std::memcpy(blk[r], rows[r] + pb, sizeof(float) * PB);
-        for (int64_t p = 0; p < PB; ++p)
-          for (int r = 0; r < MR; ++r) d[(pb + p) * MR + r] = blk[r][p];
-      }
-      for (int64_t pb = cnt == MR ? kc / PB * PB : 0; pb < kc; pb += PB) {
-        const int64_t pe = pb + PB < kc ? pb + PB : kc;
-        for (int r = 0; r < MR; ++r) {
-          if (r < cnt) {
-            const float* s = rows[r];
-            for (int64_t p = pb; p < pe; ++p) d[p * MR + r] = s[p];
-          } else {
-            for (int64_t p = pb; p < pe; ++p) d[p * MR + r] = 0.f;
-          }
-        }
-      }
+      continue;
     }
-  }
-}
-
-// op(B)[p0 : p0+kc, j0 : j0+nc] into panels of NR columns: dst[(jp*kc + p)*NR + j] = op(B)[p0 + p, j0 + jp*NR + j],
-// zero past nc.
-template <int NR>
-FASTMTL_KERNEL_INLINE void gemm_pack_b(const GemmF32& g, int64_t p0, int64_t kc, int64_t j0, int64_t nc,
-                                       float* dst) {
-  for (int64_t jp = 0; jp * NR < nc; ++jp) {
-    const int64_t j = j0 + jp * NR;
-    const int cnt = nc - jp * NR < NR ? int(nc - jp * NR) : NR;
-    float* d = dst + jp * kc * NR;
-    if (!g.trans_b) {  // B stored (k x n): rows of the panel contiguous
-      const float* s = g.b + p0 * g.ldb + j;
-      if (cnt == NR) {
-        for (int64_t p = 0; p < kc; ++p) std::memcpy(d + p * NR, s + p * g.ldb, sizeof(float) * NR);
-      } else {
-        for (int64_t p = 0; p < kc; ++p) {
-          for (int c = 0; c < cnt; ++c) d[p * NR + c] = s[p * g.ldb + c];
-          for (int c = cnt; c < NR; ++c) d[p * NR + c] = 0.f;
-        }
-      }
-    } else {  // B stored (n x k): op(B)[p, j] = b[j*ldb + p], a transpose in blocks of 16 k-steps
-      constexpr int64_t PB = 16;
-      const float* s0 = g.b + j * g.ldb + p0;
-      for (int64_t pb = 0; cnt == NR && pb + PB <= kc; pb += PB) {
-        // a whole block: NR rows of PB values read into a local block, written transposed
-        float blk[NR][PB];
-        for (int c = 0; c < NR; ++c) std::memcpy(blk[c], s0 + c * g.ldb + pb, sizeof(float) * PB);
-        for (int64_t p = 0; p < PB; ++p)
-          for (int c = 0; c < NR; ++c) d[(pb + p) * NR + c] = blk[c][p];
-      }
-      for (int64_t pb = cnt == NR ? kc / PB * PB : 0; pb < kc; pb += PB) {
-        const int64_t pe = pb + PB < kc ? pb + PB : kc;
-        for (int c = 0; c < NR; ++c) {
-          if (c < cnt) {
-            const float* s = g.b + (j + c) * g.ldb + p0;
-            for (int64_t p = pb; p < pe; ++p) d[p * NR + c] = s[p];
-          } else {
-            for (int64_t p = pb; p < pe; ++p) d[p * NR + c] = 0.f;
-          }
+    const float* s0 = src + l0 * ld + p0;
+    constexpr int64_t PB = 16;
+    for (int64_t pb = 0; cnt == W && pb + PB <= kc; pb += PB) {
+      // a whole block: W lanes of PB values read into a local block, written transposed
+      float blk[W][PB];
+      for (int l = 0; l < W; ++l) std::memcpy(blk[l], s0 + l * ld + pb, sizeof(float) * PB);
+      for (int64_t p = 0; p < PB; ++p)
+        for (int l = 0; l < W; ++l) d[(pb + p) * W + l] = blk[l][p];
+    }
+    for (int64_t pb = cnt == W ? kc / PB * PB : 0; pb < kc; pb += PB) {
+      const int64_t pe = pb + PB < kc ? pb + PB : kc;
+      for (int l = 0; l < W; ++l) {
+        if (l < cnt) {
+          const float* s = s0 + l * ld;
+          for (int64_t p = pb; p < pe; ++p) d[p * W + l] = s[p];
+        } else {
+          for (int64_t p = pb; p < pe; ++p) d[p * W + l] = 0.f;
         }
       }
     }
@@ -196,10 +153,10 @@ FASTMTL_KERNEL_INLINE void gemm_f32_impl(const GemmF32& g, int64_t m0, int64_t m
     for (int64_t pc = 0; pc < g.k; pc += KC) {
       const int64_t kc = g.k - pc < KC ? g.k - pc : KC;
       const bool acc_c = pc > 0 || g.beta != 0.f;
-      gemm_pack_b<NR>(g, pc, kc, jc, nc, bpack);
+      gemm_pack_panels<NR>(g.b, g.ldb, g.trans_b, jc, nc, pc, kc, bpack);
       for (int64_t ic = m0; ic < m1; ic += MC) {
         const int64_t mc = m1 - ic < MC ? m1 - ic : MC;
-        gemm_pack_a<MR>(g, ic, mc, pc, kc, apack);
+        gemm_pack_panels<MR>(g.a, g.lda, !g.trans_a, ic, mc, pc, kc, apack);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int64_t nr = nc - jr < NR ? nc - jr : NR;
           const float* bp = bpack + jr * kc;
