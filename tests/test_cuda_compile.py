@@ -51,6 +51,8 @@ def _cuda_home():
 
 CUDA_HOME = _cuda_home()
 NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+# the C++ standard the build gives g++ and nvcc: what the installed torch's headers require (17 without torch)
+STD = "-std=c++%d" % (SETUP.torch_cxx_standard() if SETUP is not None else 17)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 needs_setup = pytest.mark.skipif(SETUP is None, reason="setup.py cannot be imported (torch missing)")
 
@@ -77,7 +79,7 @@ def nvcc_results():
     procs = {}
     for f in CU_FILES:
         obj = os.path.join(outdir, os.path.basename(f) + ".o")
-        cmd = [NVCC, "-std=c++17", "-O3", "--Werror", "all-warnings"] + _torch_nvcc_flags() + [
+        cmd = [NVCC, STD, "-O3", "--Werror", "all-warnings"] + _torch_nvcc_flags() + [
             "-I" + os.path.join(ROOT, "csrc", "include"), "-c", f, "-o", obj]
         for a in ARCHS:
             cmd += ["-gencode", "arch=compute_%s,code=sm_%s" % (a, a)]
@@ -142,8 +144,8 @@ def _glue_flags():
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None, "no host C++ compiler"
-    flags = [cxx, "-fsyntax-only", "-std=c++17", "-Wall", "-DFASTMTL_WITH_CUDA",
-             "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI)]
+    flags = [cxx, "-fsyntax-only", STD, "-Wall", "-DFASTMTL_WITH_CUDA",
+             "-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch.compiled_with_cxx11_abi())]
     # CPU-only torch wheels ship c10/cuda headers without the generated cuda_cmake_macros.h.
     if not any(os.path.exists(os.path.join(i, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for i in incs):
         flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")

@@ -315,7 +315,7 @@ def test_opcheck(device):
 
 
 def test_compile_fullgraph(device):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     heads = MultiTaskHeads(8, [SequenceTask("intent", 6, pooling="max"), TokenTask("slots", 9)]).to(device)
     B, T = 4, 5
     hidden = torch.randn(B, T, 8, device=device, requires_grad=True)

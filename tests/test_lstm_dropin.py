@@ -512,10 +512,10 @@ def test_not_a_torch_lstm_subclass_because_dynamo_refuses_those():
 
     x = torch.randn(5, 2, 4)
     sub = Subclass(4, 6)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with pytest.raises(Exception, match="RNN, GRU, or LSTM|allow_rnn"):
         torch.compile(lambda x: sub(x)[0], fullgraph=True, backend="eager")(x)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     out = torch.compile(lambda x: m(x)[0], fullgraph=True, backend="eager")(x)
     _close(out, m(x)[0])
 
@@ -583,7 +583,7 @@ def test_torch_export_sees_parameters():
 
 
 def test_compile_fullgraph_with_functional_call():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     m = LSTM(4, 6, 2, bidirectional=True)
     params = {k: torch.randn_like(v) for k, v in m.named_parameters()}
     x = torch.randn(5, 3, 4)

@@ -46,6 +46,8 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.testing import make_tensor
 
 import fastmtl.nn
+from fastmtl._support import parse_version
+from fastmtl.ops import _tree  # nested tuples/lists (torch's own pytree is private)
 
 # test name -> why fastmtl.nn.LSTM fails it, e.g. {"test_jit__test_nn_LSTM": "torch.jit.script fails: ..."}: such a
 # test runs as xfail(strict=True) for impl == "fastmtl" only. Remove the entry in the commit that makes the test pass
@@ -116,6 +118,16 @@ def gradgradcheck(fn, inputs, **kwargs):
     return _gradgradcheck(fn, inputs, **kwargs)
 
 
+# torch.testing.assert_close's documented default (rtol, atol) per dtype (its helper for them is private)
+_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+               torch.float64: (1e-7, 1e-7), torch.complex64: (1.3e-6, 1e-5), torch.complex128: (1e-7, 1e-7)}
+
+
+def _default_tolerances(*tensors):
+    tols = [_TOLERANCES.get(t.dtype, (0.0, 0.0)) for t in tensors]
+    return max(r for r, _ in tols), max(a for _, a in tols)
+
+
 def assert_equal(x, y, atol=None, rtol=None, precision=0.0, rel_tol=0.0, msg=""):
     """TestCase.assertEqual for what these tests compare: tensors (exact dtype, dtype-default tolerances unless
     given, at least ``precision``/``rel_tol`` as TestCase's overrides), None, numbers and nested sequences."""
@@ -125,7 +137,7 @@ def assert_equal(x, y, atol=None, rtol=None, precision=0.0, rel_tol=0.0, msg="")
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor), "%s: %r vs %r" % (msg, type(x), type(y))
         if atol is None and rtol is None:
-            rtol, atol = torch.testing._comparison.default_tolerances(x, y)
+            rtol, atol = _default_tolerances(x, y)
         rtol, atol = max(rtol, rel_tol), max(atol, precision)
         torch.testing.assert_close(x, y, atol=atol, rtol=rtol, equal_nan=True, check_device=False, msg=(
             lambda m: "%s\n%s" % (msg, m)) if msg else None)
@@ -164,13 +176,16 @@ def mock_wrapper(method):
     return wrapper
 
 
+TORCH = parse_version(torch.__version__)  # torch's own tests changed with it: the port follows the installed release
+
+
 def get_tensors_from(args, kwargs):
     return set([a for a in args if isinstance(a, torch.Tensor)] +
                [v for v in kwargs.values() if isinstance(v, torch.Tensor)])
 
 
 def tree_leaves(obj):
-    return torch.utils._pytree.tree_leaves(obj)
+    return _tree.tree_leaves(obj)
 
 
 # ===============================================================================================================
@@ -725,23 +740,20 @@ def test_nn__test_LSTM_differentiable_backward_using_oneDNN(impl):
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
 
-    was_enabled = torch._C._get_mkldnn_enabled()
-    try:
-        torch._C._set_mkldnn_enabled(False)
+    # (the original toggles torch._C._set_mkldnn_enabled; torch.backends.mkldnn.flags is its public form)
+    with torch.backends.mkldnn.flags(enabled=False):
         out1, _ = Net(x1)
         der_out1 = torch.autograd.grad(out1, x1, grad_outputs=torch.ones_like(out1), retain_graph=True,
                                        create_graph=True)[0]
         loss1 = der_out1.sum()
         loss1.backward(retain_graph=True)
 
-        torch._C._set_mkldnn_enabled(True)
+    with torch.backends.mkldnn.flags(enabled=True):
         out2, _ = Net(x2)
         der_out2 = torch.autograd.grad(out2, x2, grad_outputs=torch.ones_like(out2), retain_graph=True,
                                        create_graph=True)[0]
         loss2 = der_out2.sum()
         loss2.backward(retain_graph=True)
-    finally:
-        torch._C._set_mkldnn_enabled(was_enabled)
     assert torch.allclose(der_out1, der_out2), "der_out1 and der_out2 should be close"
     assert torch.allclose(x1.grad, x2.grad), "x1.grad and x2.grad should be close"
 
@@ -851,6 +863,14 @@ def module_error_inputs_torch_nn_RNN_GRU(device, dtype, requires_grad):
         (_ModuleInput(("10", 5)), C, TypeError, "input_size should be of type int, got: str"),
         (_ModuleInput((0, 5)), C, ValueError, "input_size must be greater than zero"),
         (_ModuleInput((-1, 5)), C, ValueError, "input_size must be greater than zero"),
+        (_ModuleInput((3, 5.0)), C, TypeError, "hidden_size should be of type int, got: float"),
+    ] if TORCH >= (2, 11) else [
+        # torch 2.8-2.10's common_modules (the dtype wording and the type checks of bias, batch_first and input_size
+        # came in 2.11)
+        (_ModuleInput((10, 0, 1)), C, ValueError, "hidden_size must be greater than zero"),
+        (_ModuleInput((10, 10, 0)), C, ValueError, "num_layers must be greater than zero"),
+        (_ModuleInput((3, 5), dict(dtype=dtype, device=device), forward_args=(make_input((2, 4, 3)),)), F_,
+         ValueError, r"input must have the type .*, got type .*"),
         (_ModuleInput((3, 5.0)), C, TypeError, "hidden_size should be of type int, got: float"),
     ]
 
@@ -1081,7 +1101,7 @@ def _test_gradients_helper(LSTM, check, dtype=torch.double, total_on=None, parti
             flat_spec = None
 
             def fn_to_gradcheck(*flat_input_and_params):
-                input_and_params = torch.utils._pytree.tree_unflatten(flat_input_and_params, flat_spec)
+                input_and_params = _tree.tree_unflatten(flat_input_and_params, flat_spec)
                 new_input_args = input_and_params[:len(input_args)]
                 kwarg_args = input_and_params[-len(kwarg_tensors):]
                 new_kwargs = {name: obj for (name, _), obj in zip(kwarg_tensors, kwarg_args)}
@@ -1095,7 +1115,7 @@ def _test_gradients_helper(LSTM, check, dtype=torch.double, total_on=None, parti
             # check total derivative
             if do_total:
                 grad_input = input_args + params + tuple(obj for (_, obj) in kwarg_tensors)
-                flat_input, flat_spec = torch.utils._pytree.tree_flatten(grad_input)
+                flat_input, flat_spec = _tree.tree_flatten(grad_input)
                 do_check(flat_input)
 
             if not do_partials:
@@ -1107,7 +1127,7 @@ def _test_gradients_helper(LSTM, check, dtype=torch.double, total_on=None, parti
             for p, old in zip(params, old_params_requires_grad):
                 p.requires_grad = old
                 grad_input = input_args + params + tuple(obj for (_, obj) in kwarg_tensors)
-                flat_input, flat_spec = torch.utils._pytree.tree_flatten(grad_input)
+                flat_input, flat_spec = _tree.tree_flatten(grad_input)
                 do_check(flat_input)
                 p.requires_grad = False
 

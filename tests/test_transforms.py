@@ -459,6 +459,19 @@ def test_heads_gradgradcheck(device, tasks, lengths):
     assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
 
 
+def test_heads_gradgradcheck_tied_weights(device):
+    # one weight tensor used by two tasks (tied heads): the double backward sums its two partial derivatives once each
+    hidden, weights, biases, targets, levels, kw, lam = _heads(device, [dict(C=3, level="token"),
+                                                                        dict(C=3, level="sequence", pooling="max")],
+                                                               B=2, T=3, D=2)
+
+    def fn(h, lam, w, b0, b1):
+        return multitask_cross_entropy(h, [w, w], targets, levels, biases=[b0, b1], task_weights=lam, **kw)
+
+    args = [t.requires_grad_(True) for t in (hidden, lam, weights[0], *biases)]
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
 def test_heads_double_backward_matches_reference(device):
     hidden, weights, biases, targets, levels, kw, lam = _heads(device, TASKS + TASKS_2[:1])
     params = [t.requires_grad_(True) for t in [hidden, lam] + weights + biases]

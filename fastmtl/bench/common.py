@@ -66,11 +66,14 @@ def gemm_gflops(device="cpu", dtype=torch.float32, n=1024, repeat=10):
     candidates = [lambda: torch.mm(a, b)]
     if str(device) == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         # On the CPU the fastest GEMM is often oneDNN's (MKL is slow on some AMD parts): the rate is the best of both.
+        from .. import _torch_private
+
+        mkldnn_linear = _torch_private.mkldnn_linear()
         try:
             am, bm = a.to_mkldnn(), b.to_mkldnn()
-            torch._C._nn.mkldnn_linear(am, bm)
-            candidates.append(lambda: torch._C._nn.mkldnn_linear(am, bm))
-        except (RuntimeError, AttributeError):
+            mkldnn_linear(am, bm)
+            candidates.append(lambda: mkldnn_linear(am, bm))
+        except (RuntimeError, TypeError):  # TypeError: this torch has no mkldnn_linear (None)
             pass
     best = min(measure(f, warmup=3, repeat=repeat, device=device)["median_ms"] for f in candidates)
     return 2.0 * n ** 3 / (best / 1e3) / 1e9

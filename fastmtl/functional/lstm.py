@@ -18,9 +18,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._support import parse_version
 from ..ops.lstm import lstm_layer
 
 __all__ = ["lstm"]
+
+_DTYPE_MESSAGES = {}
+_TORCH = parse_version(torch.__version__)
+
+
+def _torch_dtype_message(input_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    """torch.nn.LSTM's own message for an input whose dtype differs from the weights' (its wording changed between
+    torch releases: "input must have the type ..." up to 2.10, "RNN input dtype ... does not match weight dtype ..."
+    from 2.11), asked of the public ``torch.nn.RNNBase.check_input`` on a meta-device LSTM and kept per dtype pair."""
+    key = (input_dtype, weight_dtype)
+    if key not in _DTYPE_MESSAGES:
+        try:
+            probe = torch.nn.LSTM(1, 1, device="meta", dtype=weight_dtype)
+            probe.check_input(torch.empty((1, 1, 1), dtype=input_dtype, device="meta"), None)
+        except ValueError as e:
+            _DTYPE_MESSAGES[key] = str(e)
+        except Exception:  # pragma: no cover - a weight dtype torch.nn.LSTM cannot have
+            pass
+    if key in _DTYPE_MESSAGES:
+        return _DTYPE_MESSAGES[key]
+    # (check_input does not raise under autocast: the wording of the installed release, written out)
+    if _TORCH < (2, 11):
+        return "input must have the type %s, got type %s" % (weight_dtype, input_dtype)
+    return ("RNN input dtype (%s) does not match weight dtype (%s). Convert input: input.to(%s), or convert model: "
+            "model.to(%s)" % (input_dtype, weight_dtype, weight_dtype, input_dtype))
+
 
 _SUPPORTED = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -161,10 +188,8 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
             raise TypeError("fastmtl.lstm: weights[%d] must be a Tensor, got %s" % (i, type(w).__name__))
     for i, w in enumerate(weights):
         if w.dtype != input.dtype:
-            raise ValueError("RNN input dtype (%s) does not match weight dtype (%s). Convert input: input.to(%s), "
-                             "or convert model: model.to(%s) (fastmtl.lstm: input has dtype %s but weights[%d] has "
-                             "dtype %s; they must match)" % (input.dtype, w.dtype, w.dtype, input.dtype,
-                                                            input.dtype, i, w.dtype))
+            raise ValueError("%s (fastmtl.lstm: input has dtype %s but weights[%d] has dtype %s; they must match)"
+                             % (_torch_dtype_message(input.dtype, w.dtype), input.dtype, i, w.dtype))
     dev = input.device.type
     if input.dtype not in _SUPPORTED.get(dev, (torch.float32, torch.float64)):
         raise TypeError("fastmtl.lstm: input dtype %s is not supported on %s (supported: %s)"

@@ -30,8 +30,10 @@ import warnings
 from typing import List, Optional, Sequence, Tuple, Union, overload
 
 import torch
-from torch import Tensor, _VF
-from torch.nn.utils.rnn import PackedSequence
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import _torch_private as _priv
 
 from ..functional.lstm import _lstm_script
 from ..functional.lstm import lstm as _lstm
@@ -55,15 +57,9 @@ def _quantizer_asked_for_torch_lstm(frame) -> bool:
     """Whether ``frame`` (or one of its two callers) is torch.ao.quantization propagating a qconfig spec that names
     torch.nn.LSTM (the setter of ``qconfig`` is then being handed None for this module because its type is not in the
     spec). Best effort: a different torch layout gives False (no warning), never an error."""
+    spec = _priv.qconfig_propagation_spec(frame)
     try:
-        for _ in range(3):  # the setter may be reached through nn.Module.__setattr__
-            if frame is None:
-                return False
-            if frame.f_code.co_name == "_propagate_qconfig_helper":
-                spec = frame.f_locals.get("qconfig_dict")
-                return isinstance(spec, dict) and spec.get(torch.nn.LSTM) is not None
-            frame = frame.f_back
-        return False
+        return spec is not None and spec.get(torch.nn.LSTM) is not None
     except Exception:  # pragma: no cover
         return False
 
@@ -117,13 +113,13 @@ class LSTM(torch.nn.RNNBase):
 
     # TorchScript compiles forward once per overload (as for torch.nn.LSTM); eager Python runs the last def.
     @overload  # type: ignore[override]
-    @torch._jit_internal._overload_method
+    @_priv.overload_method
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None,
                 lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         pass
 
     @overload
-    @torch._jit_internal._overload_method
+    @_priv.overload_method
     def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None,
                 lengths: Optional[Tensor] = None) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         pass
@@ -204,7 +200,7 @@ class LSTM(torch.nn.RNNBase):
         data, batch_sizes, sorted_indices, unsorted_indices = input
         T = batch_sizes.numel()
         # Padded, time-major, in the PackedSequence's (sorted, non-increasing lengths) order.
-        padded, lengths = _VF._pad_packed_sequence(data, batch_sizes, False, 0.0, T)
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None), total_length=T)
         if hx is not None:
             h0, c0 = self._check_hx_pair(hx)
             if sorted_indices is not None:
@@ -213,7 +209,7 @@ class LSTM(torch.nn.RNNBase):
             hx = (h0, c0)
         out, (h_n, c_n) = _lstm(padded, hx, weights, self.num_layers, self.bidirectional, False,
                                 self.dropout, self.training, lengths)
-        out_data, out_batch_sizes = _VF._pack_padded_sequence(out, lengths, False)
+        out_data = pack_padded_sequence(out, lengths, enforce_sorted=True).data
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices.to(h_n.device))
             c_n = c_n.index_select(1, unsorted_indices.to(c_n.device))
@@ -259,7 +255,8 @@ class LSTM(torch.nn.RNNBase):
         if lengths is not None:
             raise ValueError("fastmtl.nn.LSTM: lengths= is for padded input; a PackedSequence carries its own")
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        padded, lens = _VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.size(0))
+        padded, lens = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None),
+                                           total_length=batch_sizes.size(0))
         if hx is not None:
             h0, c0 = hx
             if sorted_indices is not None:
@@ -269,7 +266,7 @@ class LSTM(torch.nn.RNNBase):
         out, hidden = _lstm_script(padded, hx, self._flat_weights, self.num_layers, self.bidirectional, False,
                                    self.dropout, self.training, lens)
         h_n, c_n = hidden
-        out_data, _ = _VF._pack_padded_sequence(out, lens, False)
+        out_data = pack_padded_sequence(out, lens, enforce_sorted=True).data
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices.to(h_n.device))
             c_n = c_n.index_select(1, unsorted_indices.to(c_n.device))

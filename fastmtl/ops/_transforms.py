@@ -26,7 +26,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
+
+from .. import _torch_private as _priv
+from . import _tree as pytree
 
 
 def all_none(dims) -> bool:
@@ -86,30 +88,33 @@ def unfold(t: Tensor, pos: int, n: int) -> Tensor:
 # the same loop for any return type. It peels the innermost legacy vmap level, calls the op once per index with that
 # level's vmap mode left (so tensors batched at outer levels come back here, one level down), and re-adds the level.
 # ---------------------------------------------------------------------------------------------------------------
+_lv = _priv.legacy_vmap
+
+
 def _is_legacy_batched(t: Any) -> bool:
-    return isinstance(t, Tensor) and torch._C._functorch.is_legacy_batchedtensor(t)
+    return isinstance(t, Tensor) and _lv.is_batched(t)
 
 
 def legacy_batched_kernel(op: Callable) -> Callable:
     def kernel(*args):
-        level = torch._C._vmapmode_increment_nesting() - 1
-        torch._C._vmapmode_decrement_nesting()
+        level = _lv.increment_nesting() - 1
+        _lv.decrement_nesting()
         flat, spec = pytree.tree_flatten(list(args))
-        # The batch size: a tensor batched at this level shows it; _remove_batch_dim expands the others.
-        probes = [torch._remove_batch_dim(t, level, 1, 0).shape[0] for t in flat if _is_legacy_batched(t)]
+        # The batch size: a tensor batched at this level shows it; remove_batch_dim expands the others.
+        probes = [_lv.remove_batch_dim(t, level, 1, 0).shape[0] for t in flat if _is_legacy_batched(t)]
         N = max(probes)
-        unwrapped = [torch._remove_batch_dim(t, level, N, 0) if _is_legacy_batched(t) else t for t in flat]
+        unwrapped = [_lv.remove_batch_dim(t, level, N, 0) if _is_legacy_batched(t) else t for t in flat]
         batched = [_is_legacy_batched(t) for t in flat]
         results = []
-        torch._C._vmapmode_decrement_nesting()
+        _lv.decrement_nesting()
         try:
             for n in range(N):
                 a = [u[n] if b else u for u, b in zip(unwrapped, batched)]
                 results.append(op(*pytree.tree_unflatten(a, spec)))
         finally:
-            torch._C._vmapmode_increment_nesting()
+            _lv.increment_nesting()
         flats = [pytree.tree_flatten(r) for r in results]
-        out = [torch._add_batch_dim(torch.stack([f[0][i] for f in flats]), 0, level)
+        out = [_lv.add_batch_dim(torch.stack([f[0][i] for f in flats]), 0, level)
                for i in range(len(flats[0][0]))]
         return pytree.tree_unflatten(out, flats[0][1])
     return kernel
@@ -123,11 +128,10 @@ def register_legacy_batched(opname: str) -> None:
     private, deprecated part of torch: where this torch lacks what the kernel needs, only gradcheck's batched-grad
     check loses its support (a warning), never ``import fastmtl``."""
     global _legacy_lib
-    needed = ("_vmapmode_increment_nesting", "_vmapmode_decrement_nesting")
-    if not all(hasattr(torch._C, n) for n in needed) or not hasattr(torch, "_remove_batch_dim") \
-            or not hasattr(torch._C, "_functorch"):
-        warnings.warn("fastmtl: this torch (%s) lacks the legacy vmap internals; gradcheck(check_batched_grad=True) "
-                      "over fastmtl ops is unsupported" % torch.__version__)
+    if not _lv.available:
+        warnings.warn("fastmtl: this torch (%s) lacks the legacy vmap internals (%s); "
+                      "gradcheck(check_batched_grad=True) over fastmtl ops is unsupported"
+                      % (torch.__version__, "; ".join(_priv.missing())))
         return
     try:
         if _legacy_lib is None:
@@ -150,24 +154,21 @@ def any_requires_grad(args) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(list(args)))
 
 
-def _children(spec):
-    return spec.children() if hasattr(spec, "children") else spec.children_specs
-
-
 def _plain_apply(cls, *args):
-    if not torch._C._are_functorch_transforms_active():
+    # ``cls`` is a single-level Function (see _priv.SingleLevelFunction): its apply records at the current level
+    # and never re-enters torch.func's dispatcher (torch.autograd.Function.apply would, through the
+    # custom_function_call higher-order op, which cannot be dispatched from inside an Autograd kernel).
+    if not _priv.are_transforms_active():
         # as Function.apply does (torch's NOTE [functorch vjp and autograd interaction]): a vjp_fn called after
         # its torch.func.vjp has exited may hand us dead functorch wrappers
-        from torch._functorch.utils import unwrap_dead_wrappers
-        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
-    from torch._functorch.utils import enable_single_level_autograd_function
-    with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, cls).apply(*args)
+        return cls.apply(*_priv.unwrap_dead_wrappers(args))
+    with _priv.enable_single_level_autograd_function():
+        return cls.apply(*args)
 
 
 def has_tangent(args) -> bool:
     """Whether a tensor in ``args`` carries a forward-mode tangent (forward AD, torch.func.jvp/jacfwd)."""
-    if torch.autograd.forward_ad._current_level < 0:
+    if _priv.forward_ad_level() < 0:
         return False
     return any(isinstance(t, Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
                for t in pytree.tree_leaves(list(args)))
@@ -182,13 +183,12 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
         _autograd_lib = torch.library.Library("fastmtl", "IMPL")
     op = getattr(torch.ops.fastmtl, opname).default
 
-    class Function(torch.autograd.Function):
+    class Function(_priv.SingleLevelFunction):
         @staticmethod
         def forward(in_spec, *flat):
             # Below this autograd level only, with grad modes back on: a transform level underneath (an outer
             # torch.func.grad/vjp/jvp) sees the op too, as it does for any built-in op's autograd kernel.
-            with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
-                    torch._C._AutoDispatchBelowAutograd():
+            with torch.enable_grad(), _priv.set_fwd_grad_enabled(True), _priv.AutoDispatchBelowAutograd():
                 out = op(*pytree.tree_unflatten(list(flat), in_spec))
             return tuple(pytree.tree_leaves(out))
 
@@ -204,7 +204,7 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
             in_spec, o_spec = ctx._fastmtl_specs
             result = backward(ctx, *pytree.tree_unflatten(list(grads), o_spec))
             flat = []
-            for child, g in zip(_children(in_spec), result):
+            for child, g in zip(in_spec.children(), result):
                 n = child.num_leaves
                 if g is None:
                     flat += [None] * n
@@ -216,6 +216,9 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
                 else:
                     flat.append(g)
             return (None, *flat)
+
+        # compiled autograd asks every Function for it; torch.autograd.Function defines it, the single-level base not
+        _compiled_autograd_key = staticmethod(_priv.compiled_autograd_key)
 
     Function.__name__ = Function.__qualname__ = "FastmtlBackward_" + opname
 
@@ -232,7 +235,7 @@ def register_autograd(opname: str, backward: Callable, setup_context: Callable, 
             # through a higher-order op that cannot be dispatched from inside an Autograd kernel).
             out = _plain_apply(Function, in_spec, *flat)
             return pytree.tree_unflatten(list(out), out_spec(args))
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        with _priv.AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _priv.after_autograd_keyset, *args)
 
     _autograd_lib.impl(opname, autograd_kernel, "Autograd", with_keyset=True)

@@ -33,9 +33,10 @@ Autograd of ``multitask_loss`` (outputs ``total`` and the per-task ``losses``), 
 """
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
+from .. import _torch_private as _priv
 from . import _transforms as _tr
+from . import _tree as pytree
 
 __all__ = []
 
@@ -236,19 +237,46 @@ def _hessian_vector_product(hidden, lengths, weights, biases, targets, class_wei
     has_bias = [b is not None for b in biases]
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
+    def total_fn(h, ws, bs, lam):
+        it = iter(bs)
+        full_b = [next(it).to(cdt) if hb else None for hb in has_bias]
+        return _reference_losses(h.to(cdt), lengths, [w.to(cdt) for w in ws], full_b, targets, class_weights,
+                                 lam, levels, poolings, ignore_indices, label_smoothings)[0]
+
     def grads(h, ws, bs, lam):
-        def total(h, ws, bs):
-            it = iter(bs)
-            full_b = [next(it).to(cdt) if hb else None for hb in has_bias]
-            return _reference_losses(h.to(cdt), lengths, [w.to(cdt) for w in ws], full_b, targets, class_weights,
-                                     lam, levels, poolings, ignore_indices, label_smoothings)[0]
-        tot, vjp_fn = torch.func.vjp(total, h, ws, bs)
+        tot, vjp_fn = torch.func.vjp(lambda h, ws, bs: total_fn(h, ws, bs, lam), h, ws, bs)
         return vjp_fn(torch.ones_like(tot))
 
     bs = [b for b in biases if b is not None]
+    if not _priv.are_transforms_active():
+        return _hessian_vector_product_autograd(total_fn, hidden, weights, bs, task_weights, v_h, v_w, v_b)
     _, vjp2 = torch.func.vjp(grads, hidden, list(weights), bs, task_weights)
     d_h, d_w, d_b, d_tw = vjp2((v_h, list(v_w), list(v_b)))
     return d_h, list(d_w), list(d_b), d_tw
+
+
+def _hessian_vector_product_autograd(total_fn, hidden, weights, bs, task_weights, v_h, v_w, v_b):
+    """The same product with torch.autograd.grad, where no torch.func transform is active (plain autograd, and
+    torch.compile's AOT tracing of a double backward: on torch 2.8-2.10 that tracing fails inside torch for a
+    torch.func.vjp nested in a backward). Tensors that do not require grad are differentiated through detached
+    copies, the others through a view each; the result is differentiable when the backward runs with
+    create_graph."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # one alias per position: a tensor passed twice (tied heads) gets one partial derivative per position, as
+        # torch.func.vjp gives
+        prims = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                 for t in (hidden, *weights, *bs, task_weights)]
+        h, ws, b_, lam = prims[0], prims[1:1 + len(weights)], prims[1 + len(weights):-1], prims[-1]
+        tot = total_fn(h, ws, b_, lam)
+        first = torch.autograd.grad(tot, prims[:-1], create_graph=True)
+        dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(first, (v_h, *v_w, *v_b)))
+        second = torch.autograd.grad(dot, prims, create_graph=create_graph, allow_unused=True)
+    d = [torch.zeros_like(p) if g is None else g for g, p in zip(second, prims)]
+    if not create_graph:
+        d = [g.detach() for g in d]
+    nw = len(weights)
+    return d[0], d[1:1 + nw], d[1 + nw:-1], d[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

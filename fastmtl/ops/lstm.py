@@ -35,9 +35,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from .. import _torch_private as _priv
 from . import _transforms as _tr
+from . import _tree as pytree
 
 __all__ = ["lstm_layer"]
 
@@ -312,7 +313,7 @@ def _backward_vmap(info, in_dims, grad_output, grad_hy, grad_cy, input, lengths,
     # the weight gradients).
     fold_ok = (N > 0 and in_dims[4] is None and _tr.all_none(in_dims[7])
                and input.dtype in (torch.float32, torch.float64)
-               and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+               and not any(_priv.is_functorch_wrapped_tensor(t) for t in tensors)
                and not (torch.is_grad_enabled() and _tr.any_requires_grad(tensors)))
     if not fwd_vmapped and N > 0:
         # Only the incoming gradients are vmapped (vmap of a vjp: K cotangents against one saved forward): one
