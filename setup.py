@@ -42,6 +42,42 @@ except ImportError:  # pragma: no cover - clear message instead of a traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _load_support():
+    """fastmtl/_support.py (the torch support window), loaded from its file: importing fastmtl needs the build."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastmtl_support", os.path.join(HERE, "fastmtl", "_support.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The C++ standards that torch's headers may demand (ATen/ATen.h: `#if ... __cplusplus < 201703L` / `202002L`).
+_CPLUSPLUS = {"201703": 17, "202002": 20, "202302": 23}
+
+
+def torch_cxx_standard(include_dirs=None):
+    """The C++ standard (17, 20, ...) that the installed torch's headers require, read from the headers themselves
+    (ATen/ATen.h and c10/macros/Macros.h check ``__cplusplus`` and stop with `#error C++NN or later compatible
+    compiler is required`): the newest standard any of them demands, at least 17. g++ and nvcc both get
+    ``-std=c++NN`` of it; CMakeLists.txt reads the same headers for libtorch builds."""
+    if include_dirs is None:
+        include_dirs = cpp_extension.include_paths()
+    want = 17
+    for d in include_dirs:
+        for rel in ("ATen/ATen.h", "c10/macros/Macros.h", "torch/extension.h"):
+            path = os.path.join(d, rel)
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            for m in re.finditer(r"__cplusplus\s*<\s*(\d{6})L", text):
+                want = max(want, _CPLUSPLUS.get(m.group(1), 17))
+            for m in re.finditer(r"C\+\+(\d\d) or later", text):
+                want = max(want, int(m.group(1)))
+    return want
+
+
 # The usual install folders, after CUDA_HOME / CUDA_PATH / torch's guess / the nvcc on PATH.
 SYSTEM_CUDA_DIRS = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")
 
@@ -156,10 +192,16 @@ def _want_cuda():
 
 
 def main():
+    support = _load_support()
+    try:
+        support.check(torch.__version__, "setup.py", error=ValueError)
+    except ValueError as e:
+        _fail(str(e))
     with_cuda = _want_cuda()
     debug = os.environ.get("FASTMTL_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17", "-fvisibility=hidden"]
+    std = "-std=c++%d" % torch_cxx_standard()
+    cxx_flags = opt + [std, "-fvisibility=hidden"]
     if not debug and sys.platform.startswith("linux"):
         cxx_flags += ["-fopenmp"] if torch.backends.openmp.is_available() else []
     # csrc/cpu/kernels/*_<isa>.cpp hold the per-ISA hot loops; they are compiled with the same flags as the rest
@@ -170,7 +212,7 @@ def main():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_glue.cpp"))
         define_macros.append(("FASTMTL_WITH_CUDA", "1"))
-        extra["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + [std, "--expt-relaxed-constexpr", "-lineinfo"]
         Ext = cpp_extension.CUDAExtension
     else:
         Ext = cpp_extension.CppExtension

@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-WORK=${FASTMTL_CUDA_CHECK_DIR:-$ROOT/build/cuda_build_check}
+WORK=$(realpath -m "${FASTMTL_CUDA_CHECK_DIR:-$ROOT/build/cuda_build_check}")
 TORCH_VERSION=${FASTMTL_CUDA_CHECK_TORCH:-2.13.0}
 ARCHS=${FASTMTL_CUDA_CHECK_ARCHS:-8.0;9.0}
 MODE=${FASTMTL_CUDA_CHECK:-auto}
@@ -98,7 +98,8 @@ if ! "$VPY" -c "import setuptools, ninja, numpy" >/dev/null 2>&1 || [ ! -f "$SIT
         || [ "$(cat "$VENV/.fastmtl_wheel" 2>/dev/null)" != "$(basename "$WHEEL")" ]; then
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-    "$VPY" -m pip install -q --no-deps "$WHEEL"
+    # (without this machine's pip configuration: its constraints may cap torch below the wheel's version)
+    env -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null "$VPY" -m pip install -q --no-deps "$WHEEL"
     "$VPY" -m pip install -q "setuptools>=77" wheel ninja numpy filelock "typing-extensions>=4.10" sympy networkx \
         jinja2 fsspec
     basename "$WHEEL" >"$VENV/.fastmtl_wheel"
@@ -136,7 +137,8 @@ import fastmtl
 info = fastmtl.build_info()
 assert info["cuda"] is True, info
 ops = ["lstm_layer_forward", "lstm_layer_backward", "lstm_layer_backward_multi", "multitask_loss", "multitask_predict"]
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmtl::" + op, "CUDA")]
+from fastmtl._torch_private import has_kernel
+missing = [op for op in ops if not has_kernel("fastmtl::" + op, "CUDA")]
 assert not missing, "no CUDA kernel registered for %s" % missing
 assert hasattr(torch.ops.fastmtl, "check_input_errors") or not hasattr(fastmtl.functional, "check_input_errors")
 print("import ok: fastmtl %s, CUDA kernels registered for %s" % (fastmtl.__file__, ", ".join(ops)))

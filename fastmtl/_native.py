@@ -5,6 +5,10 @@ from typing import Iterator, List
 
 import torch
 
+from . import _support
+
+_support.check(torch.__version__, "import", error=ImportError)
+
 _REBUILD = (
     "Rebuild fastmtl against the torch that is installed: "
     "`pip install --no-build-isolation -e .` (or without -e) in the fastmtl source tree."

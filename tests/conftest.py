@@ -8,6 +8,21 @@ import torch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# The core suite (`pytest -m core`), what .ci/torch_window.sh runs on the oldest and the newest supported torch: op
+# parity of the LSTM and the heads, the drop-in LSTM with torch's own nn.LSTM tests, the transforms (torch.func,
+# vmap, double backward, compile), the private-torch-API checks, the build truth and a short train/evaluate/predict.
+CORE_MODULES = {"test_lstm.py", "test_heads.py", "test_lstm_dropin.py", "test_lstm_torch_port.py",
+                "test_transforms.py", "test_lstm_multi.py", "test_build.py", "test_torch_support.py"}
+CORE_TESTS = {"test_train.py::test_cli_train_evaluate_predict"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.path))
+        if name in CORE_MODULES or "%s::%s" % (name, item.originalname) in CORE_TESTS:
+            item.add_marker(pytest.mark.core)
+
+
 def pytest_generate_tests(metafunc):
     # Any test taking a `device` argument runs on every available device.
     if "device" in metafunc.fixturenames:

@@ -18,6 +18,13 @@ def test_cmake_build_and_ctest(tmp_path):
                           "-DCMAKE_PREFIX_PATH=" + torch.utils.cmake_prefix_path],
                          capture_output=True, text=True, timeout=300)
     assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    # the C++ standard follows libtorch's headers, as setup.py's does for the Python extension
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastmtl_setup", os.path.join(ROOT, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    assert "fastmtl: C++%d (what libtorch's headers require)" % setup.torch_cxx_standard() in cfg.stdout, cfg.stdout
     bld = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
                          capture_output=True, text=True, timeout=900)
     assert bld.returncode == 0, bld.stdout[-5000:] + bld.stderr[-5000:]
