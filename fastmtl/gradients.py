@@ -47,7 +47,7 @@ from typing import Dict, List
 import torch
 
 __all__ = ["TaskGradients", "task_gradients", "per_task_gradients", "shared_named_parameters", "gram",
-           "gradient_method_step"]
+           "gradient_method_step", "labelled_counts"]
 
 
 def shared_named_parameters(model):
@@ -221,6 +221,20 @@ def per_task_gradients(model, ids, lengths, targets, weights=None, chars=None, m
     return dict(tg.losses), grads, head_grads
 
 
+def labelled_counts(model, targets, lengths=None):
+    """``{task: number of labelled items}`` of ``targets`` (targets other than the task's ``ignore_index``; token
+    positions at or past a sequence's length do not count)."""
+    specs = {t.name: t for t in model.tasks}
+    out = {}
+    for n, y in targets.items():
+        valid = y != specs[n].ignore_index
+        if y.dim() == 2 and lengths is not None:
+            pos = torch.arange(y.shape[1], device=y.device)
+            valid = valid & (pos[None, :] < lengths.to(y.device)[:, None])
+        out[n] = int(valid.sum())
+    return out
+
+
 def gradient_method_step(model, method, ids, lengths, targets, weights=None, chars=None, mode="loop",
                          all_reduce=None, world=1):
     """One backward of a gradient-based method (a :class:`fastmtl.weighting.GradientMethod`): per-task
@@ -232,7 +246,19 @@ def gradient_method_step(model, method, ids, lengths, targets, weights=None, cha
     (``level="param"``) or to the Gram matrix of the representation gradients (``level="rep"``) before the method
     reads them, because the methods are not linear; every rank then combines the same gradients with the same
     coefficients. With per-rank task weights scaled so that the ranks' average is the global-batch loss (what the
-    trainer does), the result equals one process on the global batch."""
+    trainer does), the result equals one process on the global batch.
+
+    Tasks without a label in the (global) batch are left out (:func:`labelled_counts`); when none is left, nothing
+    is computed and ``(None, None)`` is returned (no update)."""
+    counts = labelled_counts(model, targets, lengths)
+    if all_reduce is not None:  # every rank leaves out the same tasks: those without a label in the global batch
+        t = torch.tensor([float(counts[n]) for n in sorted(counts)], dtype=torch.float64,
+                         device=next(iter(targets.values())).device)
+        all_reduce(t)
+        counts = dict(zip(sorted(counts), t.tolist()))
+    targets = {n: y for n, y in targets.items() if counts[n] > 0}
+    if not targets:  # no task has a label in this batch: no update
+        return None, None
     tg = task_gradients(model, ids, lengths, targets, weights, chars, mode if method.level == "param" else "loop")
     if not tg.params:  # a frozen encoder: only the heads train, each on its own task
         c, grads = torch.ones(tg.K, dtype=torch.float64), []

@@ -22,6 +22,15 @@ Gradient-based methods (:data:`GRADIENT_METHODS`, :class:`GradientMethod`): ``pc
 the shared representation for ``mgda_ub``) as their K x K Gram matrix and return coefficients c: the shared
 parameters' update is :math:`\sum_k c_k g_k`; every task head keeps its own task's gradient. The per-task
 gradients come from :mod:`fastmtl.gradients` (:func:`fastmtl.gradients.gradient_method_step`).
+
+A task absent from a batch takes no part in a gradient method's step: a task with no label in the batch (every
+target ``ignore_index``, e.g. a batch of another dataset) is left out before its gradient is computed, and a task
+whose gradient is exactly zero is left out of the solver (coefficient 0); the method combines the remaining tasks as
+if they were all there is (its K is theirs). A batch without any such task makes no update. This matters for the
+methods whose solution a zero gradient would otherwise decide: the min-norm point of MGDA / MGDA-UB is 0 when one
+gradient is 0, IMTL-G and Aligned-MTL would divide by its norm, Nash-MTL's weight of a zero gradient is unbounded.
+Non-finite coefficients (or a solver overflow) raise FloatingPointError, which the trainer turns into a stop
+before anything is saved.
 """
 import math
 
@@ -547,7 +556,26 @@ class GradientMethod(TaskWeighting):
         raise NotImplementedError
 
     def __call__(self, G, tasks):
-        c = self.coefficients(G, list(tasks))
+        """Coefficients (float64, one per task of ``tasks``) from the Gram matrix ``G``; tasks with a zero gradient
+        get 0 and are left out of :meth:`coefficients` (see the module docstring)."""
+        tasks = list(tasks)
+        G = torch.as_tensor(G, dtype=torch.float64)
+        if not bool(torch.isfinite(G).all()):
+            raise FloatingPointError("fastmtl: %s: the tasks' gradients hold nan or inf values (Gram matrix %s)"
+                                     % (self.name, G.tolist()))
+        live = [i for i in range(len(tasks)) if float(G[i, i]) > 0.0]
+        c = torch.zeros(len(tasks), dtype=torch.float64)
+        if live:
+            idx = torch.tensor(live)
+            try:
+                sub = self.coefficients(G.index_select(0, idx).index_select(1, idx), [tasks[i] for i in live])
+            except (OverflowError, ZeroDivisionError, FloatingPointError) as e:
+                raise FloatingPointError("fastmtl: %s: the solver failed on the Gram matrix %s (%s: %s)"
+                                         % (self.name, G.tolist(), type(e).__name__, e)) from e
+            c[idx] = torch.as_tensor(sub, dtype=torch.float64).reshape(-1)
+        if not bool(torch.isfinite(c).all()):
+            raise FloatingPointError("fastmtl: %s gave non-finite coefficients %s for the tasks %s (Gram matrix %s)"
+                                     % (self.name, c.tolist(), tasks, G.tolist()))
         self.last.update({t: float(v) for t, v in zip(tasks, c)})
         return c
 

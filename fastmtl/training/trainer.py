@@ -38,7 +38,8 @@ __all__ = ["Trainer", "train", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(ValueError):
-    """Training stopped: the loss became nan or inf (nothing of that step is saved)."""
+    """Training stopped: the loss, the update or a method's coefficients became nan or inf (nothing of that step is
+    saved)."""
 
 
 def _dist_env():
@@ -367,9 +368,14 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             base = self.weighting.weights()
             w = scale(base) if scale is not None else base
-            tg, _ = gradient_method_step(model, self.weighting, b.ids, b.lengths, b.targets,
-                                         {n: v for n, v in w.items() if n in b.targets}, chars, cfg.task_backward,
-                                         self.ddp_reduce, self.world)
+            try:
+                tg, _ = gradient_method_step(model, self.weighting, b.ids, b.lengths, b.targets,
+                                             {n: v for n, v in w.items() if n in b.targets}, chars,
+                                             cfg.task_backward, self.ddp_reduce, self.world)
+            except FloatingPointError as e:
+                raise NonFiniteLossError("%s; stopped before the update%s" % (e, self._kept())) from e
+            if tg is None:  # no task has a label in this batch: no update (and no optimiser step)
+                return ModelOutput(torch.zeros(()), {}), 0.0
             total = sum(base[n] * tg.losses[n] for n in tg.tasks)
             out, loss = ModelOutput(total, dict(tg.losses)), total
             self._finish_step()
@@ -415,6 +421,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
+        self.check_parameters()
         if self.ema is not None:
             with torch.no_grad():
                 n = self.sched.last_epoch  # optimizer steps so far
@@ -422,6 +429,22 @@ class Trainer:
                 sd = model.state_dict()
                 for k, v in self.ema.items():
                     v.lerp_(sd[k], 1.0 - decay)
+
+    def _kept(self):
+        return ("; the checkpoints of completed epochs in %s are kept" % self.out_dir) if self.out_dir else ""
+
+    def check_parameters(self):
+        """Stops the run when the step left a parameter (of the model or of the weighting) nan or inf: the loss of
+        the step was computed before the update, so a finite loss does not mean a finite model."""
+        bad = [n for n, p in self.step_module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        bad += ["weighting buffer " + n for n, t in self.weighting.named_buffers()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteLossError(
+                "fastmtl: the optimiser step left nan or inf values in %s; stopped without writing metrics%s. "
+                "Check --lr, --task-weights and --weighting" % (", ".join(bad[:5]) + (" and %d more" % (len(bad) - 5)
+                                                                                   if len(bad) > 5 else ""),
+                                                                self._kept()))
 
     def check_finite(self, lv, out, epoch, step):
         finite = math.isfinite(lv)
@@ -436,8 +459,7 @@ class Trainer:
                 "fastmtl: the training loss is %s at epoch %d, step %d (task losses: %s); stopped without "
                 "writing metrics%s. Check --task-weights, --pretrained and --lr"
                 % (lv, epoch + 1, step + 1,
-                   ", ".join("%s %.4g" % (n, float(l.detach())) for n, l in out.losses.items()),
-                   ("; the checkpoints of completed epochs in %s are kept" % self.out_dir) if self.out_dir else ""))
+                   ", ".join("%s %.4g" % (n, float(l.detach())) for n, l in out.losses.items()), self._kept()))
 
     def out_of_time(self):
         cfg = self.cfg
