@@ -117,7 +117,7 @@ def test_a_non_finite_update_stops_the_run_before_any_checkpoint(files, tmp_path
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match="optimiser step left nan or inf"):
+    with pytest.raises(NonFiniteLossError, match="optimiser step at epoch 1, step 3 left nan or inf"):
         T.train(_cfg(files, optimizer="adam"), output_dir=str(out))
     assert calls["n"] == 3
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()

@@ -2,14 +2,92 @@
 for reusing an ``--output-dir``."""
 import io
 import os
+import stat
 import sys
 
 from ..fileio import atomic_write
 
-__all__ = ["RUN_FILES", "prepare_output_dir", "remove_run_files", "plot_history", "Logger"]
+__all__ = ["RUN_FILES", "LOCK_FILE", "OutputDirLock", "prepare_output_dir", "remove_run_files", "plot_history",
+           "Logger"]
 
 # what a run writes into --output-dir (and atomic_write's temporaries of them): --overwrite removes these, and only these
 RUN_FILES = ("best.pt", "last.pt", "log.jsonl", "metrics.json", "learning_curve.png")
+
+
+# held (flock) by the run that writes into the folder and removed when it ends; the kernel releases the flock when
+# that process ends, so the lock file a killed run leaves behind is free again at once
+LOCK_FILE = ".fastmtl.lock"
+
+
+class OutputDirLock:
+    """An exclusive lock on an ``--output-dir`` for the life of a run: a second run into the same folder stops at once
+    with a one-line error naming the process that holds it. ``flock`` on ``<dir>/.fastmtl.lock`` (created without
+    following a link, a regular file only); the kernel drops it when the holder exits, so the lock of a killed run
+    never blocks the next. The holder removes the file when it releases the lock; a run that took the lock of a file
+    removed meanwhile (its path no longer names the file it holds) tries again. Where the platform has no ``flock``
+    (Windows) there is no lock."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self.file = None
+
+    def acquire(self):
+        for _ in range(100):
+            if self._try_acquire():
+                return self
+        raise ValueError("fastmtl: --output-dir %s: could not take its lock %s (it keeps being replaced)"
+                         % (self.directory, self.path))
+
+    def _try_acquire(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform
+            return True
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise ValueError("fastmtl: --output-dir %s: cannot open its lock file %s (%s)"
+                             % (self.directory, self.path, e.strerror or e)) from None
+        f = os.fdopen(fd, "r+b")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("fastmtl: --output-dir %s: %s is not a regular file" % (self.directory, self.path))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = f.read(32).decode("ascii", "replace").strip()
+                raise ValueError("fastmtl: --output-dir %s is in use by another fastmtl run%s: wait for it to end or "
+                                 "choose another folder" % (self.directory,
+                                                            " (pid %s)" % holder if holder.isdigit() else "")) \
+                    from None
+            try:
+                now = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            held = os.fstat(fd)
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                f.close()  # the file was removed by the run that held it: take the lock anew
+                return False
+            f.seek(0)
+            f.truncate()
+            f.write(b"%d\n" % os.getpid())
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        self.file = f
+        return True
+
+    def release(self):
+        if self.file is not None:
+            try:
+                os.unlink(self.path)  # still holding the lock: a run waiting on this file will see it gone
+            except OSError:
+                pass
+            self.file.close()  # closing the descriptor releases the flock
+            self.file = None
 
 
 def is_run_file(name):
@@ -27,7 +105,7 @@ def prepare_output_dir(cfg):
         raise ValueError("fastmtl: --output-dir %s exists and is not a folder" % d)
     if cfg.resume or cfg.overwrite:
         return
-    entries = sorted(os.listdir(d))
+    entries = sorted(e for e in os.listdir(d) if e != LOCK_FILE)
     if entries:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ValueError("fastmtl: --output-dir %s is not empty (%s): give --resume to continue its run or "

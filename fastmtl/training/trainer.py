@@ -32,7 +32,7 @@ from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, con
 from .config import TrainConfig
 from .data import EpochPlanner, aux_specs, expected_share, is_aux, load_datasets
 from .evaluation import check_select, dev_score, evaluate_datasets, format_metrics
-from .output import Logger, plot_history, prepare_output_dir, remove_run_files
+from .output import Logger, OutputDirLock, plot_history, prepare_output_dir, remove_run_files
 
 __all__ = ["Trainer", "train", "NonFiniteLossError"]
 
@@ -106,6 +106,13 @@ class Trainer:
         self.distributed = self.world > 1
         self.log = Logger(cfg, self.rank)
         self.own_pg = False
+        self.dir_lock = None
+
+    def release_output_dir(self):
+        """Releases the lock on ``--output-dir`` (at the end of :meth:`fit`, also when it fails)."""
+        if self.dir_lock is not None:
+            self.dir_lock.release()
+            self.dir_lock = None
 
     # ------------------------------------------------------------------------------------------------------------
     # 1. setup and resume
@@ -139,6 +146,10 @@ class Trainer:
         self.out_dir = cfg.output_dir
         if self.out_dir and self.rank == 0:
             os.makedirs(self.out_dir, exist_ok=True)
+            # one run per folder: a second one stops here, before it reads or removes anything of the first
+            self.release_output_dir()
+            self.dir_lock = OutputDirLock(self.out_dir).acquire()
+            prepare_output_dir(cfg)  # again, under the lock: another run may have written since the first check
         self.last_path = os.path.join(self.out_dir, "last.pt") if self.out_dir else None
 
     def read_resume(self):
@@ -421,7 +432,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        self.check_parameters()
         if self.ema is not None:
             with torch.no_grad():
                 n = self.sched.last_epoch  # optimizer steps so far
@@ -433,7 +443,7 @@ class Trainer:
     def _kept(self):
         return ("; the checkpoints of completed epochs in %s are kept" % self.out_dir) if self.out_dir else ""
 
-    def check_parameters(self):
+    def check_parameters(self, epoch, step):
         """Stops the run when the step left a parameter (of the model or of the weighting) nan or inf: the loss of
         the step was computed before the update, so a finite loss does not mean a finite model."""
         bad = [n for n, p in self.step_module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
@@ -441,10 +451,10 @@ class Trainer:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise NonFiniteLossError(
-                "fastmtl: the optimiser step left nan or inf values in %s; stopped without writing metrics%s. "
-                "Check --lr, --task-weights and --weighting" % (", ".join(bad[:5]) + (" and %d more" % (len(bad) - 5)
-                                                                                   if len(bad) > 5 else ""),
-                                                                self._kept()))
+                "fastmtl: the optimiser step at epoch %d, step %d left nan or inf values in %s; stopped without "
+                "writing metrics%s. Check --lr, --task-weights and --weighting"
+                % (epoch + 1, step + 1, ", ".join(bad[:5]) + (" and %d more" % (len(bad) - 5) if len(bad) > 5 else ""),
+                   self._kept()))
 
     def check_finite(self, lv, out, epoch, step):
         finite = math.isfinite(lv)
@@ -480,6 +490,7 @@ class Trainer:
             b, counts = self.batch(d, idx, gen)
             out, lv = self.step(b, counts, self.dataset_tasks[d])
             self.check_finite(lv, out, epoch, nb)
+            self.check_parameters(epoch, nb)
             loss_sum += lv
             for n in (s.name for s in self.dataset_specs[d]):
                 if n in out.losses:
@@ -587,7 +598,14 @@ class Trainer:
 
     def fit(self):
         """Sets up (unless done), trains with early stopping on dev, evaluates the selected model on test and
-        writes the output folder; returns the result dict of :func:`train`."""
+        writes the output folder; returns the result dict of :func:`train`. The output folder is locked from the
+        setup to the end (:class:`OutputDirLock`)."""
+        try:
+            return self._fit()
+        finally:
+            self.release_output_dir()
+
+    def _fit(self):
         if not hasattr(self, "model"):
             self.setup()
         cfg = self.cfg
