@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, open_regular
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint_tree", "FORMAT", "FORMAT_VERSION"]
 
@@ -156,7 +156,7 @@ def load_checkpoint_tree(path):
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint", error=CheckpointError) as f:
             raw = f.read()
     except OSError as e:
         raise CheckpointError("fastmtl: cannot read checkpoint %s: %s" % (path, e.strerror or e)) from None

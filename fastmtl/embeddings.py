@@ -2,6 +2,7 @@
 import torch
 
 from .data.errors import DataFormatError
+from .fileio import open_regular
 
 __all__ = ["read_vectors", "embedding_matrix"]
 
@@ -10,7 +11,7 @@ def read_vectors(path, words=None):
     """Reads ``word v1 v2 ...`` lines (GloVe; word2vec text files start with a ``count dim`` header, which is
     skipped). ``words``: keep only these (a set), to save memory. Returns ``({word: list of floats}, dim)``."""
     vectors, dim = {}, None
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open_regular(path, "--pretrained", "r", encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.rstrip().split(" ")
             if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):

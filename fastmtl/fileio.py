@@ -1,10 +1,50 @@
-"""Writing files safely: :func:`atomic_write`, used for every file the library writes (checkpoints, metrics,
-logs, plots, benchmark results)."""
+"""Files, safely: :func:`atomic_write`, used for every file the library writes (checkpoints, metrics, logs, plots,
+benchmark results), and :func:`open_regular`, used for every file it reads (checkpoints, ``--config``, data,
+pretrained vectors)."""
 import errno
+import io
 import os
+import stat
 import tempfile
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "open_regular"]
+
+
+def _kind(mode):
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path, what, mode="rb", max_bytes=None, error=ValueError, **text_kw):
+    """Opens ``path`` for reading when it is a regular file (after links) of at most ``max_bytes`` bytes; otherwise
+    raises ``error`` naming ``what`` (e.g. ``"--config"``), the path and what it is. A named pipe, a device such as
+    /dev/zero or a folder (also behind a link) would hang the open or be read without end: the file is opened
+    non-blocking, checked with fstat, then read normally. ``mode`` ``"rb"`` or ``"r"`` (``text_kw``: encoding,
+    errors, newline). OSError (missing file, no permission) propagates as from :func:`open`."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error("fastmtl: %s %s is %s, not a regular file" % (what, path, _kind(st.st_mode)))
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise error("fastmtl: %s %s is %d bytes, more than the %d this reads" % (what, path, st.st_size,
+                                                                                     max_bytes))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = io.open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if mode == "rb":
+        return f
+    if mode != "r":
+        f.close()
+        raise ValueError("open_regular: mode must be 'rb' or 'r', got %r" % (mode,))
+    return io.TextIOWrapper(f, **text_kw)
 
 
 def _umask():

@@ -11,6 +11,7 @@ Every reader (and every place that splits user text into one record per line) go
 """
 import codecs
 
+from ..fileio import open_regular
 from .errors import DataFormatError
 
 __all__ = ["read_lines", "decode_lines", "split_lines"]
@@ -53,6 +54,6 @@ def decode_lines(data, path):
 
 def read_lines(path):
     """The lines of the file ``path`` (see :func:`decode_lines`)."""
-    with open(path, "rb") as f:
+    with open_regular(path, "data file") as f:
         data = f.read()
     return decode_lines(data, path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .. import data as D
+from ..fileio import open_regular
 
 __all__ = ["TrainConfig", "check_device", "read_toml", "option_name", "SAMPLING", "DatasetSpec"]
 
@@ -379,6 +380,9 @@ def _toml_loads(text):
     return tomllib.loads(text)
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a run file is a few KB: a bigger --config is refused before it is read
+
+
 def read_toml(path):
     """The TrainConfig fields set by the TOML file ``path``, as a dict.
 
@@ -389,8 +393,8 @@ def read_toml(path):
     ``tasks = ["NAME:LEVEL:SOURCE", ...]``; ``[sampling]`` (``strategy``, ``temperature``). Relative file names
     in the file are relative to the file's folder. Raises ``ValueError`` naming the file and the key."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    with open_regular(path, "--config", max_bytes=MAX_CONFIG_BYTES) as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
