@@ -47,6 +47,42 @@ def model_from(cfg, vocab, label_vocabs, specs, pretrained=None):
                          char_filters=cfg.char_filters, char_kernel=cfg.char_kernel, token_context=cfg.token_context)
 
 
+# Size limits of a configuration read from a checkpoint, checked before anything is built (far above any model this
+# library trains: the BiLSTMs of the papers it follows have 1-4 layers of 100-1024 units)
+MAX_LAYERS = 64
+MAX_WIDTH = 1 << 16
+MAX_CHAR_KERNEL = 63
+
+
+def model_from_checkpoint(path, cfg, vocab, label_vocabs, specs, tensors, pretrained=None):
+    """:func:`model_from` for a configuration read from the checkpoint at ``path``, whose stored tensors are
+    ``tensors`` (a state dict): the configuration is validated with :meth:`TrainConfig.validate`, its sizes are
+    bounded (:data:`MAX_LAYERS`, :data:`MAX_WIDTH`), and the model it describes is first built on the meta device (no
+    memory) and must not need more values than the checkpoint stores; only then is it built. A checkpoint of a few
+    KB can so never make the library allocate gigabytes or loop over a hundred thousand layers. Raises
+    :class:`CheckpointError` naming ``path``."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise CheckpointError("fastmtl: %s: the checkpoint's configuration is invalid (%s)"
+                              % (path, str(e).replace("fastmtl: ", "", 1))) from None
+    for name, hi in (("num_layers", MAX_LAYERS), ("embedding_dim", MAX_WIDTH), ("hidden_size", MAX_WIDTH),
+                     ("char_dim", MAX_WIDTH), ("char_filters", MAX_WIDTH), ("char_kernel", MAX_CHAR_KERNEL)):
+        v = getattr(cfg, name)
+        if v > hi:
+            raise CheckpointError("fastmtl: %s: the checkpoint's configuration has %s = %d, more than %d"
+                                  % (path, name, v, hi))
+    stored = sum(t.numel() for t in tensors.values() if isinstance(t, torch.Tensor)) if isinstance(tensors, dict) \
+        else 0
+    with torch.device("meta"):
+        probe = checked(path, model_from, cfg, vocab, label_vocabs, specs)
+    need = sum(p.numel() for p in probe.parameters())
+    if need > stored:
+        raise CheckpointError("fastmtl: %s: the checkpoint's configuration describes a model of %d parameters, but "
+                              "the checkpoint stores %d values" % (path, need, stored))
+    return checked(path, model_from, cfg, vocab, label_vocabs, specs, pretrained)
+
+
 def decoding_schemes(cfg, specs, train_by_dataset, label_vocabs):
     """``{task: "bio" | "iobes"}`` for the token tasks to decode under span constraints: those whose training tags
     form a span tag set that every training sequence obeys (IOB1 data, whose ``I-`` may open a span, is left to
@@ -144,7 +180,7 @@ def load_checkpoint(path, device="cpu"):
         vocab = D.Vocab.from_state_dict(ck["vocab"])
         lvs = {k: D.LabelVocab.from_state_dict(v) for k, v in ck["label_vocabs"].items()}
         all_specs = specs_from(ck["tasks"])
-        model = model_from(cfg, vocab, lvs, all_specs)
+        model = model_from_checkpoint(path, cfg, vocab, lvs, all_specs, ck["model"])
         model.load_state_dict(ck["model"])
         set_decoding(model, lvs, ck.get("decoding"))
         return model, vocab, lvs, all_specs, cfg

@@ -28,7 +28,8 @@ from ..gradients import gradient_method_step, shared_named_parameters
 from ..model import ModelOutput
 from ..weighting import GradientMethod, make_weighting
 from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
-                          model_from, read_checkpoint, rng_state, set_decoding, set_rng_state, task_lists)
+                          model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
+                          task_lists)
 from .config import TrainConfig
 from .data import EpochPlanner, aux_specs, expected_share, is_aux, load_datasets
 from .evaluation import check_select, dev_score, evaluate_datasets, format_metrics
@@ -248,7 +249,10 @@ class Trainer:
             self.log("fastmtl: %d of %d words have pretrained vectors" % (found, len(self.vocab)))
         source = (self.last_path if self.resume_ck is not None else
                   cfg.init_encoder if self.init_ck is not None else None)
-        if source:  # a configuration read from a checkpoint: errors name it
+        if self.resume_ck is not None:  # a configuration read from last.pt: validated and bounded by its tensors
+            model = model_from_checkpoint(self.last_path, cfg, self.vocab, self.label_vocabs, self.all_specs,
+                                          self.resume_ck["step_module"], pretrained)
+        elif source:  # a configuration read from a checkpoint: errors name it
             model = checked(source, model_from, cfg, self.vocab, self.label_vocabs, self.all_specs, pretrained)
         else:
             model = model_from(cfg, self.vocab, self.label_vocabs, self.all_specs, pretrained)

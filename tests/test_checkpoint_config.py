@@ -1,0 +1,75 @@
+"""A checkpoint's configuration is validated and bounded before any model is built: a hand-edited file of a few KB
+cannot make evaluate, predict or --resume hang or allocate gigabytes (issue: the second hostile-input probe,
+item 5)."""
+import random
+import time
+import tracemalloc
+
+import pytest
+import torch
+
+from fastmtl import checkpoint as C
+from fastmtl import cli
+from fastmtl import train as T
+
+from train_data import TINY_ARGS, data_args, one_line_error, write_splits
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckcfg")
+    files = write_splits(tmp, random.Random(random.SystemRandom().randrange(2**31)),
+                         (("train", 16), ("dev", 8), ("test", 8)))
+    out = tmp / "run"
+    assert cli.main(["train"] + data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", str(out)]) == 0
+    return out, files
+
+
+def _edited(run, tmp_path, name, **config):
+    out, _ = run
+    tree = C.load_checkpoint_tree(str(out / name))
+    tree["config"].update(config)
+    path = tmp_path / name
+    C.save_checkpoint(tree, str(path))  # a valid checksum: anyone can compute one
+    return str(path)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (dict(num_layers=100000), "num_layers = 100000, more than 64"),
+    (dict(hidden_size=8000), "describes a model of"),
+    (dict(bidirectional="yes"), "--bidirectional must be true or false, got 'yes'"),
+    (dict(dropout=-1), "--dropout must be a finite number"),
+    (dict(embedding_dim=0), "--embedding-dim must be an integer >= 1"),
+])
+def test_model_checkpoint_config_is_checked_before_building(run, tmp_path, capsys, edit, words):
+    path = _edited(run, tmp_path, "best.pt", **edit)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(C.CheckpointError, match="best.pt") as e:
+        T.load_checkpoint(path)
+    took = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert took < 30 and peak < 200 << 20, (took, peak)  # refused at once, nothing large allocated
+    for cmd in (["predict", path, "w1 w2"], ["evaluate", path, run[1]["test"]]):
+        assert cli.main(cmd) == 2
+        one_line_error(capsys, path, words)
+
+
+def test_resume_checks_the_saved_configuration(run, tmp_path, capsys):
+    out, files = run
+    d = tmp_path / "resume"
+    d.mkdir()
+    tree = C.load_checkpoint_tree(str(out / "last.pt"))
+    tree["config"]["num_layers"] = 100000
+    C.save_checkpoint(tree, str(d / "last.pt"))
+    assert cli.main(["train"] + data_args(files) + TINY_ARGS + ["--epochs", "2", "--output-dir", str(d),
+                                                                 "--resume"]) == 2
+    one_line_error(capsys, "last.pt", "num_layers = 100000")
+
+
+def test_an_honest_checkpoint_still_loads(run):
+    model = T.load_checkpoint(str(run[0] / "best.pt"))[0]
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert all(p.device.type == "cpu" for p in model.parameters())
