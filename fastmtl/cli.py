@@ -99,6 +99,9 @@ def build_parser():
     e.add_argument("--columns", type=_columns)
     e.add_argument("--dataset", help="a model trained on several datasets: score only this dataset's tasks (on FILE, "
                    "or on its test set)")
+    e.add_argument("--stored-test", action="store_true",
+                   help="without FILE: read the test files that the checkpoint names (never read unless asked: a "
+                        "checkpoint can name any file); built-in test sets need no confirmation")
     e.add_argument("--device", default="cpu")
     e.add_argument("--output", help="also write the metrics JSON here")
     e.add_argument("--report", metavar="FILE",
@@ -164,7 +167,8 @@ def _evaluate(ns):
 
     device = check_device(ns.device)
     model, vocab, lvs, specs, cfg = load_checkpoint(ns.checkpoint, device)
-    sets = evaluation_sets(cfg, specs, ns.file, ns.format, ",".join(ns.columns) if ns.columns else None, ns.dataset)
+    sets = evaluation_sets(cfg, specs, ns.file, ns.format, ",".join(ns.columns) if ns.columns else None, ns.dataset,
+                           stored_paths=ns.stored_test)
     several = len({s.dataset for s in specs}) > 1
     m, reports, records = {}, {}, []
     for name, tasks, examples, path in sets:

@@ -73,3 +73,19 @@ def test_an_honest_checkpoint_still_loads(run):
     model = T.load_checkpoint(str(run[0] / "best.pt"))[0]
     assert sum(p.numel() for p in model.parameters()) > 0
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_evaluate_reads_the_checkpoints_test_path_only_when_confirmed(run, tmp_path, capsys, monkeypatch):
+    secret = tmp_path / "not_yours.jsonl"
+    secret.write_text(open(run[1]["test"]).read())
+    path = _edited(run, tmp_path, "best.pt", test=str(secret))
+    opened = []
+    import fastmtl.data.text as text
+
+    real = text.open_regular
+    monkeypatch.setattr(text, "open_regular", lambda p, *a, **k: opened.append(str(p)) or real(p, *a, **k))
+    assert cli.main(["evaluate", path]) == 2
+    one_line_error(capsys, "the checkpoint names its test file %s" % secret, "--stored-test")
+    assert str(secret) not in opened
+    assert cli.main(["evaluate", path, "--stored-test"]) == 0
+    assert str(secret) in opened

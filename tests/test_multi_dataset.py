@@ -225,14 +225,19 @@ def test_evaluate_a_two_dataset_model(two, tmp_path, capsys):
         expected = json.load(f)
     capsys.readouterr()
     preds = str(tmp_path / "p.jsonl")
-    assert cli.main(["evaluate", best, "--predictions", preds, "--report", str(tmp_path / "r.json")]) == 0
+    assert cli.main(["evaluate", best, "--predictions", preds, "--report", str(tmp_path / "r.json")]) == 2
+    assert "the checkpoint names its test files %s, %s; give the data file" % (two / "a_test.jsonl",
+                                                                                two / "b_test.jsonl") \
+        in capsys.readouterr().err  # not read unless confirmed
+    assert cli.main(["evaluate", best, "--predictions", preds, "--report", str(tmp_path / "r.json"),
+                     "--stored-test"]) == 0
     assert json.loads(capsys.readouterr().out) == expected  # every dataset's test set, as at the end of training
     recs = [json.loads(l) for l in open(preds)]
     assert Counter(r["dataset"] for r in recs) == {"a": 16, "b": 8}
     assert set(json.load(open(tmp_path / "r.json"))) == {"tags", "label"}
     assert cli.main(["evaluate", best, str(two / "b_test.jsonl"), "--dataset", "b"]) == 0
     assert json.loads(capsys.readouterr().out) == {"label": expected["label"]}
-    assert cli.main(["evaluate", best, "--dataset", "a"]) == 0
+    assert cli.main(["evaluate", best, "--dataset", "a", "--stored-test"]) == 0
     assert json.loads(capsys.readouterr().out) == {"tags": expected["tags"]}
     assert cli.main(["evaluate", best, str(two / "b_test.jsonl")]) == 0  # the tasks whose field the file has
     assert json.loads(capsys.readouterr().out) == {"label": expected["label"]}

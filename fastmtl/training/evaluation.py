@@ -147,12 +147,14 @@ def format_metrics(m):
     return ", ".join(parts)
 
 
-def evaluation_sets(cfg, specs, file=None, format=None, columns=None, dataset=None):
+def evaluation_sets(cfg, specs, file=None, format=None, columns=None, dataset=None, stored_paths=False):
     """What ``fastmtl evaluate`` scores: a list of ``(dataset name, tasks, examples, path)``.
 
     With ``file``: that file, scored on the tasks of ``dataset`` (a dataset name of the run), or on every task when
     the run had one dataset, or else on the tasks whose label field the file has. Without: every dataset's test
-    split from the run's configuration (the built-in test sets, or the files the run named)."""
+    split from the run's configuration: the built-in test sets, and the files the run named only with
+    ``stored_paths`` (the user's confirmation: a checkpoint someone hands you can name any file of this machine);
+    without it, a ValueError names them."""
     from .config import dataset_specs
 
     dss = dataset_specs(cfg)
@@ -180,10 +182,14 @@ def evaluation_sets(cfg, specs, file=None, format=None, columns=None, dataset=No
         return [(found.pop() if len(found) == 1 else None, tasks, examples, file)]
     from .data import read_split
 
+    chosen = [ds for ds in dss if dataset in (None, ds.name)]
+    named = [ds.test for ds in chosen if ds.builtin is None and ds.test]
+    if named and not stored_paths:
+        raise ValueError("fastmtl evaluate: the checkpoint names its test file%s %s; give the data file (fastmtl "
+                         "evaluate CHECKPOINT FILE) or --stored-test to read %s"
+                         % ("s" if len(named) > 1 else "", ", ".join(named), "them" if len(named) > 1 else "it"))
     out = []
-    for ds in dss:
-        if dataset not in (None, ds.name):
-            continue
+    for ds in chosen:
         examples, path = read_split(ds, "test")
         if examples is not None:
             out.append((ds.name, tasks_of(ds.name), examples, path))
