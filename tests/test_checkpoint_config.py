@@ -89,3 +89,23 @@ def test_evaluate_reads_the_checkpoints_test_path_only_when_confirmed(run, tmp_p
     assert str(secret) not in opened
     assert cli.main(["evaluate", path, "--stored-test"]) == 0
     assert str(secret) in opened
+
+
+def test_resume_refuses_options_that_contradict_the_run(run, tmp_path, capsys):
+    out, files = run
+    d = tmp_path / "again"
+    d.mkdir()
+    (d / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    base = ["train"] + data_args(files) + TINY_ARGS + ["--output-dir", str(d), "--resume"]
+    assert cli.main(base + ["--epochs", "2", "--hidden-size", "12", "--lr", "0.05"]) == 2
+    one_line_error(capsys, "--resume continues the run saved in %s" % (d / "last.pt"),
+                   "--hidden-size 12 (the run: 8)", "--lr 0.05 (the run: 0.002)", "another --output-dir")
+    other = tmp_path / "other_train.jsonl"
+    other.write_text(open(files["train"]).read())
+    args = list(base)
+    args[args.index(files["train"])] = str(other)
+    assert cli.main(args + ["--epochs", "2"]) == 2
+    one_line_error(capsys, "--train %s (the run: %s)" % (other, files["train"]))
+    assert cli.main(base + ["--epochs", "2", "--task", "tags:token:tags"]) == 2
+    one_line_error(capsys, "--task")
+    assert cli.main(base + ["--epochs", "2", "--threads", "2"]) == 0  # the session's options may change

@@ -30,12 +30,22 @@ from ..weighting import GradientMethod, make_weighting
 from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
                           task_lists)
-from .config import TrainConfig
+from .config import TrainConfig, option_name
 from .data import EpochPlanner, aux_specs, expected_share, is_aux, load_datasets
 from .evaluation import check_select, dev_score, evaluate_datasets, format_metrics
 from .output import Logger, OutputDirLock, plot_history, prepare_output_dir, remove_run_files
 
 __all__ = ["Trainer", "train", "NonFiniteLossError"]
+
+
+# the options that steer one session of a run, not the run: --resume takes them from the command line
+SESSION_OPTIONS = ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "overwrite", "device", "threads")
+
+
+def _shown(v):
+    if isinstance(v, (list, tuple)):
+        return ",".join(":".join(map(str, x)) if isinstance(x, (list, tuple)) else str(x) for x in v)
+    return str(v)
 
 
 class NonFiniteLossError(ValueError):
@@ -163,8 +173,8 @@ class Trainer:
         if os.path.lexists(self.last_path):
             ck = read_checkpoint(self.last_path, RESUME_KEYS, "training state (last.pt)")
             saved = checked(self.last_path, dict, ck["config"])
-            for k in ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "overwrite", "device",
-                      "threads"):
+            self.check_resume_options(saved)
+            for k in SESSION_OPTIONS:
                 saved[k] = getattr(cfg, k)
             self.cfg = checked(self.last_path, lambda: config_from(saved).validate())
             self.log.cfg = self.cfg
@@ -172,6 +182,28 @@ class Trainer:
             self.log("fastmtl: resuming from %s (epoch %s done)" % (self.last_path, ck["epoch"]))
         else:
             self.log("fastmtl: --resume: no %s yet, starting fresh" % self.last_path)
+
+    def check_resume_options(self, saved):
+        """--resume continues the saved run: an option set to something else than its default and than the saved
+        run's value (``--hidden-size``, ``--lr``, ``--train``, ``--task``, ...) is refused, naming each, instead of
+        being ignored. Only the options of the session (:data:`SESSION_OPTIONS`) may change."""
+        mine, default = config_dict(self.cfg), config_dict(TrainConfig())
+
+        def norm(k, v):
+            if k in ("train", "dev", "test", "pretrained", "init_encoder") and isinstance(v, str):
+                return os.path.abspath(v)
+            return v
+
+        clash = [k for k in mine if k not in SESSION_OPTIONS and k != "output_dir" and mine[k] != default.get(k)
+                 and norm(k, mine[k]) != norm(k, saved.get(k, default.get(k)))]
+        if clash:
+            raise ValueError(
+                "fastmtl: --resume continues the run saved in %s, and %s differ%s from it: %s; leave %s out, or "
+                "start a new run in another --output-dir" % (
+                    self.last_path, "these options" if len(clash) > 1 else "this option", "" if len(clash) > 1
+                    else "s", "; ".join("%s %s (the run: %s)" % (option_name(k), _shown(mine[k]),
+                                                                 _shown(saved.get(k, default.get(k))))
+                                        for k in clash), "them" if len(clash) > 1 else "it"))
 
     def setup_data(self):
         """Datasets, tasks, vocabularies (transfer: the encoder's vocabulary comes with it), encoded training data
