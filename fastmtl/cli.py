@@ -226,7 +226,9 @@ def _predict(ns):
     elif ns.input:
         lines = D.read_lines(ns.input)  # lines end at '\n' only: one record per line of the file
     else:
-        lines = D.split_lines(sys.stdin.read())
+        # bytes, decoded as --input's are: invalid UTF-8 is the same one-line error (no silent replacement)
+        buf = getattr(sys.stdin, "buffer", None)  # (a text stream without bytes underneath: already decoded)
+        lines = D.decode_lines(buf.read(), "<stdin>") if buf is not None else D.split_lines(sys.stdin.read())
     if ns.details:
         from .predictor import load
 

@@ -163,15 +163,19 @@ _INTS = {"max_train": 1, "min_count": 1, "embedding_dim": 1, "hidden_size": 1, "
          "char_filters": 1, "char_kernel": 1, "warmup_steps": 0, "batch_size": 1, "eval_batch_size": 1, "epochs": 0,
          "patience": 1, "threads": 1, "nash_update_every": 1}
 _OPTIONAL = ("format", "max_train", "max_minutes", "threads")
+MAX_LR = 1e3  # far above any learning rate that trains; a larger one overflows the optimisers' float32 steps
+MAX_SEED = 2**32 - 1
+# names a task cannot have: keys of predict's records and of metrics.json
+RESERVED_TASK_NAMES = ("tokens", "frame_accuracy", "dataset")
 # name: (low, low allowed, high or None, high allowed)
 _FLOATS = {"unk_alpha": (0.0, True, None, False), "dropout": (0.0, True, 1.0, False),
            "sequence_aux": (0.0, True, None, False), "label_smoothing": (0.0, True, 1.0, False),
            "soft_lambda": (0.0, True, None, False), "dwa_temperature": (0.0, False, None, False),
-           "gradnorm_alpha": (0.0, True, None, False), "lr": (0.0, False, None, False),
+           "gradnorm_alpha": (0.0, True, None, False), "lr": (0.0, False, MAX_LR, True),
            "weight_decay": (0.0, True, None, False), "grad_clip": (0.0, True, None, False),
            "ema": (0.0, True, 1.0, False), "max_minutes": (0.0, False, None, False),
            "sampling_temperature": (0.0, False, None, False), "cagrad_c": (0.0, True, None, False),
-           "famo_lr": (0.0, False, None, False), "famo_gamma": (0.0, True, None, False)}
+           "famo_lr": (0.0, False, MAX_LR, True), "famo_gamma": (0.0, True, None, False)}
 
 
 def _is_int(v):
@@ -305,8 +309,8 @@ def _validate_config(cfg):
             ok = v <= hi if hi_ok else v < hi
         if not ok:
             bad(name, "a finite number " + _range_text(lo, lo_ok, hi, hi_ok), v)
-    if not _is_int(cfg.seed):
-        bad("seed", "an integer", cfg.seed)
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed <= MAX_SEED:
+        bad("seed", "an integer in 0..%d" % MAX_SEED, cfg.seed)
     if not isinstance(cfg.select, str) or not cfg.select.strip():
         bad("select", "mean or a comma-separated list of task names", cfg.select)
     if cfg.task_weights is not None:
@@ -403,6 +407,8 @@ def read_toml(path):
         doc = _toml_loads(text)
     except ValueError as e:  # tomllib.TOMLDecodeError
         raise ValueError("fastmtl: --config %s: %s" % (path, str(e).splitlines()[0])) from None
+    except RecursionError:
+        raise ValueError("fastmtl: --config %s: arrays or tables nested too deeply" % path) from None
     base = os.path.dirname(os.path.abspath(path))
 
     def rel(p):
@@ -460,6 +466,18 @@ def _toml_tasks(path, value):
     return out
 
 
+def check_task_name(name):
+    """A task name is letters, digits, ``_``, ``.`` and ``-`` (it names metrics, checkpoint entries and predict's
+    fields) and none of :data:`RESERVED_TASK_NAMES`; ValueError otherwise."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
+        raise ValueError("fastmtl: task name %r: use letters, digits, '_', '.' and '-' (not first)" % (name,))
+    if name in RESERVED_TASK_NAMES or name.startswith("frame_accuracy"):
+        raise ValueError("fastmtl: task name %r is reserved (%s name fields of predict's and evaluate's output); "
+                         "rename the task" % (name, ", ".join(RESERVED_TASK_NAMES)))
+
+
 def task_specs(cfg, datasets):
     """The TaskSpecs of ``cfg`` (strings ``NAME:LEVEL:SOURCE``, ``[[tasks]]`` dicts, lists from a checkpoint or
     TaskSpecs), each tied to its dataset; default tasks for a built-in dataset that has them."""
@@ -485,6 +503,7 @@ def task_specs(cfg, datasets):
             elif s.dataset not in names:
                 raise ValueError("fastmtl: task %r reads dataset %r, which is not among the datasets (%s)"
                                  % (s.name, s.dataset, ", ".join(names)))
+            check_task_name(s.name)
             specs.append(s)
     else:
         from ..data import builtin

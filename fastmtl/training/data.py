@@ -1,5 +1,6 @@
 """The data stage of a run: datasets -> examples per split, task specs, the shared vocabulary, encoded training data
 and the batch plan of each epoch (which dataset every batch comes from)."""
+import math
 import random
 from dataclasses import dataclass
 
@@ -109,7 +110,10 @@ class EpochPlanner:
         if self.strategy == "uniform":
             w = [1.0 for _ in n]
         elif self.strategy == "temperature":
-            w = [x ** (1.0 / self.temperature) for x in n]
+            # n_i^(1/T) in log space: a small T would overflow the power (T -> 0 gives the largest dataset)
+            logs = [math.log(x) / self.temperature if x > 0 else -math.inf for x in n]
+            top = max(logs)
+            w = [math.exp(v - top) for v in logs]
         else:
             w = [float(x) for x in n]
         s = sum(w)

@@ -1,0 +1,63 @@
+"""The small defects of the second hostile-input probe (item 6): each a one-line error or a right answer, never a
+traceback."""
+import io
+import random
+import subprocess
+import sys
+
+import pytest
+
+from fastmtl import cli
+from fastmtl.training.config import MAX_SEED, TrainConfig, read_toml
+from fastmtl.training.data import EpochPlanner
+
+from train_data import TINY_ARGS, data_args, one_line_error, write_splits
+
+
+def test_temperature_sampling_has_no_overflow():
+    for t in (0.005, 1e-9, 1.0, 50.0):
+        p = EpochPlanner([3000, 40], 8, "temperature", t).probabilities()
+        assert abs(sum(p) - 1) < 1e-12 and all(0 <= x <= 1 for x in p)
+    assert EpochPlanner([3000, 40], 8, "temperature", 0.005).probabilities()[0] == 1.0
+    p = EpochPlanner([300, 100], 8, "temperature", 2.0).probabilities()
+    assert abs(p[0] / p[1] - 3 ** 0.5) < 1e-12
+
+
+def test_deeply_nested_toml_is_one_error(tmp_path):
+    p = tmp_path / "deep.toml"
+    p.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="nested too deeply|deep"):
+        read_toml(str(p))
+
+
+@pytest.mark.parametrize("kw,words", [(dict(lr=1e308), "--lr must be a finite number in (0, 1000]"),
+                                      (dict(seed=2**70), "--seed must be an integer in 0..%d" % MAX_SEED),
+                                      (dict(seed=-1), "--seed must be an integer in 0..")])
+def test_extreme_numbers_are_refused(kw, words):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**kw).validate()
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["tokens", "frame_accuracy", "frame_accuracy_x", "dataset", "a@b", "x y", ".x"])
+def test_reserved_or_odd_task_names_are_refused(name, tmp_path, capsys, _fresh_seed):
+    files = write_splits(tmp_path, random.Random(_fresh_seed), (("train", 8), ("dev", 4)))
+    args = ["train", "--format", "jsonl", "--train", files["train"], "--task", "%s:token:tags" % name] + TINY_ARGS
+    assert cli.main(args) == 2
+    one_line_error(capsys, "task name %r" % name)
+
+
+def test_predict_on_stdin_refuses_invalid_utf8_as_input_does(tmp_path, _fresh_seed):
+    files = write_splits(tmp_path, random.Random(_fresh_seed), (("train", 16), ("dev", 8), ("test", 8)))
+    out = tmp_path / "run"
+    assert cli.main(["train"] + data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", str(out)]) == 0
+    bad = b"w1 w2\n\xff\xfe w3\n"
+    (tmp_path / "bad.txt").write_bytes(bad)
+    code = "import sys; from fastmtl import cli; sys.exit(cli.main(sys.argv[1:]))"
+    via_stdin = subprocess.run([sys.executable, "-c", code, "predict", str(out / "best.pt")], input=bad,
+                               capture_output=True, timeout=300)
+    via_file = subprocess.run([sys.executable, "-c", code, "predict", str(out / "best.pt"), "--input",
+                               str(tmp_path / "bad.txt")], capture_output=True, timeout=300)
+    assert via_stdin.returncode == via_file.returncode == 2
+    err = via_stdin.stderr.decode()
+    assert "<stdin>:2: not valid UTF-8" in err and "Traceback" not in err, err
