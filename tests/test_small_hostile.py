@@ -61,3 +61,16 @@ def test_predict_on_stdin_refuses_invalid_utf8_as_input_does(tmp_path, _fresh_se
     assert via_stdin.returncode == via_file.returncode == 2
     err = via_stdin.stderr.decode()
     assert "<stdin>:2: not valid UTF-8" in err and "Traceback" not in err, err
+
+
+def test_atis_format_files_train_without_task(tmp_path, capsys):
+    # the README's own example: --format atis --train FILE trains the format's two tasks
+    line = "show:O flights:O from:O boston:B-fromloc to:O denver:B-toloc <=> atis_flight\n"
+    other = "what:O is:O the:O fare:O to:O boston:B-toloc <=> atis_airfare\n"
+    for split in ("train", "dev", "test"):
+        (tmp_path / ("%s.txt" % split)).write_text((line + other) * 6)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--format", "atis", "--train", str(tmp_path / "train.txt"), "--dev",
+                     str(tmp_path / "dev.txt"), "--test", str(tmp_path / "test.txt"), "--epochs", "1",
+                     "--output-dir", str(out)] + TINY_ARGS) == 0
+    assert {"intent", "slots"} <= set(__import__("json").loads(capsys.readouterr().out))

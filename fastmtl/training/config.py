@@ -509,6 +509,9 @@ def task_specs(cfg, datasets):
         from ..data import builtin
 
         for d in datasets:
+            if d.builtin is None and d.format == "atis":  # files in ATIS's format have ATIS's two fields
+                specs += [D.TaskSpec(n, lv, src, d.name) for n, lv, src in builtin.builtin_tasks("atis")]
+                continue
             if d.builtin is None:
                 raise ValueError("fastmtl: give the tasks with --task NAME:LEVEL:SOURCE (e.g. --task "
                                  "upos:token:upos)" + (" or [[tasks]] for dataset %r" % d.name
