@@ -103,10 +103,13 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a failed write or fsync (disk full: ENOSPC) names no file: name the one being written
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
     _fsync_dir(directory)

@@ -74,3 +74,20 @@ def test_atis_format_files_train_without_task(tmp_path, capsys):
                      str(tmp_path / "dev.txt"), "--test", str(tmp_path / "test.txt"), "--epochs", "1",
                      "--output-dir", str(out)] + TINY_ARGS) == 0
     assert {"intent", "slots"} <= set(__import__("json").loads(capsys.readouterr().out))
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastmtl import fileio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    target = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as e:
+        fileio.atomic_write(str(target), "{}")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert cli._one_line(e.value) == "fastmtl: %s: No space left on device" % target
+    assert not target.exists() and not list(tmp_path.iterdir())  # no temporary left
