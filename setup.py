@@ -56,14 +56,22 @@ def _load_support():
 _CPLUSPLUS = {"201703": 17, "202002": 20, "202302": 23}
 
 
-def torch_cxx_standard(include_dirs=None):
-    """The C++ standard (17, 20, ...) that the installed torch's headers require, read from the headers themselves
-    (ATen/ATen.h and c10/macros/Macros.h check ``__cplusplus`` and stop with `#error C++NN or later compatible
-    compiler is required`): the newest standard any of them demands, at least 17. g++ and nvcc both get
-    ``-std=c++NN`` of it; CMakeLists.txt reads the same headers for libtorch builds."""
+def torch_cxx_standard(include_dirs=None, cmake_dir=None):
+    """The C++ standard (17, 20, ...) of the installed torch: the newest of what its headers require (ATen/ATen.h and
+    c10/macros/Macros.h check ``__cplusplus`` and stop with `#error C++NN or later compatible compiler is
+    required`: C++20 from torch 2.14) and what torch builds its own users with (``CXX_STANDARD`` of the torch target
+    in its TorchConfig.cmake: C++20 from 2.12, whose headers already use C++20 features), at least 17. g++ and nvcc
+    both get ``-std=c++NN`` of it; CMakeLists.txt reads the same two sources for libtorch builds."""
     if include_dirs is None:
         include_dirs = cpp_extension.include_paths()
+    if cmake_dir is None:
+        cmake_dir = os.path.join(os.path.dirname(torch.__file__), "share", "cmake", "Torch")
     want = 17
+    config = os.path.join(cmake_dir, "TorchConfig.cmake")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8", errors="replace") as f:
+            for m in re.finditer(r"\bCXX_STANDARD\s+(\d\d)\b", f.read()):
+                want = max(want, int(m.group(1)))
     for d in include_dirs:
         for rel in ("ATen/ATen.h", "c10/macros/Macros.h", "torch/extension.h"):
             path = os.path.join(d, rel)

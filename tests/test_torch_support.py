@@ -307,7 +307,14 @@ def test_build_outside_the_window_is_one_clear_error():
 def test_cxx_standard_read_from_the_headers(tmp_path, text, want):
     (tmp_path / "ATen").mkdir()
     (tmp_path / "ATen" / "ATen.h").write_text(text)
-    assert _load_setup().torch_cxx_standard([str(tmp_path)]) == want
+    assert _load_setup().torch_cxx_standard([str(tmp_path)], str(tmp_path / "no_cmake")) == want
+
+
+@pytest.mark.parametrize("line,want", [("    CXX_STANDARD 20\n", 20), ("    CXX_STANDARD 17\n", 17), ("", 17)])
+def test_cxx_standard_follows_torchs_cmake_target(tmp_path, line, want):
+    # torch 2.12 and 2.13 build their users with C++20 (their headers use C++20 features) though they require 17
+    (tmp_path / "TorchConfig.cmake").write_text("set_target_properties(torch PROPERTIES\n" + line + ")\n")
+    assert _load_setup().torch_cxx_standard([], str(tmp_path)) == want
 
 
 def test_build_used_the_standard_of_this_torch():
@@ -316,8 +323,8 @@ def test_build_used_the_standard_of_this_torch():
     assert "-std=c++%d" % want in flags.split(), flags
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if _support.parse_version(torch.__version__) >= (2, 14):
-            assert want >= 20  # torch 2.14's ATen.h requires C++20
+        if _support.parse_version(torch.__version__) >= (2, 12):
+            assert want >= 20  # torch 2.12's TorchConfig.cmake, 2.14's ATen.h: C++20
 
 
 def test_ci_checks_both_ends_of_the_window():
