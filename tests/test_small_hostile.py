@@ -91,3 +91,24 @@ def test_disk_full_names_the_file(tmp_path, monkeypatch, capsys):
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
     assert cli._one_line(e.value) == "fastmtl: %s: No space left on device" % target
     assert not target.exists() and not list(tmp_path.iterdir())  # no temporary left
+
+
+def test_nan_weight_of_an_unused_class_leaves_gradients_finite():
+    # item 7: torch's cross_entropy reads the weights of the target classes only; so do the fused heads (without
+    # label smoothing: with it every class's weight is part of the loss, in torch too)
+    import torch
+
+    from fastmtl.functional import multitask_cross_entropy
+
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[0, 1, 2], [1, 0, 2]])
+    cw = torch.tensor([1.0, 2.0, 0.5, float("nan"), 1.0], dtype=torch.float64)
+    total, _ = multitask_cross_entropy(h, [w], [y], ["token"], class_weights=[cw])
+    gh, gw = torch.autograd.grad(total, (h, w))
+    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h2 @ w2.t()).reshape(-1, 5), y.reshape(-1), weight=cw)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(total, ref)
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)

@@ -41,6 +41,9 @@ FASTMTL_HD acc_t xent_item_loss(acc_t lse, acc_t z_y, acc_t sum_wz, acc_t w_y, a
 // Coefficient a of softmax(z) in the item gradient.
 template <typename acc_t>
 FASTMTL_HD acc_t xent_softmax_coeff(acc_t w_y, acc_t sum_w, acc_t eps, acc_t C) {
+  // without label smoothing the other classes' weights take no part (as in the loss above): a nan weight of a
+  // class that no target uses must not reach the gradient (0 * nan), as with torch's cross_entropy
+  if (eps == acc_t(0)) return w_y;
   return (acc_t(1) - eps) * w_y + (eps / C) * sum_w;
 }
 
