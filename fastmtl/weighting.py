@@ -559,7 +559,7 @@ class GradientMethod(TaskWeighting):
         """Coefficients (float64, one per task of ``tasks``) from the Gram matrix ``G``; tasks with a zero gradient
         get 0 and are left out of :meth:`coefficients` (see the module docstring)."""
         tasks = list(tasks)
-        G = torch.as_tensor(G, dtype=torch.float64)
+        G = torch.as_tensor(G, dtype=torch.float64).detach().cpu()  # K x K (the solvers run on the host anyway)
         if not bool(torch.isfinite(G).all()):
             raise FloatingPointError("fastmtl: %s: the tasks' gradients hold nan or inf values (Gram matrix %s)"
                                      % (self.name, G.tolist()))
