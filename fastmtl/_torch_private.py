@@ -76,6 +76,8 @@ _API: Dict[str, Tuple[Tuple[Tuple[Tuple[int, int], str], ...], bool]] = {
 
 # The frame of torch.ao.quantization that propagates a qconfig spec to the modules, and its local holding the spec.
 _QCONFIG_PROPAGATION = {(2, 8): ("_propagate_qconfig_helper", "qconfig_dict")}
+_QCONFIG_FRAME = _QCONFIG_PROPAGATION[max((v for v in _QCONFIG_PROPAGATION if v <= TORCH),
+                                          default=min(_QCONFIG_PROPAGATION))]
 
 
 def path_for(name: str, version: Tuple[int, int] = TORCH) -> str:
@@ -174,11 +176,10 @@ def mkldnn_linear():
 def qconfig_propagation_spec(frame) -> Optional[dict]:
     """The qconfig spec that torch.ao.quantization is propagating when ``frame`` (or one of its two callers) is its
     propagation helper, else None. Best effort: another torch layout gives None, never an error."""
-    fn_name, local = _QCONFIG_PROPAGATION[max(v for v in _QCONFIG_PROPAGATION if v <= TORCH)] \
-        if any(v <= TORCH for v in _QCONFIG_PROPAGATION) else (None, None)
+    fn_name, local = _QCONFIG_FRAME
     try:
         for _ in range(3):  # the setter may be reached through nn.Module.__setattr__
-            if frame is None or fn_name is None:
+            if frame is None:
                 return None
             if frame.f_code.co_name == fn_name:
                 spec = frame.f_locals.get(local)

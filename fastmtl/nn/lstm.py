@@ -57,11 +57,8 @@ def _quantizer_asked_for_torch_lstm(frame) -> bool:
     """Whether ``frame`` (or one of its two callers) is torch.ao.quantization propagating a qconfig spec that names
     torch.nn.LSTM (the setter of ``qconfig`` is then being handed None for this module because its type is not in the
     spec). Best effort: a different torch layout gives False (no warning), never an error."""
-    spec = _priv.qconfig_propagation_spec(frame)
-    try:
-        return spec is not None and spec.get(torch.nn.LSTM) is not None
-    except Exception:  # pragma: no cover
-        return False
+    spec = _priv.qconfig_propagation_spec(frame)  # a dict or None
+    return spec is not None and spec.get(torch.nn.LSTM) is not None
 
 
 class LSTM(torch.nn.RNNBase):
