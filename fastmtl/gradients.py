@@ -224,15 +224,22 @@ def per_task_gradients(model, ids, lengths, targets, weights=None, chars=None, m
 def labelled_counts(model, targets, lengths=None):
     """``{task: number of labelled items}`` of ``targets`` (targets other than the task's ``ignore_index``; token
     positions at or past a sequence's length do not count)."""
+    names, counts = _labelled(model, targets, lengths)
+    return dict(zip(names, (int(c) for c in counts.tolist())))
+
+
+def _labelled(model, targets, lengths):
+    """The task names of ``targets`` and their labelled-item counts as one float64 tensor (one host sync to read)."""
     specs = {t.name: t for t in model.tasks}
-    out = {}
-    for n, y in targets.items():
+    names, counts = list(targets), []
+    for n in names:
+        y = targets[n]
         valid = y != specs[n].ignore_index
         if y.dim() == 2 and lengths is not None:
             pos = torch.arange(y.shape[1], device=y.device)
             valid = valid & (pos[None, :] < lengths.to(y.device)[:, None])
-        out[n] = int(valid.sum())
-    return out
+        counts.append(valid.sum())
+    return names, torch.stack(counts).double()
 
 
 def gradient_method_step(model, method, ids, lengths, targets, weights=None, chars=None, mode="loop",
@@ -250,13 +257,10 @@ def gradient_method_step(model, method, ids, lengths, targets, weights=None, cha
 
     Tasks without a label in the (global) batch are left out (:func:`labelled_counts`); when none is left, nothing
     is computed and ``(None, None)`` is returned (no update)."""
-    counts = labelled_counts(model, targets, lengths)
+    names, counts = _labelled(model, targets, lengths)
     if all_reduce is not None:  # every rank leaves out the same tasks: those without a label in the global batch
-        t = torch.tensor([float(counts[n]) for n in sorted(counts)], dtype=torch.float64,
-                         device=next(iter(targets.values())).device)
-        all_reduce(t)
-        counts = dict(zip(sorted(counts), t.tolist()))
-    targets = {n: y for n, y in targets.items() if counts[n] > 0}
+        all_reduce(counts)
+    targets = {n: targets[n] for n, c in zip(names, counts.tolist()) if c > 0}
     if not targets:  # no task has a label in this batch: no update
         return None, None
     tg = task_gradients(model, ids, lengths, targets, weights, chars, mode if method.level == "param" else "loop")

@@ -482,10 +482,12 @@ class Trainer:
     def check_parameters(self, epoch, step):
         """Stops the run when the step left a parameter (of the model or of the weighting) nan or inf: the loss of
         the step was computed before the update, so a finite loss does not mean a finite model."""
-        bad = [n for n, p in self.step_module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-        bad += ["weighting buffer " + n for n, t in self.weighting.named_buffers()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
+        named = list(self.step_module.named_parameters())
+        named += [("weighting buffer " + n, t) for n, t in self.weighting.named_buffers() if t.is_floating_point()]
+        with torch.no_grad():  # one flag per tensor on its device, one host sync per step
+            finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
             raise NonFiniteLossError(
                 "fastmtl: the optimiser step at epoch %d, step %d left nan or inf values in %s; stopped without "
                 "writing metrics%s. Check --lr, --task-weights and --weighting"
