@@ -42,7 +42,6 @@ torch where one moved or changed fails that test by name. A required entry that 
 ``import fastmtl`` fail with a message naming it; an optional one warns when first needed.
 """
 import importlib
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

@@ -6,7 +6,6 @@ import time
 import tracemalloc
 
 import pytest
-import torch
 
 from fastmtl import checkpoint as C
 from fastmtl import cli

@@ -1,6 +1,5 @@
 """The small defects of the second hostile-input probe (item 6): each a one-line error or a right answer, never a
 traceback."""
-import io
 import random
 import subprocess
 import sys
