@@ -273,8 +273,6 @@ def _hessian_vector_product_autograd(total_fn, hidden, weights, bs, task_weights
         dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(first, (v_h, *v_w, *v_b)))
         second = torch.autograd.grad(dot, prims, create_graph=create_graph, allow_unused=True)
     d = [torch.zeros_like(p) if g is None else g for g, p in zip(second, prims)]
-    if not create_graph:
-        d = [g.detach() for g in d]
     nw = len(weights)
     return d[0], d[1:1 + nw], d[1 + nw:-1], d[-1]
 
