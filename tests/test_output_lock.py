@@ -82,3 +82,23 @@ def test_lock_is_released_when_the_run_fails(files, tmp_path, capsys):
     capsys.readouterr()
     lock = OutputDirLock(str(out)).acquire()  # free again
     lock.release()
+
+
+def test_resume_removes_the_temporaries_of_a_save_cut_short(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train"] + data_args(files) + TINY_ARGS + ["--epochs", "1", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    # what a kill during atomic_write leaves: a mkstemp file next to its destination (and a link of the same shape)
+    (out / ".last.pt.k2j4h1x0.tmp").write_bytes(b"half a checkpoint")
+    (out / ".best.pt.abcd1234.tmp").write_bytes(b"")
+    target = tmp_path / "keep.txt"
+    target.write_text("not the run's")
+    os.symlink(target, out / ".metrics.json.zz99zz99.tmp")
+    (out / ".notes.txt.tmp").write_text("the user's own file")  # not a temporary of a run file: stays
+    loud = [a for a in TINY_ARGS if a != "--quiet"]
+    assert cli.main(["train"] + data_args(files) + loud + ["--epochs", "2", "--output-dir", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "removed 3 temporary files of an interrupted save" in err
+    left = sorted(os.listdir(out))
+    assert not [n for n in left if n.endswith(".tmp") and n != ".notes.txt.tmp"], left
+    assert (out / ".notes.txt.tmp").exists() and target.read_text() == "not the run's"

@@ -7,7 +7,8 @@ import sys
 
 from ..fileio import atomic_write
 
-__all__ = ["RUN_FILES", "LOCK_FILE", "OutputDirLock", "prepare_output_dir", "remove_run_files", "plot_history",
+__all__ = ["RUN_FILES", "LOCK_FILE", "OutputDirLock", "prepare_output_dir", "remove_run_files",
+           "remove_stale_temporaries", "plot_history",
            "Logger"]
 
 # what a run writes into --output-dir (and atomic_write's temporaries of them): --overwrite removes these, and only these
@@ -118,6 +119,22 @@ def remove_run_files(d):
         p = os.path.join(d, name)
         if is_run_file(name) and (os.path.islink(p) or not os.path.isdir(p)):
             os.unlink(p)
+
+
+def remove_stale_temporaries(d):
+    """Removes the temporaries of :func:`fastmtl.fileio.atomic_write` that a run killed during a save left behind
+    (``.best.pt.<random>.tmp`` etc.; links themselves, never their targets). Called by the run that holds the
+    folder's lock, so no other run can be writing them."""
+    removed = []
+    for name in os.listdir(d):
+        p = os.path.join(d, name)
+        if name.endswith(".tmp") and is_run_file(name) and (os.path.islink(p) or not os.path.isdir(p)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                continue
+            removed.append(name)
+    return sorted(removed)
 
 
 class Logger:

@@ -33,7 +33,8 @@ from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, con
 from .config import TrainConfig, option_name
 from .data import EpochPlanner, aux_specs, expected_share, is_aux, load_datasets
 from .evaluation import check_select, dev_score, evaluate_datasets, format_metrics
-from .output import Logger, OutputDirLock, plot_history, prepare_output_dir, remove_run_files
+from .output import (Logger, OutputDirLock, plot_history, prepare_output_dir, remove_run_files,
+                     remove_stale_temporaries)
 
 __all__ = ["Trainer", "train", "NonFiniteLossError"]
 
@@ -161,6 +162,11 @@ class Trainer:
             self.release_output_dir()
             self.dir_lock = OutputDirLock(self.out_dir).acquire()
             prepare_output_dir(cfg)  # again, under the lock: another run may have written since the first check
+            if os.path.isdir(self.out_dir):  # a save cut short by a kill leaves its temporary: no run writes it now
+                stale = remove_stale_temporaries(self.out_dir)
+                if stale:
+                    self.log("fastmtl: removed %d temporary file%s of an interrupted save in %s: %s"
+                             % (len(stale), "" if len(stale) == 1 else "s", self.out_dir, ", ".join(stale)))
         self.last_path = os.path.join(self.out_dir, "last.pt") if self.out_dir else None
 
     def read_resume(self):
