@@ -217,29 +217,46 @@ def _columns(s):
 
 def _predict(ns):
     from . import data as D
-    from .train import check_device, predict_sentences
+    from .fileio import open_regular
+    from .predictor import load
+    from .train import check_device
 
     check_device(ns.device)
-
-    if ns.sentences:
-        lines = ns.sentences
-    elif ns.input:
-        lines = D.read_lines(ns.input)  # lines end at '\n' only: one record per line of the file
-    else:
-        # bytes, decoded as --input's are: invalid UTF-8 is the same one-line error (no silent replacement)
-        buf = getattr(sys.stdin, "buffer", None)  # (a text stream without bytes underneath: already decoded)
-        lines = D.decode_lines(buf.read(), "<stdin>") if buf is not None else D.split_lines(sys.stdin.read())
+    if ns.top_k is not None and not ns.details:
+        raise ValueError("fastmtl predict: --top-k needs --details")
+    predictor = load(ns.checkpoint, ns.device, batch_size=PREDICT_BATCH)
     if ns.details:
-        from .predictor import load
-
-        results = load(ns.checkpoint, ns.device).predict(list(lines), top_k=ns.top_k)
+        run = lambda lines: predictor.predict(lines, top_k=ns.top_k)  # noqa: E731
     else:
-        if ns.top_k is not None:
-            raise ValueError("fastmtl predict: --top-k needs --details")
-        results = predict_sentences(ns.checkpoint, lines, ns.device)
-    for p in results:
-        print(json.dumps(p))
+        run = predictor.predict_labels
+    # streamed: each block of lines is answered (and flushed) before the next is read, so the first records come
+    # out while a long input is still being read, memory stays one block, and a writer feeding one line at a time
+    # gets each answer at once; lines end at '\n' only, invalid UTF-8 is a one-line error naming the line
+    if ns.sentences:
+        blocks = [ns.sentences]
+        source = None
+    elif ns.input:
+        source = open_regular(ns.input, "--input")
+        blocks = D.iter_line_blocks(source, ns.input, PREDICT_BLOCK, max_line_bytes=PREDICT_MAX_LINE)
+    else:
+        source = None
+        buf = getattr(sys.stdin, "buffer", None)  # (a text stream without bytes underneath: already decoded)
+        blocks = (D.iter_line_blocks(buf, "<stdin>", PREDICT_BLOCK, max_line_bytes=PREDICT_MAX_LINE)
+                  if buf is not None else [D.split_lines(sys.stdin.read())])
+    try:
+        for lines in blocks:
+            sys.stdout.write("".join(json.dumps(p) + "\n" for p in run(lines)))
+            sys.stdout.flush()
+    finally:
+        if source is not None:
+            source.close()
     return 0
+
+
+# fastmtl predict: sentences per forward pass, and lines read (at most) before their records are written
+PREDICT_BATCH = 64
+PREDICT_BLOCK = 1024
+PREDICT_MAX_LINE = 1 << 20  # bytes: no sentence is longer; a stream without newlines (/dev/zero) stops here
 
 
 def main(argv=None):

@@ -152,24 +152,35 @@ def constrained_marginals(scores, lengths, allowed, start=None, end=None):
         raise ValueError("fastmtl: constrained_marginals: lengths must be (%d,) values in [1, %d]" % (B, T))
     if B == 0 or T == 0:
         return torch.zeros(B, T, C, device=scores.device)
-    s = scores.float()
+    # forward-backward in the scaled probability domain: each step is a (B, C) x (C, C) product with the 0/1
+    # matrix of allowed transitions, after subtracting the row maximum (float64: a path underflows only when it is
+    # e^-700 times less likely than the best one), instead of a log-sum-exp over a (B, C, C) tensor
+    s = scores.double()
     dev = s.device
-    zero, neg = torch.zeros((), device=dev), torch.tensor(-1e30, device=dev)
-    trans = torch.where(allowed.to(dev), zero, neg)                               # (C, C) from -> to
-    first = torch.where(start.to(dev), zero, neg) if start is not None else torch.zeros(C, device=dev)
-    last = torch.where(end.to(dev), zero, neg) if end is not None else torch.zeros(C, device=dev)
-    alpha = torch.empty(B, T, C, device=dev)
+    A = allowed.to(dev).double()                                                   # (C, C) from -> to
+    ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=dev)
+    zero = torch.zeros((), dtype=s.dtype, device=dev)
+    first = torch.where(start.to(dev), zero, ninf) if start is not None else torch.zeros(C, dtype=s.dtype, device=dev)
+    last = torch.where(end.to(dev), zero, ninf) if end is not None else torch.zeros(C, dtype=s.dtype, device=dev)
+
+    def step(x, M):  # log(exp(x) @ M), row-scaled
+        m = x.amax(dim=1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, zero)
+        return torch.log(torch.exp(x - m) @ M) + m
+
+    alpha = torch.empty(B, T, C, dtype=s.dtype, device=dev)
     alpha[:, 0] = s[:, 0] + first
     for t in range(1, T):
-        alpha[:, t] = torch.logsumexp(alpha[:, t - 1].unsqueeze(2) + trans, dim=1) + s[:, t]
-    beta = torch.empty(B, T, C, device=dev)
+        alpha[:, t] = step(alpha[:, t - 1], A) + s[:, t]
+    beta = torch.empty(B, T, C, dtype=s.dtype, device=dev)
     beta[:, T - 1] = last
+    At = A.t()
     for t in range(T - 2, -1, -1):
-        nxt = torch.logsumexp(trans + (s[:, t + 1] + beta[:, t + 1]).unsqueeze(1), dim=2)   # (B, C)
+        nxt = step(s[:, t + 1] + beta[:, t + 1], At)                              # (B, C)
         beta[:, t] = torch.where((t < lengths - 1).unsqueeze(1), nxt, last)
     ar = torch.arange(B, device=dev)
     logz = torch.logsumexp(alpha[ar, lengths - 1] + last, dim=1)                   # (B,)
     p = torch.exp(alpha + beta - logz.view(B, 1, 1))
     valid = torch.arange(T, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-    p = torch.where(valid.unsqueeze(2), p, torch.zeros((), device=dev))
-    return p / p.sum(dim=2, keepdim=True).clamp_min(1e-30)                         # exact up to rounding
+    p = torch.where(valid.unsqueeze(2) & torch.isfinite(p), p, zero)
+    return (p / p.sum(dim=2, keepdim=True).clamp_min(1e-300)).float()                  # exact up to rounding

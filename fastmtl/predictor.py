@@ -114,24 +114,34 @@ class Predictor:
         is refused (``TypeError``): pass ``[sentence]``. ``batch_size``: sentences per forward pass (default: the
         predictor's); they are grouped by length, which changes no result. ``top_k``: keep only the ``k`` most
         probable labels in every ``"probs"`` (default: all). ``token_probs``: add each token's distribution."""
-        if isinstance(sentences, (str, bytes)):
-            raise TypeError("fastmtl: Predictor.predict takes a list of sentences, got a single %s; use "
-                            "predict([sentence])[0]" % type(sentences).__name__)
-        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         if top_k is not None:
             top_k = _positive_int(top_k, "top_k")
+        return self._run(sentences, batch_size, "predict", self._empty,
+                         lambda sents: self._predict_batch(sents, top_k, token_probs))
+
+    def predict_labels(self, sentences, batch_size=None):
+        """The labels only, one dict per sentence: ``{"tokens": [...], task: label}`` for a sequence task and
+        ``task: [label per token]`` for a token task (what ``fastmtl predict`` prints without ``--details``; the
+        same labels as :meth:`predict`). An empty sentence gets ``{"tokens": []}``."""
+        return self._run(sentences, batch_size, "predict_labels", lambda t: {"tokens": list(t)}, self._labels_batch)
+
+    def __call__(self, sentences, **kwargs):
+        return self.predict(sentences, **kwargs)
+
+    def _run(self, sentences, batch_size, what, empty, predict_batch):
+        if isinstance(sentences, (str, bytes)):
+            raise TypeError("fastmtl: Predictor.%s takes a list of sentences, got a single %s; use "
+                            "%s([sentence])[0]" % (what, type(sentences).__name__, what))
+        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         tokens = [_tokens(s, i) for i, s in enumerate(sentences)]
-        results = [self._empty(t) for t in tokens]
+        results = [empty(t) for t in tokens]
         keep = [i for i, t in enumerate(tokens) if t]
         keep.sort(key=lambda i: len(tokens[i]))  # length-sorted batches pad little
         for b in range(0, len(keep), batch_size):
             idx = keep[b:b + batch_size]
-            for i, r in zip(idx, self._predict_batch([tokens[i] for i in idx], top_k, token_probs)):
+            for i, r in zip(idx, predict_batch([tokens[i] for i in idx])):
                 results[i] = r
         return results
-
-    def __call__(self, sentences, **kwargs):
-        return self.predict(sentences, **kwargs)
 
     def _empty(self, tokens):
         r = {"tokens": list(tokens)}
@@ -144,7 +154,7 @@ class Predictor:
                     r[s.name]["spans"] = []
         return r
 
-    def _predict_batch(self, sents, top_k, token_probs):
+    def _forward(self, sents, return_probs):
         vocab, model = self.vocab, self.model
         lengths = torch.tensor([len(t) for t in sents], dtype=torch.long)
         ids = torch.zeros(len(sents), int(lengths.max()), dtype=torch.long)
@@ -153,27 +163,43 @@ class Predictor:
         chars = None
         if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
             chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in t] for t in sents]).to(self.device)
-        preds, probs = model.predict(ids.to(self.device), lengths.to(self.device), chars=chars, return_probs=True,
-                                     tasks=[s.name for s in self.specs])
+        return model.predict(ids.to(self.device), lengths.to(self.device), chars=chars, return_probs=return_probs,
+                             tasks=[s.name for s in self.specs])
+
+    def _labels_batch(self, sents):
+        preds = self._forward(sents, False)
         out = [{"tokens": list(t)} for t in sents]
         for s in self.specs:
             itos = self.label_vocabs[s.name].itos
-            pred = preds[s.name].cpu().tolist()
-            prob = probs[s.name].cpu()
+            pred = preds[s.name].tolist()
             for r, t in enumerate(sents):
-                if s.level == "sequence":
-                    label = int(pred[r])
-                    out[r][s.name] = {"label": itos[label], "confidence": float(prob[r, label]),
-                                      "probs": _distribution(prob[r], itos, top_k)}
-                    continue
+                out[r][s.name] = itos[pred[r]] if s.level == "sequence" else [itos[c] for c in pred[r][:len(t)]]
+        return out
+
+    def _predict_batch(self, sents, top_k, token_probs):
+        preds, probs = self._forward(sents, True)
+        out = [{"tokens": list(t)} for t in sents]
+        for s in self.specs:
+            itos = self.label_vocabs[s.name].itos
+            pred_t = preds[s.name].cpu()
+            prob_t = probs[s.name].cpu().float()
+            pred = pred_t.tolist()
+            # every tensor read once, as lists: per-element tensor indexing costs microseconds each
+            conf = prob_t.gather(-1, pred_t.clamp_min(0).unsqueeze(-1)).squeeze(-1).tolist()
+            if s.level == "sequence":
+                dists = _distributions(prob_t, itos, top_k)
+                for r in range(len(sents)):
+                    out[r][s.name] = {"label": itos[pred[r]], "confidence": conf[r], "probs": dists[r]}
+                continue
+            dists = _distributions(prob_t, itos, top_k) if token_probs else None
+            for r, t in enumerate(sents):
                 n = len(t)
-                labels = [itos[int(c)] for c in pred[r][:n]]
-                conf = [float(prob[r, k, int(c)]) for k, c in enumerate(pred[r][:n])]
-                res = {"labels": labels, "confidences": conf}
+                labels = [itos[c] for c in pred[r][:n]]
+                res = {"labels": labels, "confidences": conf[r][:n]}
                 if token_probs:
-                    res["probs"] = [_distribution(prob[r, k], itos, top_k) for k in range(n)]
+                    res["probs"] = dists[r][:n]
                 if s.name in self._span:
-                    res["spans"] = _spans(t, labels, conf)
+                    res["spans"] = _spans(t, labels, res["confidences"])
                 out[r][s.name] = res
         return out
 
@@ -202,11 +228,19 @@ def _tokens(sentence, i):
     return toks
 
 
-def _distribution(p, itos, top_k):
-    """``{label: probability}`` of a (C,) tensor, most probable first (ties: label order)."""
+def _distributions(p, itos, top_k):
+    """``{label: probability}`` dicts of the distributions in the last dimension of ``p`` ((..., C), nested lists
+    of dicts), most probable first (ties: label order)."""
     k = len(itos) if top_k is None else min(top_k, len(itos))
-    vals, order = torch.sort(p, descending=True, stable=True)
-    return {itos[int(j)]: float(v) for v, j in zip(vals[:k].tolist(), order[:k].tolist())}
+    vals, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    vals, order = vals[..., :k].tolist(), order[..., :k].tolist()
+
+    def build(v, o):
+        if o and isinstance(o[0], list):
+            return [build(vv, oo) for vv, oo in zip(v, o)]
+        return {itos[j]: x for x, j in zip(v, o)}
+
+    return build(vals, order)
 
 
 def _spans(tokens, labels, conf):

@@ -2,7 +2,7 @@
 import os
 
 from .errors import DataFormatError
-from .text import read_lines, decode_lines, split_lines
+from .text import read_lines, decode_lines, split_lines, iter_line_blocks
 from .atis import load_atis, parse_atis_lines
 from .conll import read_conll, read_conllu, parse_columns
 from .jsonl import read_jsonl
@@ -13,7 +13,7 @@ from .batching import (TaskSpec, parse_task, Batch, encode_examples, bucket_batc
 __all__ = ["DataFormatError", "load_atis", "parse_atis_lines", "read_conll", "read_conllu", "read_jsonl", "Vocab",
            "LabelVocab", "normalize_word", "TaskSpec", "parse_task", "Batch", "encode_examples", "bucket_batches",
            "collate", "check_tasks", "build_label_vocabs", "read_examples", "FORMATS", "read_lines", "decode_lines",
-           "split_lines", "parse_columns"]
+           "iter_line_blocks", "split_lines", "parse_columns"]
 
 FORMATS = ("atis", "conllu", "conll", "jsonl")
 

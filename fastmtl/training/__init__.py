@@ -24,12 +24,7 @@ __all__ = ["TrainConfig", "Trainer", "train", "evaluate_examples", "predict_exam
 
 def predict_sentences(checkpoint, sentences, device="cpu"):
     """Predictions for raw sentences (strings, split on whitespace, or token lists):
-    list of ``{"tokens": [...], task: label or [labels]}``."""
-    model, vocab, lvs, specs, _ = load_checkpoint(checkpoint, device)
-    exs = [{"tokens": s.split() if isinstance(s, str) else list(s)} for s in sentences]
-    keep = [i for i, e in enumerate(exs) if e["tokens"]]
-    preds = predict_examples(model, vocab, lvs, specs, [exs[i] for i in keep], torch.device(device))
-    out = [{"tokens": e["tokens"]} for e in exs]
-    for i, p in zip(keep, preds):
-        out[i].update(p)
-    return out
+    list of ``{"tokens": [...], task: label or [labels]}`` (:meth:`fastmtl.Predictor.predict_labels`)."""
+    from ..predictor import load
+
+    return load(checkpoint, device).predict_labels(list(sentences))
