@@ -34,6 +34,23 @@
 //   When compute_grad, grad_hidden / grad_weights / grad_biases are d total / d (hidden, W_k, b_k) (lambdas
 //   included); otherwise they are empty. grad_biases[k] is empty for a task without bias.
 // ---------------------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------------------
+// Linear-chain CRF (pytorch-crf semantics: score = start[y_0] + sum_t e[t, y_t] + sum_{t>=1} A[y_{t-1}, y_t] + end[y_L-1]):
+//   emissions (B, T, C) batch first, float32/float64/bfloat16/float16; tags int64 (B, T); lengths int64 (B,) on
+//           emissions' device, each in [0, T]: positions t >= lengths[b] are ignored (their tags need not be valid);
+//           a sequence of length 0 has NLL 0, no gradient, an all -1 path and zero marginals.
+//   transitions (C, C) indexed [from, to], start (C,), end (C,): emissions' dtype.
+//   allowed (C, C) [from, to], allowed_start (C,), allowed_end (C,): optional bool masks (None: all allowed). A
+//           forbidden entry scores -inf: no decoded path and no marginal uses it, its parameter gets no gradient, and
+//           the NLL of a gold path that uses one is +inf (that sequence then contributes no gradient).
+//   Math in float32 for float32/bfloat16/float16 inputs, float64 for float64 ("compute dtype").
+//   crf_nll_fwd -> nll (B,) compute dtype, log_z (B,) compute dtype (log partition), alpha (B, T, C) compute dtype
+//           (forward log-scores; saved for crf_nll_bwd).
+//   crf_nll_bwd(grad_nll (B,), ..., log_z, alpha) -> d(sum_b grad_nll[b] nll[b]) / d(emissions, transitions, start,
+//           end), each in its input's dtype.
+//   crf_decode -> (B, T) int64 Viterbi paths, -1 at padding (ties: the first maximal index, as pytorch-crf).
+//   crf_marginals -> (B, T, C) per-token marginal probabilities in the compute dtype, 0 at padding.
+// ---------------------------------------------------------------------------------------------------------
 #include <torch/library.h>
 #ifndef FASTMTL_NO_PYTHON
 #include <torch/extension.h>
@@ -65,6 +82,19 @@ TORCH_LIBRARY(fastmtl, m) {
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def(fastmtl::kMultitaskLossSchema);     // fastmtl/heads_schema.h (shared with the CUDA emulation tests)
   m.def(fastmtl::kMultitaskPredictSchema);
+  m.def(
+      "crf_nll_fwd(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, Tensor start, Tensor end, "
+      "Tensor? allowed, Tensor? allowed_start, Tensor? allowed_end) -> (Tensor nll, Tensor log_z, Tensor alpha)");
+  m.def(
+      "crf_nll_bwd(Tensor grad_nll, Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, Tensor start, "
+      "Tensor end, Tensor? allowed, Tensor? allowed_start, Tensor? allowed_end, Tensor log_z, Tensor alpha) "
+      "-> (Tensor grad_emissions, Tensor grad_transitions, Tensor grad_start, Tensor grad_end)");
+  m.def(
+      "crf_decode(Tensor emissions, Tensor lengths, Tensor transitions, Tensor start, Tensor end, Tensor? allowed, "
+      "Tensor? allowed_start, Tensor? allowed_end) -> Tensor");
+  m.def(
+      "crf_marginals(Tensor emissions, Tensor lengths, Tensor transitions, Tensor start, Tensor end, "
+      "Tensor? allowed, Tensor? allowed_start, Tensor? allowed_end) -> Tensor");
 }
 
 #ifndef FASTMTL_NO_PYTHON
