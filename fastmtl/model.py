@@ -305,13 +305,15 @@ class MultiTaskLSTM(torch.nn.Module):
         """``{task: predictions}``: sequence tasks (B,) labels, token tasks (B, T) labels with -1 at padding.
         Token tasks named in :attr:`decode_constraints` (``{task: (allowed, start, end)}`` from
         :func:`fastmtl.decoding.span_constraints`) get the best *allowed* tag sequence (Viterbi over the log-
-        probabilities); the others the per-position argmax of the fused heads.
+        probabilities); the others the per-position argmax of the fused heads. CRF token tasks
+        (``TokenTask(..., crf=True)``) get the CRF's Viterbi path, under the task's constraints if it has any.
 
         Runs in eval mode (no dropout) under ``torch.no_grad()`` and restores the module's previous training mode.
         ``tasks``: the task names to predict (default all). ``return_probs=True`` returns ``(predictions, probs)``,
         ``probs`` being ``{task: (B, C) or (B, T, C) float32 probabilities}`` (0 at padded token positions): the
         softmax of the head, and for constrained token tasks the per-token marginals over the allowed tag
-        sequences (:func:`fastmtl.decoding.constrained_marginals`). The labels are the same as without it."""
+        sequences (:func:`fastmtl.decoding.constrained_marginals`), for CRF tasks the CRF's per-token marginals
+        (:func:`fastmtl.functional.crf_marginals`). The labels are the same as without it."""
         names = self.task_names if tasks is None else list(tasks)
         unknown = [n for n in names if n not in self.task_names]
         if unknown:
@@ -330,6 +332,16 @@ class MultiTaskLSTM(torch.nn.Module):
         preds, probs = {}, {}
         for key, names in self.groups:
             names = [n for n in names if n in wanted]
+            heads = self.heads[key]
+            crf = [n for n in names if heads.is_crf(n)]
+            if crf:  # Viterbi over the CRF (under the span constraints, if any); marginals as probabilities
+                emissions = heads.predict(hidden[key], lengths, tasks=crf, output="logits")
+                for n in crf:
+                    cons = self.decode_constraints.get(n)
+                    preds[n] = heads.crf_predict(n, emissions[n], lengths, "labels", cons)
+                    if return_probs:
+                        probs[n] = heads.crf_predict(n, emissions[n], lengths, "log_probs", cons).exp()
+            names = [n for n in names if n not in crf]
             constrained = [n for n in names if n in self.decode_constraints]
             free = [n for n in names if n not in self.decode_constraints]
             if free:

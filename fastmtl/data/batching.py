@@ -12,26 +12,38 @@ __all__ = ["TaskSpec", "parse_task", "Batch", "encode_examples", "bucket_batches
 @dataclass(frozen=True)
 class TaskSpec:
     """A task: ``name``, ``level`` (``"sequence"`` or ``"token"``), ``source`` (the example field it reads) and
-    ``dataset`` (the name of the dataset whose examples carry its labels; None: the only one)."""
+    ``dataset`` (the name of the dataset whose examples carry its labels; None: the only one) and ``crf`` (a token
+    task scored by a linear-chain CRF instead of per-token cross-entropy)."""
 
     name: str
     level: str
     source: str
     dataset: str = None
+    crf: bool = False
 
     def __post_init__(self):
         if self.level not in ("sequence", "token"):
             raise ValueError("fastmtl: task %r: level must be 'sequence' or 'token', got %r" % (self.name, self.level))
+        if not isinstance(self.crf, bool):
+            raise ValueError("fastmtl: task %r: crf must be true or false, got %r" % (self.name, self.crf))
+        if self.crf and self.level != "token":
+            raise ValueError("fastmtl: task %r: a CRF needs a token task (level 'token'), got level %r"
+                             % (self.name, self.level))
 
 
 def parse_task(text):
-    """Parses ``NAME:LEVEL:SOURCE`` (``SOURCE`` defaults to ``NAME``), e.g. ``upos:token:upos``."""
+    """Parses ``NAME:LEVEL:SOURCE[:crf]`` (``SOURCE`` defaults to ``NAME``), e.g. ``upos:token:upos`` or
+    ``slots:token:slots:crf`` (a token task with a CRF)."""
     parts = text.split(":")
+    crf = len(parts) == 4 and parts[3] == "crf"
+    if crf:
+        parts.pop()
     if len(parts) == 2:
         parts.append(parts[0])
     if len(parts) != 3 or not all(parts):
-        raise ValueError("fastmtl: --task must be NAME:LEVEL:SOURCE (e.g. intent:sequence:intent), got %r" % text)
-    return TaskSpec(*parts)
+        raise ValueError("fastmtl: --task must be NAME:LEVEL:SOURCE or NAME:token:SOURCE:crf (e.g. "
+                         "intent:sequence:intent), got %r" % text)
+    return TaskSpec(*parts, crf=crf)
 
 
 def check_tasks(examples, tasks, path):

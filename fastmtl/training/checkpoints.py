@@ -30,6 +30,8 @@ def build_tasks(specs, label_vocabs, pooling="last", label_smoothing=0.0):
         n = max(len(label_vocabs[s.name]), 1)
         if s.level == "sequence":
             out.append(SequenceTask(s.name, n, pooling=pooling, label_smoothing=label_smoothing))
+        elif s.crf:  # a CRF scores whole tag sequences: no label smoothing
+            out.append(TokenTask(s.name, n, crf=True))
         else:
             out.append(TokenTask(s.name, n, label_smoothing=label_smoothing))
     return out
@@ -130,7 +132,7 @@ def config_from(d):
 
 
 def task_lists(specs):
-    return [[s.name, s.level, s.source, s.dataset] for s in specs]
+    return [[s.name, s.level, s.source, s.dataset] + ([True] if s.crf else []) for s in specs]
 
 
 def specs_from(rows):

@@ -48,7 +48,8 @@ class TrainConfig:
     columns: list = _opt(None, "column names of a CoNLL column file, the first is the word, e.g. word,pos,chunk,ner",
                          "data", parse="columns")
     tasks: list = _opt(None, "a task: LEVEL is token or sequence, SOURCE the field/column (repeatable), e.g. --task "
-                       "upos:token:upos --task intent:sequence:intent (default for ATIS: intent and slots)", "data",
+                       "upos:token:upos --task intent:sequence:intent (default for ATIS: intent and slots); a token "
+                       "task with a CRF: NAME:token:SOURCE:crf", "data",
                        flag="--task", action="append", metavar="NAME:LEVEL:SOURCE")
     datasets: list = _opt(None, "several datasets in one model: [[datasets]] tables of a --config file (name, format, "
                           "train, dev, test, columns, builtin)", "data", flag=None)
@@ -81,6 +82,9 @@ class TrainConfig:
     sequence_aux: float = _opt(0.0, "also train every sentence label on every token as an auxiliary task with this "
                                "weight (0: off)", "model")
     label_smoothing: float = _opt(0.1, "label smoothing of every task's cross-entropy", "model")
+    crf: bool = _opt(False, "every token task gets a linear-chain CRF (learned tag transitions; loss: the CRF's "
+                     "negative log-likelihood per token, decoding: Viterbi); one task: --task NAME:token:SOURCE:crf",
+                     "model", parse="bool")
     constrained_decoding: bool = _opt(True, "token tasks with BIO/IOBES tags: predict the best valid tag sequence "
                                       "(Viterbi), not the per-token argmax", "model", parse="bool")
     sharing: str = _opt("hard", "parameter sharing between tasks", "model", choices=("hard", "soft", "hierarchical"))
@@ -371,7 +375,7 @@ def check_device(name, option="--device"):
 # ----------------------------------------------------------------------------------------------------------------
 # TOML run files
 
-_TASK_KEYS = ("name", "level", "dataset", "source")
+_TASK_KEYS = ("name", "level", "dataset", "source", "crf")
 _SAMPLING_KEYS = {"strategy": "sampling", "temperature": "sampling_temperature"}
 _FILE_PATHS = ("train", "dev", "test", "pretrained", "init_encoder", "output_dir")
 
@@ -490,7 +494,8 @@ def task_specs(cfg, datasets):
             elif isinstance(t, str):
                 s = D.parse_task(t)
             elif isinstance(t, dict):
-                s = D.TaskSpec(t["name"], t["level"], t.get("source") or t["name"], t.get("dataset"))
+                s = D.TaskSpec(t["name"], t["level"], t.get("source") or t["name"], t.get("dataset"),
+                               t.get("crf", False))
             elif isinstance(t, (list, tuple)):
                 s = D.TaskSpec(*t)
             else:
@@ -499,7 +504,7 @@ def task_specs(cfg, datasets):
                 if len(datasets) > 1:
                     raise ValueError("fastmtl: task %r: name its dataset (dataset = one of %s)"
                                      % (s.name, ", ".join(names)))
-                s = D.TaskSpec(s.name, s.level, s.source, names[0])
+                s = D.TaskSpec(s.name, s.level, s.source, names[0], s.crf)
             elif s.dataset not in names:
                 raise ValueError("fastmtl: task %r reads dataset %r, which is not among the datasets (%s)"
                                  % (s.name, s.dataset, ", ".join(names)))
@@ -517,6 +522,8 @@ def task_specs(cfg, datasets):
                                  "upos:token:upos)" + (" or [[tasks]] for dataset %r" % d.name
                                                        if len(datasets) > 1 else ""))
             specs += [D.TaskSpec(n, lv, src, d.name) for n, lv, src in builtin.builtin_tasks(d.builtin)]
+    if cfg.crf:
+        specs = [D.TaskSpec(s.name, s.level, s.source, s.dataset, True) if s.level == "token" else s for s in specs]
     tn = [s.name for s in specs]
     dup = sorted({n for n in tn if tn.count(n) > 1})
     if dup:
