@@ -2,8 +2,9 @@
 
 A softmax tagger picks each tag on its own and may output ``O I-city`` or ``B-fromloc I-toloc``; conlleval then
 counts a span the model never meant. :func:`viterbi_decode` instead picks the sequence with the highest summed
-log-probability among those whose transitions are allowed (exact, by dynamic programming over the tags), which
-costs one (B, C, C) max per time step. :func:`span_constraints` builds the allowed transitions of a tag set:
+log-probability among those whose transitions are allowed (exact, by dynamic programming over the tags): the
+Viterbi and forward-backward kernels of the CRF ops (:func:`fastmtl.functional.crf_decode`, ``crf_marginals``) with
+transitions that all score 0 and the constraints as masks. :func:`span_constraints` builds the allowed transitions of a tag set:
 
 * ``"bio"`` (IOB2): ``I-X`` only after ``B-X`` or ``I-X``; a sentence never starts with ``I-X``.
 * ``"iobes"``: ``I-X``/``E-X`` only after ``B-X``/``I-X``; after ``B-X``/``I-X`` only ``I-X``/``E-X``; a sentence
@@ -14,6 +15,8 @@ scheme that the gold training sequences obey (``None`` when they break both, e.g
 a span: such tasks are decoded by argmax).
 """
 import torch
+
+from .functional.crf import crf_decode, crf_marginals
 
 __all__ = ["span_constraints", "detect_scheme", "viterbi_decode", "constrained_marginals"]
 
@@ -101,33 +104,21 @@ def viterbi_decode(scores, lengths, allowed, start=None, end=None):
     lengths = torch.as_tensor(lengths, device=scores.device).long()
     if tuple(lengths.shape) != (B,) or (B and (int(lengths.min()) < 1 or int(lengths.max()) > T)):
         raise ValueError("fastmtl: viterbi_decode: lengths must be (%d,) values in [1, %d]" % (B, T))
-    out = torch.full((B, T), -1, dtype=torch.long, device=scores.device)
     if B == 0 or T == 0:
-        return out
-    s = scores.float()
-    neg = torch.tensor(-1e30, device=s.device)
-    trans = torch.where(allowed.to(s.device), torch.zeros((), device=s.device), neg)  # (C, C)
-    score = s[:, 0]
-    if start is not None:
-        score = score + torch.where(start.to(s.device), torch.zeros((), device=s.device), neg)
-    back = torch.zeros(B, max(T - 1, 0), C, dtype=torch.long, device=s.device)
-    for t in range(1, T):
-        best, arg = (score.unsqueeze(2) + trans).max(dim=1)          # (B, C): best previous tag for each tag
-        live = (t < lengths).unsqueeze(1)
-        score = torch.where(live, best + s[:, t], score)
-        back[:, t - 1] = arg
-    if end is not None:
-        score = score + torch.where(end.to(s.device), torch.zeros((), device=s.device), neg)
-    tag = score.argmax(dim=1)                                          # (B,) tag at position length-1
-    ar = torch.arange(B, device=s.device)
-    for t in range(T - 1, -1, -1):
-        at_end = lengths - 1 == t
-        inside = lengths - 1 > t
-        if t < T - 1:
-            prev = back[ar, t, tag]                                    # tag at t, given the tag at t + 1
-            tag = torch.where(inside, prev, tag)
-        out[:, t] = torch.where(at_end | inside, tag, out[:, t])
-    return out
+        return torch.full((B, T), -1, dtype=torch.long, device=scores.device)
+    return crf_decode(scores.float(), lengths, *_no_transitions(C, scores.device), allowed.to(scores.device),
+                      _mask(start, scores.device), _mask(end, scores.device))
+
+
+def _no_transitions(C, device):
+    """A CRF whose transitions all score 0: its Viterbi path and marginals are those of the scores alone (under
+    the constraints the masks add)."""
+    z = torch.zeros(C, device=device)
+    return torch.zeros(C, C, device=device), z, z
+
+
+def _mask(m, device):
+    return None if m is None else m.to(device)
 
 
 def constrained_marginals(scores, lengths, allowed, start=None, end=None):
@@ -152,35 +143,7 @@ def constrained_marginals(scores, lengths, allowed, start=None, end=None):
         raise ValueError("fastmtl: constrained_marginals: lengths must be (%d,) values in [1, %d]" % (B, T))
     if B == 0 or T == 0:
         return torch.zeros(B, T, C, device=scores.device)
-    # forward-backward in the scaled probability domain: each step is a (B, C) x (C, C) product with the 0/1
-    # matrix of allowed transitions, after subtracting the row maximum (float64: a path underflows only when it is
-    # e^-700 times less likely than the best one), instead of a log-sum-exp over a (B, C, C) tensor
-    s = scores.double()
-    dev = s.device
-    A = allowed.to(dev).double()                                                   # (C, C) from -> to
-    ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=dev)
-    zero = torch.zeros((), dtype=s.dtype, device=dev)
-    first = torch.where(start.to(dev), zero, ninf) if start is not None else torch.zeros(C, dtype=s.dtype, device=dev)
-    last = torch.where(end.to(dev), zero, ninf) if end is not None else torch.zeros(C, dtype=s.dtype, device=dev)
-
-    def step(x, M):  # log(exp(x) @ M), row-scaled
-        m = x.amax(dim=1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, zero)
-        return torch.log(torch.exp(x - m) @ M) + m
-
-    alpha = torch.empty(B, T, C, dtype=s.dtype, device=dev)
-    alpha[:, 0] = s[:, 0] + first
-    for t in range(1, T):
-        alpha[:, t] = step(alpha[:, t - 1], A) + s[:, t]
-    beta = torch.empty(B, T, C, dtype=s.dtype, device=dev)
-    beta[:, T - 1] = last
-    At = A.t()
-    for t in range(T - 2, -1, -1):
-        nxt = step(s[:, t + 1] + beta[:, t + 1], At)                              # (B, C)
-        beta[:, t] = torch.where((t < lengths - 1).unsqueeze(1), nxt, last)
-    ar = torch.arange(B, device=dev)
-    logz = torch.logsumexp(alpha[ar, lengths - 1] + last, dim=1)                   # (B,)
-    p = torch.exp(alpha + beta - logz.view(B, 1, 1))
-    valid = torch.arange(T, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-    p = torch.where(valid.unsqueeze(2) & torch.isfinite(p), p, zero)
-    return (p / p.sum(dim=2, keepdim=True).clamp_min(1e-300)).float()                  # exact up to rounding
+    # the forward-backward of a CRF whose transitions all score 0, in the native kernels
+    p = crf_marginals(scores.float(), lengths, *_no_transitions(C, scores.device), allowed.to(scores.device),
+                      _mask(start, scores.device), _mask(end, scores.device))
+    return p / p.sum(dim=2, keepdim=True).clamp_min(1e-30)                         # exact up to rounding
