@@ -14,6 +14,7 @@
 #   tests      tests/test_build.py, test_lstm_cuda.py, test_heads_cuda.py (--timeout)   180
 #   bench-lstm python -m fastmtl.bench lstm --device cuda (float32 with TF32 on both sides, see below)  200
 #   bench-heads / bench-train_step   python -m fastmtl.bench heads|train_step --device cuda              90 each
+#   bench-crf  python -m fastmtl.bench crf --device cuda (CRF loss and Viterbi vs pytorch-crf, vectorised torch) 60
 #   bench-mtl  python -m fastmtl.bench.train_step_mtl --device cuda --ks 3,5 (pcgrad fused/loop/separate,
 #              mgda_ub, famo; writes <gpu>-mtl.json)                                   60
 # Together the steps ask for more than the default budget: the last ones (bench-train_step, bench-mtl) run only on
@@ -179,6 +180,38 @@ for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 1e-1)):
         print("heads %s: %s: %s" % (dtype, type(e).__name__, str(e)[:300]))
         err = float("nan")
     report("heads loss+grad+predict %s (3 tasks, C up to 700)" % str(dtype)[6:], err, tol, t0)
+
+for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    t0 = time.time()
+    try:  # the CRF ops: nll + every gradient, Viterbi paths and marginals against the float64 CPU kernels
+        from fastmtl.functional import crf_decode, crf_marginals, crf_nll
+        B, T, C = 9, 23, 130
+        em = torch.randn(B, T, C, dtype=torch.float64)
+        tags = torch.randint(0, C, (B, T))
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        ps = [torch.randn(*s, dtype=torch.float64) * 0.1 for s in ((C, C), (C,), (C,))]
+        eg = em.to(dev, dtype).requires_grad_()
+        pg = [p.to(dev, dtype).requires_grad_() for p in ps]
+        nll = crf_nll(eg, tags.to(dev), lengths.to(dev), *pg, reduction="sum")
+        nll.backward()
+        path = crf_decode(eg.detach(), lengths.to(dev), *[p.detach() for p in pg])
+        marg = crf_marginals(eg.detach(), lengths.to(dev), *[p.detach() for p in pg])
+        sync()
+        # the reference sees the same rounded inputs
+        er = eg.detach().double().cpu().requires_grad_()
+        pr = [p.detach().double().cpu().requires_grad_() for p in pg]
+        nr = crf_nll(er, tags, lengths, *pr, reduction="sum")
+        nr.backward()
+        err = max(rel(nll, nr), rel(eg.grad, er.grad), max(rel(a.grad, b.grad) for a, b in zip(pg, pr)),
+                  rel(marg, crf_marginals(er.detach(), lengths, *[p.detach() for p in pr])))
+        if dtype == torch.float32:  # (bf16 emissions: near-ties may pick another path)
+            same = torch.equal(path.cpu(), crf_decode(er.detach(), lengths, *[p.detach() for p in pr]))
+            err = err if same else float("nan")
+    except Exception as e:
+        print("crf %s: %s: %s" % (dtype, type(e).__name__, str(e)[:300]))
+        err = float("nan")
+    report("crf nll+grads+decode+marginals %s (C=130)" % str(dtype)[6:], err, tol, t0)
 print("smoke: %d failure(s)" % fails)
 sys.exit(1 if fails else 0)
 EOF
@@ -191,6 +224,7 @@ step tests 180 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 $TESTS -k "no
 RESULTS=$($PY -c 'from fastmtl.bench.common import default_results_path as p; print(p("cuda"))' 2>/dev/null)
 step bench-lstm 200 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PY" -m fastmtl.bench lstm --device cuda
 step bench-heads 90 "$PY" -m fastmtl.bench heads --device cuda
+step bench-crf 60 "$PY" -m fastmtl.bench crf --device cuda
 step bench-train_step 90 "$PY" -m fastmtl.bench train_step --device cuda
 MTL_RESULTS=${RESULTS%.json}-mtl.json
 step bench-mtl 60 "$PY" -m fastmtl.bench.train_step_mtl --device cuda --ks 3,5 --methods pcgrad,mgda_ub,famo

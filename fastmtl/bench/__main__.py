@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "train", "gemm", "train_step", "train_step_mtl")
+RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl")
 
 
 def main(argv=None):

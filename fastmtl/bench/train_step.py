@@ -12,6 +12,13 @@ the sum of the lengths) and the speed-up of fastmtl over plain PyTorch measured 
 
     python -m fastmtl.bench train_step --device cuda            # B = 32 and 128, float32 and bf16 autocast
     python -m fastmtl.bench train_step --device cpu --quick     # small shapes, float32 (runs anywhere)
+
+With a CRF slot head (providers ``fastmtl_crf``: ``TokenTask("slots", 130, crf=True)``, and ``pytorch_crf``: the
+plain model with a ``torchcrf.CRF`` (pytorch-crf 0.7.2) on the slot scores), the slot loss is the CRF's negative
+log-likelihood per real token on both sides; ``crf_step_ratio`` is the step time of ``fastmtl_crf`` over that of
+``fastmtl`` (the same model without the CRF), measured in the same run:
+
+    python -m fastmtl.bench train_step --providers fastmtl,fastmtl_crf,pytorch,pytorch_crf
 """
 import contextlib
 
@@ -40,11 +47,11 @@ def add_arguments(parser):
 
 
 # --------------------------------------------------------------------------------------------------- models
-def build_fastmtl_model(vocab_size, embedding_dim, hidden_size, num_layers, intents=INTENTS, slots=SLOTS):
+def build_fastmtl_model(vocab_size, embedding_dim, hidden_size, num_layers, intents=INTENTS, slots=SLOTS, crf=False):
     """fastmtl's model (the one place to adapt if the MultiTaskLSTM API changes)."""
     import fastmtl
 
-    tasks = [fastmtl.nn.SequenceTask("intent", intents), fastmtl.nn.TokenTask("slots", slots)]
+    tasks = [fastmtl.nn.SequenceTask("intent", intents), fastmtl.nn.TokenTask("slots", slots, crf=crf)]
     return fastmtl.MultiTaskLSTM(vocab_size, embedding_dim, hidden_size, tasks, num_layers=num_layers,
                                  bidirectional=True, dropout=0.0)
 
@@ -56,12 +63,17 @@ def fastmtl_loss(model, ids, lengths, targets):
 class PlainMultiTaskLSTM(torch.nn.Module):
     """The same model in plain PyTorch (what a user writes without fastmtl)."""
 
-    def __init__(self, vocab_size, embedding_dim, hidden_size, num_layers, intents=INTENTS, slots=SLOTS):
+    def __init__(self, vocab_size, embedding_dim, hidden_size, num_layers, intents=INTENTS, slots=SLOTS, crf=False):
         super().__init__()
         self.embedding = torch.nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.lstm = torch.nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True, bidirectional=True)
         self.intent = torch.nn.Linear(2 * hidden_size, intents)
         self.slots = torch.nn.Linear(2 * hidden_size, slots)
+        self.crf = None
+        if crf:
+            import torchcrf
+
+            self.crf = torchcrf.CRF(slots, batch_first=True)
 
     def forward(self, ids, lengths, targets):
         B, T = ids.shape
@@ -72,6 +84,10 @@ class PlainMultiTaskLSTM(torch.nn.Module):
         sentence = torch.cat([h[-2], h[-1]], dim=1)  # final state of each direction of the top layer
         intent_loss = F.cross_entropy(self.intent(sentence), targets["intent"])
         slot_logits = self.slots(out)
+        if self.crf is not None:
+            mask = torch.arange(T, device=ids.device)[None] < lengths.to(ids.device)[:, None]
+            nll = -self.crf(slot_logits, targets["slots"], mask=mask, reduction="sum")
+            return intent_loss + nll / lengths.sum().to(nll.device)
         slot_loss = F.cross_entropy(slot_logits.reshape(B * T, -1), targets["slots_padded"].reshape(B * T),
                                     ignore_index=-100)
         return intent_loss + slot_loss
@@ -151,12 +167,13 @@ def run(args):
             timing = {}
             for prov in providers:
                 torch.manual_seed(0)
-                if prov == "fastmtl":
-                    model, loss_fn = build_fastmtl_model(V, E, H, L).to(device), fastmtl_loss
-                elif prov == "pytorch":
-                    model, loss_fn = PlainMultiTaskLSTM(V, E, H, L).to(device), plain_loss
+                if prov in ("fastmtl", "fastmtl_crf"):
+                    model = build_fastmtl_model(V, E, H, L, crf=prov == "fastmtl_crf").to(device)
+                    loss_fn = fastmtl_loss
+                elif prov in ("pytorch", "pytorch_crf"):
+                    model, loss_fn = PlainMultiTaskLSTM(V, E, H, L, crf=prov == "pytorch_crf").to(device), plain_loss
                 else:
-                    raise SystemExit("unknown provider %r (fastmtl, pytorch)" % prov)
+                    raise SystemExit("unknown provider %r (fastmtl, fastmtl_crf, pytorch, pytorch_crf)" % prov)
                 model.train()
                 step = _step_fn(model, loss_fn, batches, device, amp)
                 row = {"device": str(device), "dtype": dtype_name, "B": B, "T": T, "H": H, "layers": L,
@@ -175,13 +192,19 @@ def run(args):
                 del model, step
                 if cuda:
                     torch.cuda.empty_cache()
-            if "fastmtl" in timing and "pytorch" in timing:
-                for r in rows[-len(providers):]:
-                    r["speedup_vs_pytorch"] = timing["pytorch"] / timing["fastmtl"]
+            for r in rows[-len(providers):]:
+                crf = r["provider"].endswith("_crf")
+                mine, base = ("fastmtl_crf", "pytorch_crf") if crf else ("fastmtl", "pytorch")
+                if r["provider"] in (mine, base) and mine in timing and base in timing:
+                    r["speedup_vs_pytorch"] = timing[base] / timing[mine]
+                if crf and "fastmtl" in timing and "fastmtl_crf" in timing:
+                    r["crf_step_ratio"] = timing["fastmtl_crf"] / timing["fastmtl"]
     if cuda:
         name = torch.cuda.get_device_name()
         for r in rows:
             r["gpu"] = name
     cols = ["dtype", "B", "T", "H", "provider", "median_ms", "tokens_per_s", "speedup_vs_pytorch"]
+    if any("crf_step_ratio" in r for r in rows):
+        cols.append("crf_step_ratio")
     print_table(rows, cols + (["error"] if any("error" in r for r in rows) else []))
     return rows
