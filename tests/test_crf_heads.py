@@ -217,3 +217,13 @@ def test_crf_with_a_gradient_method(files):
                               tasks=["tags:token:tags:crf", "label:sequence:label"], epochs=1, weighting="mgda",
                               **TINY))
     assert res["model"].heads["top"]["tags"].transitions.abs().sum() > 0
+
+
+def test_ddp_two_processes_match_one_with_a_crf_task(files, tmp_path):
+    """DDP (two gloo processes, half of every batch each) ends with the parameters of one process on the whole
+    batches, transitions included: the CRF loss per labelled token is reduced like the token cross-entropy."""
+    from train_data import assert_ddp_matches_one_process
+
+    cfg = TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags:crf", "label:sequence:label"],
+                      epochs=1, dropout=0.0, unk_alpha=0.0, device="cpu", **TINY)
+    assert_ddp_matches_one_process(cfg, tmp_path)
