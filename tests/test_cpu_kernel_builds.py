@@ -26,7 +26,7 @@ def _compile(compiler, src, out):
 
 def test_kernel_files_exist():
     names = {os.path.basename(p) for p in KERNELS}
-    for op in ("lstm_cell", "heads_rows", "gemm"):
+    for op in ("lstm_cell", "heads_rows", "gemm", "crf"):
         assert {"%s_scalar.cpp" % op, "%s_avx2.cpp" % op, "%s_avx512.cpp" % op} <= names
 
 

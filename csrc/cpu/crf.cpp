@@ -30,6 +30,12 @@
 #include "kernels/crf.h"
 
 namespace fastmtl {
+namespace cpu_kernels {
+const CrfKernels& crf_kernels() {
+  return cpu::select_kernels(crf_kernels_scalar(), crf_kernels_avx2(), crf_kernels_avx512());
+}
+}  // namespace cpu_kernels
+
 namespace crf_cpu {
 
 using at::Tensor;
