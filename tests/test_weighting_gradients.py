@@ -9,6 +9,7 @@ import torch
 import fastmtl
 from fastmtl import weighting as W
 from fastmtl.gradients import gradient_method_step
+from fastmtl.weighting import solvers
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -189,7 +190,7 @@ def test_larger_K_and_the_fallback_solvers():
     torch.testing.assert_close(W.min_norm_coefficients(G) @ g, ref, rtol=0, atol=1e-6 * scale)
     torch.testing.assert_close(W.cagrad_coefficients(G) @ g, ref_cagrad(g), rtol=0, atol=2e-5 * scale)
     Gn = G.numpy()
-    x = W._simplex_minimize(lambda x: x @ Gn @ x, lambda x: 2 * Gn @ x, 10)  # accelerated projected gradient
+    x = solvers._simplex_minimize(lambda x: x @ Gn @ x, lambda x: 2 * Gn @ x, 10)  # accelerated projected gradient
     torch.testing.assert_close(torch.as_tensor(x) @ g, ref, rtol=0, atol=1e-5 * scale)
 
 

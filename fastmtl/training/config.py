@@ -12,13 +12,13 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .. import data as D
+from .. import weighting as _weighting
 from ..fileio import open_regular
 
 __all__ = ["TrainConfig", "check_device", "read_toml", "option_name", "SAMPLING", "DatasetSpec"]
 
 SAMPLING = ("proportional", "uniform", "temperature", "round_robin")
-WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm", "famo", "pcgrad", "cagrad", "mgda", "mgda_ub", "imtl",
-              "aligned_mtl", "nash_mtl")
+WEIGHTINGS = _weighting.STRATEGIES  # declared in fastmtl.weighting's registry, like their options
 
 
 def _opt(default, help, group, **meta):
@@ -33,7 +33,27 @@ def _opt(default, help, group, **meta):
     return field(default=default, metadata=meta)
 
 
+def _with_options(after, options):
+    """The class decorator that adds the weighting methods' options as fields (annotation and default, in the
+    registry's order) after the field ``after``, before ``dataclass`` sees the class."""
+
+    def add(cls):
+        ann = dict(cls.__dict__.get("__annotations__", {}))
+        out = {}
+        for name, typ in ann.items():
+            out[name] = typ
+            if name == after:
+                for o in options:
+                    out[o.key] = o.type
+                    setattr(cls, o.key, _opt(o.default, o.help, "task weighting"))
+        cls.__annotations__ = out
+        return cls
+
+    return add
+
+
 @dataclass
+@_with_options("task_weights", _weighting.registry.config_options())
 class TrainConfig:
     """Everything a training run reads. ``fastmtl train`` builds it from its options (and ``--config`` file);
     from Python, ``fastmtl.train.train(TrainConfig(...))`` or ``train(epochs=3, ...)``."""
@@ -95,19 +115,13 @@ class TrainConfig:
                              "an earlier run)", "model")
     freeze_encoder: bool = _opt(False, "with --init-encoder: train only the new heads", "model", action="flag")
     # weighting
-    weighting: str = _opt("static", "task weighting: a loss weighting (static, uncertainty, dwa, gradnorm, famo) or a "
-                          "gradient method on the shared encoder (pcgrad, cagrad, mgda, mgda_ub, imtl, aligned_mtl, "
-                          "nash_mtl; per-task gradients from one encoder forward)", "task weighting",
-                          choices=WEIGHTINGS)
+    weighting: str = _opt("static", "task weighting: a loss weighting (%s) or a gradient method on the shared encoder "
+                          "(%s; per-task gradients from one encoder forward)"
+                          % (", ".join(n for n in WEIGHTINGS if n not in _weighting.GRADIENT_METHODS),
+                             ", ".join(_weighting.GRADIENT_METHODS)), "task weighting", choices=WEIGHTINGS)
     task_weights: dict = _opt(None, "static weights (default 1 each), e.g. intent:2,slots:1", "task weighting",
                               parse="kv_float", metavar="NAME:WEIGHT,...")
-    dwa_temperature: float = _opt(2.0, "DWA temperature", "task weighting")
-    gradnorm_alpha: float = _opt(1.5, "GradNorm restoring-force strength", "task weighting")
-    cagrad_c: float = _opt(0.4, "CAGrad conflict-averse radius c", "task weighting")
-    nash_update_every: int = _opt(1, "Nash-MTL: solve for the task weights every N steps (reuse them in between)",
-                                  "task weighting")
-    famo_lr: float = _opt(0.025, "FAMO: learning rate of the task logits", "task weighting")
-    famo_gamma: float = _opt(0.01, "FAMO: weight decay of the task logits", "task weighting")
+    # (here follow the options of the weighting methods, declared in fastmtl.weighting's registry: _with_options)
     task_backward: str = _opt("loop", "gradient methods: how the K per-task gradients go through the encoder: loop "
                               "(K backward passes over the one saved forward) or vmap (torch.func.vjp + vmap over the "
                               "K cotangents); the same numbers", "task weighting", choices=("loop", "vmap"))
@@ -165,7 +179,8 @@ _PATHS = ("train", "dev", "test", "pretrained", "init_encoder", "output_dir")
 # name: the least value allowed (integers; the fields in _OPTIONAL may also be None)
 _INTS = {"max_train": 1, "min_count": 1, "embedding_dim": 1, "hidden_size": 1, "num_layers": 1, "char_dim": 0,
          "char_filters": 1, "char_kernel": 1, "warmup_steps": 0, "batch_size": 1, "eval_batch_size": 1, "epochs": 0,
-         "patience": 1, "threads": 1, "nash_update_every": 1}
+         "patience": 1, "threads": 1}
+_INTS.update({o.key: o.low for o in _weighting.registry.config_options() if o.type is int})
 _OPTIONAL = ("format", "max_train", "max_minutes", "threads")
 MAX_LR = 1e3  # far above any learning rate that trains; a larger one overflows the optimisers' float32 steps
 MAX_SEED = 2**32 - 1
@@ -174,12 +189,12 @@ RESERVED_TASK_NAMES = ("tokens", "frame_accuracy", "dataset")
 # name: (low, low allowed, high or None, high allowed)
 _FLOATS = {"unk_alpha": (0.0, True, None, False), "dropout": (0.0, True, 1.0, False),
            "sequence_aux": (0.0, True, None, False), "label_smoothing": (0.0, True, 1.0, False),
-           "soft_lambda": (0.0, True, None, False), "dwa_temperature": (0.0, False, None, False),
-           "gradnorm_alpha": (0.0, True, None, False), "lr": (0.0, False, MAX_LR, True),
+           "soft_lambda": (0.0, True, None, False), "lr": (0.0, False, MAX_LR, True),
            "weight_decay": (0.0, True, None, False), "grad_clip": (0.0, True, None, False),
            "ema": (0.0, True, 1.0, False), "max_minutes": (0.0, False, None, False),
-           "sampling_temperature": (0.0, False, None, False), "cagrad_c": (0.0, True, None, False),
-           "famo_lr": (0.0, False, MAX_LR, True), "famo_gamma": (0.0, True, None, False)}
+           "sampling_temperature": (0.0, False, None, False)}
+_FLOATS.update({o.key: (o.low, o.low_ok, o.high, o.high_ok) for o in _weighting.registry.config_options()
+                if o.type is float})
 
 
 def _is_int(v):

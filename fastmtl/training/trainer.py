@@ -24,9 +24,7 @@ import torch
 from .. import data as D
 from ..checkpoint import save_checkpoint
 from ..fileio import atomic_write
-from ..gradients import gradient_method_step, shared_named_parameters
-from ..model import ModelOutput
-from ..weighting import GradientMethod, make_weighting
+from ..weighting import make_weighting, registry
 from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
                           task_lists)
@@ -106,6 +104,43 @@ class _Step(torch.nn.Module):
         out = self.model(ids, lengths, targets, w, chars=chars)
         reg = self.weighting.regularizer(tasks)  # tasks: those with labels in this batch
         return out, (out.loss if reg is None else out.loss + reg)
+
+
+class StepContext:
+    """What a weighting method's :meth:`~fastmtl.weighting.TaskWeighting.train_step` gets for one batch: the batch
+    (``batch``: ids, lengths, targets), ``chars`` (its character ids, or None), ``tasks`` (those with labels in it,
+    None: all), ``scale`` (DDP: the function that scales task weights by this rank's share of each task's items;
+    None in one process), ``model``, ``task_backward``, ``world`` and ``ddp_reduce`` (None in one process), and the
+    steps: :meth:`forward`, :meth:`zero_grad`, :meth:`finish` (clipping, optimiser and scheduler step, EMA, the
+    finiteness check), :meth:`global_losses` and :meth:`stop`."""
+
+    def __init__(self, trainer, batch, scale, chars, tasks):
+        self.trainer, self.batch, self.scale, self.chars, self.tasks = trainer, batch, scale, chars, tasks
+        self.model = trainer.model
+        self.task_backward = trainer.cfg.task_backward
+        self.world = trainer.world
+        self.ddp_reduce = trainer.ddp_reduce
+
+    def forward(self, wrapped=True):
+        """``(model output, loss)``: the loss weighted by the method's weights, plus its regularizer; through the
+        DDP wrapper unless ``wrapped=False`` (a forward whose gradients are not reduced)."""
+        b = self.batch
+        module = self.trainer.wrapped if wrapped else self.trainer.step_module
+        return module(b.ids, b.lengths, b.targets, self.scale, self.chars, self.tasks)
+
+    def zero_grad(self):
+        self.trainer.opt.zero_grad(set_to_none=True)
+
+    def finish(self):
+        self.trainer._finish_step()
+
+    def global_losses(self, losses):
+        """``{task: L_k}`` detached; under DDP those of the global batch."""
+        return self.trainer._global_losses(losses, self.scale)
+
+    def stop(self, error):
+        """Stops the run before the update: a non-finite quantity (``error``: a FloatingPointError)."""
+        raise NonFiniteLossError("%s; stopped before the update%s" % (error, self.trainer._kept())) from error
 
 
 class Trainer:
@@ -256,7 +291,7 @@ class Trainer:
             self.encoded += enc
         # the tasks a step computes: its dataset's (the others have no labels there), or all of them where every
         # parameter must take part in every step (DDP's reducer, GradNorm's per-task gradient norms)
-        full = self.distributed or cfg.weighting == "gradnorm"
+        full = self.distributed or registry.method(cfg.weighting).cls.every_task_every_step
         self.step_specs = [self.all_specs if full else specs for specs in self.dataset_specs]
         self.dataset_tasks = [[s.name for s in specs] for specs in self.dataset_specs]
         self.planner = EpochPlanner([len(x) for x in train_sets], cfg.batch_size, cfg.sampling,
@@ -316,13 +351,9 @@ class Trainer:
                              % ("s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown)),
                                 ", ".join(s.name for s in specs)))
         base_weights.update({s.name: cfg.sequence_aux for s in self.all_specs if is_aux(s)})
-        kw = {"dwa": {"temperature": cfg.dwa_temperature}, "gradnorm": {"alpha": cfg.gradnorm_alpha},
-              "pcgrad": {"seed": cfg.seed}, "cagrad": {"c": cfg.cagrad_c},
-              "nash_mtl": {"update_every": cfg.nash_update_every},
-              "famo": {"lr": cfg.famo_lr, "gamma": cfg.famo_gamma}}.get(cfg.weighting, {})
-        self.weighting = make_weighting(cfg.weighting, [s.name for s in self.all_specs], base_weights, **kw)
-        if isinstance(self.weighting, GradientMethod):
-            shared_named_parameters(self.model)  # a clear error for sharing='soft'
+        self.weighting = make_weighting(cfg.weighting, [s.name for s in self.all_specs], base_weights,
+                                        **registry.method_kwargs(cfg.weighting, cfg))
+        self.weighting.check_model(self.model)
         self.weighting.to(self.device)
         self.step_module = _Step(self.model, self.weighting)
         self.wrapped = self.step_module
@@ -410,50 +441,11 @@ class Trainer:
     def step(self, b, counts, tasks=None):
         """One optimisation step on batch ``b`` (``tasks``: the tasks with labels in it, None: all); returns the
         model output and the loss value."""
-        cfg, model = self.cfg, self.model
+        model = self.model
         scale = (lambda w: scaled_weights(w, b.targets, counts, self.world)) if self.distributed else None
         # character features of the words as written, also where the word id became <unk>
         chars = model.char_cnn.char_ids[b.raw_ids] if model.char_cnn is not None else None
-        if isinstance(self.weighting, GradientMethod):
-            # per-task gradients of the shared encoder (one forward; DDP: reduced before the method reads them,
-            # the methods not being linear) and the combined gradient in .grad; the DDP wrapper, which would
-            # average one already combined gradient, is bypassed
-            self.opt.zero_grad(set_to_none=True)
-            base = self.weighting.weights()
-            w = scale(base) if scale is not None else base
-            try:
-                tg, _ = gradient_method_step(model, self.weighting, b.ids, b.lengths, b.targets,
-                                             {n: v for n, v in w.items() if n in b.targets}, chars,
-                                             cfg.task_backward, self.ddp_reduce, self.world)
-            except FloatingPointError as e:
-                raise NonFiniteLossError("%s; stopped before the update%s" % (e, self._kept())) from e
-            if tg is None:  # no task has a label in this batch: no update (and no optimiser step)
-                return ModelOutput(torch.zeros(()), {}), 0.0
-            total = sum(base[n] * tg.losses[n] for n in tg.tasks)
-            out, loss = ModelOutput(total, dict(tg.losses)), total
-            self._finish_step()
-            return out, float(loss)
-        out, loss = self.wrapped(b.ids, b.lengths, b.targets, scale, chars, tasks)
-        self.opt.zero_grad(set_to_none=True)
-        if cfg.weighting == "famo":
-            # FAMO: task weights from this batch's losses (DDP: the global batch's), applied to the whole
-            # loss; after the step the losses of the same batch are measured again for the logits' update
-            lam = self.weighting.task_weights(self._global_losses(out.losses, scale))
-            w = scale(lam) if scale is not None else lam  # lambda_k, the static weights included
-            loss = sum(w[n] * out.losses[n] for n in w)
-            loss.backward()
-            self._finish_step()
-            with torch.no_grad():
-                again, _ = self.step_module(b.ids, b.lengths, b.targets, scale, chars, tasks)
-            self.weighting.update(self._global_losses(again.losses, scale))
-            return out, float(loss.detach())
-        if cfg.weighting == "gradnorm":
-            loss.backward(retain_graph=True)
-            self.weighting.after_backward(out.losses, model.shared_parameters(), self.ddp_reduce)
-        else:
-            loss.backward()
-        self._finish_step()
-        return out, float(loss.detach())
+        return self.weighting.train_step(StepContext(self, b, scale, chars, tasks))
 
     def _global_losses(self, losses, scale):
         """``{task: L_k}`` detached; under DDP the global batch's (the ranks' losses weighted by their item counts:
