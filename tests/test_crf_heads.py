@@ -227,3 +227,22 @@ def test_ddp_two_processes_match_one_with_a_crf_task(files, tmp_path):
     cfg = TrainConfig(format="jsonl", train=files["train"], tasks=["tags:token:tags:crf", "label:sequence:label"],
                       epochs=1, dropout=0.0, unk_alpha=0.0, device="cpu", **TINY)
     assert_ddp_matches_one_process(cfg, tmp_path)
+
+
+def test_the_atis_default_scores_slots_with_a_crf():
+    """Measured on ATIS (5 seeds): the built-in ATIS slots default to a CRF; --crf true/false overrides every token
+    task; WNUT-16's NER and explicit --task without :crf do not use one."""
+    from fastmtl.training.config import dataset_specs, task_specs
+
+    def specs(**kw):
+        cfg = TrainConfig(**kw)
+        return {s.name: s.crf for s in task_specs(cfg, dataset_specs(cfg))}
+
+    assert specs() == {"intent": False, "slots": True}
+    assert specs(crf=False) == {"intent": False, "slots": False}
+    assert specs(format="atis", train="x.txt") == {"intent": False, "slots": True}  # ATIS's format, its tasks
+    assert specs(tasks=["slots:token:slots", "intent:sequence:intent"]) == {"slots": False, "intent": False}
+    assert specs(datasets=[{"name": "w", "builtin": "wnut16"}]) == {"ner": False}
+    assert specs(datasets=[{"name": "w", "builtin": "wnut16"}], crf=True) == {"ner": True}
+    with pytest.raises(ValueError, match="--crf must be true, false or unset"):
+        TrainConfig(crf="yes").validate()

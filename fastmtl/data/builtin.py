@@ -15,7 +15,7 @@ packages are in fastmtl's ``[data]`` extra.
 from . import atis as _atis
 from . import wnut16 as _wnut16
 
-__all__ = ["BUILTIN", "SPLITS", "load_builtin", "builtin_tasks", "builtin_install_hint"]
+__all__ = ["BUILTIN", "SPLITS", "load_builtin", "builtin_tasks", "builtin_crf", "builtin_install_hint"]
 
 SPLITS = ("train", "dev", "test")
 
@@ -48,6 +48,17 @@ def builtin_tasks(name):
     """The default tasks of the built-in dataset ``name``: a list of ``(task name, level, source field)``."""
     _check(name)
     return list(_TASKS[name])
+
+
+# the default tasks that are scored by a CRF (measured: ATIS slots, 5 seeds, +0.3 slot F1 and +0.6 frame accuracy
+# on the mean; WNUT-16 NER did not gain from one)
+_CRF = {"atis": ("slots",), "wnut16": ()}
+
+
+def builtin_crf(name):
+    """The names of the default tasks of the built-in dataset ``name`` that use a linear-chain CRF."""
+    _check(name)
+    return _CRF[name]
 
 
 def builtin_install_hint(name):

@@ -102,9 +102,10 @@ class TrainConfig:
     sequence_aux: float = _opt(0.0, "also train every sentence label on every token as an auxiliary task with this "
                                "weight (0: off)", "model")
     label_smoothing: float = _opt(0.1, "label smoothing of every task's cross-entropy", "model")
-    crf: bool = _opt(False, "every token task gets a linear-chain CRF (learned tag transitions; loss: the CRF's "
-                     "negative log-likelihood per token, decoding: Viterbi); one task: --task NAME:token:SOURCE:crf",
-                     "model", parse="bool")
+    crf: object = _opt(None, "token tasks with a linear-chain CRF (learned tag transitions; loss: the CRF's negative "
+                       "log-likelihood per token; decoding: Viterbi): true for every token task, false for none, by "
+                       "default the data's choice (the built-in ATIS slots use one; one task: --task "
+                       "NAME:token:SOURCE:crf)", "model", parse="bool", metavar="{true,false}")
     constrained_decoding: bool = _opt(True, "token tasks with BIO/IOBES tags: predict the best valid tag sequence "
                                       "(Viterbi), not the per-token argmax", "model", parse="bool")
     sharing: str = _opt("hard", "parameter sharing between tasks", "model", choices=("hard", "soft", "hierarchical"))
@@ -307,6 +308,8 @@ def _validate_config(cfg):
         v = getattr(cfg, name)
         if not isinstance(v, bool):
             bad(name, "true or false", v)
+    if cfg.crf is not None and not isinstance(cfg.crf, bool):
+        bad("crf", "true, false or unset (the data's choice)", cfg.crf)
     for name in _PATHS:
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (str, os.PathLike)) and os.fspath(v)):
@@ -530,15 +533,18 @@ def task_specs(cfg, datasets):
 
         for d in datasets:
             if d.builtin is None and d.format == "atis":  # files in ATIS's format have ATIS's two fields
-                specs += [D.TaskSpec(n, lv, src, d.name) for n, lv, src in builtin.builtin_tasks("atis")]
+                specs += [D.TaskSpec(n, lv, src, d.name, n in builtin.builtin_crf("atis"))
+                          for n, lv, src in builtin.builtin_tasks("atis")]
                 continue
             if d.builtin is None:
                 raise ValueError("fastmtl: give the tasks with --task NAME:LEVEL:SOURCE (e.g. --task "
                                  "upos:token:upos)" + (" or [[tasks]] for dataset %r" % d.name
                                                        if len(datasets) > 1 else ""))
-            specs += [D.TaskSpec(n, lv, src, d.name) for n, lv, src in builtin.builtin_tasks(d.builtin)]
-    if cfg.crf:
-        specs = [D.TaskSpec(s.name, s.level, s.source, s.dataset, True) if s.level == "token" else s for s in specs]
+            specs += [D.TaskSpec(n, lv, src, d.name, n in builtin.builtin_crf(d.builtin))
+                      for n, lv, src in builtin.builtin_tasks(d.builtin)]
+    if cfg.crf is not None:  # true or false: every token task (the sentence labels' auxiliary token tasks aside)
+        specs = [D.TaskSpec(s.name, s.level, s.source, s.dataset, cfg.crf) if s.level == "token" else s
+                 for s in specs]
     tn = [s.name for s in specs]
     dup = sorted({n for n in tn if tn.count(n) > 1})
     if dup:
