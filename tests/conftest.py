@@ -12,7 +12,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # parity of the LSTM and the heads, the drop-in LSTM with torch's own nn.LSTM tests, the transforms (torch.func,
 # vmap, double backward, compile), the private-torch-API checks, the build truth and a short train/evaluate/predict.
 CORE_MODULES = {"test_lstm.py", "test_heads.py", "test_lstm_dropin.py", "test_lstm_torch_port.py",
-                "test_transforms.py", "test_lstm_multi.py", "test_build.py", "test_torch_support.py"}
+                "test_transforms.py", "test_lstm_multi.py", "test_build.py", "test_torch_support.py", "test_crf.py"}
 CORE_TESTS = {"test_train.py::test_cli_train_evaluate_predict"}
 
 

@@ -1,5 +1,5 @@
 """Gradient-based methods and tasks absent from a batch; non-finite coefficients and updates never reach a model
-that is saved (issue: the second hostile-input probe, items 1 and 2)."""
+that is saved."""
 import random
 
 import pytest

@@ -1,6 +1,5 @@
 """A checkpoint's configuration is validated and bounded before any model is built: a hand-edited file of a few KB
-cannot make evaluate, predict or --resume hang or allocate gigabytes (issue: the second hostile-input probe,
-item 5)."""
+cannot make evaluate, predict or --resume hang or allocate gigabytes."""
 import random
 import time
 import tracemalloc
@@ -108,3 +107,16 @@ def test_resume_refuses_options_that_contradict_the_run(run, tmp_path, capsys):
     assert cli.main(base + ["--epochs", "2", "--task", "tags:token:tags"]) == 2
     one_line_error(capsys, "--task")
     assert cli.main(base + ["--epochs", "2", "--threads", "2"]) == 0  # the session's options may change
+
+
+@pytest.mark.parametrize("version", [4, "3", None])
+def test_a_newer_content_version_is_refused(run, tmp_path, capsys, version):
+    """best.pt records the version of what it holds; a version this fastmtl does not know is one clear error."""
+    out, _ = run
+    tree = C.load_checkpoint_tree(str(out / "best.pt"))
+    assert tree["format_version"] == 3
+    tree["format_version"] = version
+    path = tmp_path / "best.pt"
+    C.save_checkpoint(tree, str(path))
+    assert cli.main(["predict", str(path), "w1 w2"]) == 2
+    one_line_error(capsys, "content version %r; this fastmtl reads versions up to 3" % (version,))

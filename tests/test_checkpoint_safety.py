@@ -1,5 +1,5 @@
 """Checkpoints are never unpickled, corrupted ones are refused by name, and every file is written atomically without
-following planted symlinks (issue 13, items 1 and 2)."""
+following planted symlinks."""
 import glob
 import json
 import os

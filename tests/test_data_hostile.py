@@ -1,4 +1,4 @@
-"""The readers against hostile and unusual files (issue 13, items 3 and 5): comment lines built to make a regular
+"""The readers against hostile and unusual files: comment lines built to make a regular
 expression backtrack, line separators other than '\\n' inside valid lines, byte order marks, bytes that are not
 UTF-8, JSON nested deep or holding huge numbers and labels that are not labels, and repeated column names."""
 import codecs

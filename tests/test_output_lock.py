@@ -1,5 +1,5 @@
 """One run per --output-dir: a lock that a second run meets with a one-line error, released when the run ends (also
-when it fails) and by the kernel when its process dies (issue: the second hostile-input probe, item 3)."""
+when it fails) and by the kernel when its process dies."""
 import os
 import random
 import subprocess

@@ -1,6 +1,5 @@
 """Where a file is expected, only a regular file is read, and a bounded one for --config: a link to /dev/zero, a
-named pipe or a folder is one clear error, never a hang or an unbounded read (issue: the second hostile-input
-probe, item 4)."""
+named pipe or a folder is one clear error, never a hang or an unbounded read."""
 import os
 import random
 

@@ -1,5 +1,5 @@
 """Every training option is validated with a one-line message and exit code 2; a run whose loss turns nan or inf stops
-without metrics; a non-empty --output-dir is refused unless --resume or --overwrite (issue 13, items 6 and 7)."""
+without metrics; a non-empty --output-dir is refused unless --resume or --overwrite."""
 import json
 import math
 import os

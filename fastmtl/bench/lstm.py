@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from .common import gemm_gflops, measure, peak_memory_mb, print_table
 
 CPU_SHAPES = [(64, 32, 128, 256), (32, 64, 300, 512), (128, 24, 100, 128)]
-# issue 5's CUDA grid: B in {8, 32, 128}, T in {32, 128}, E = 300, H in {256, 512, 1024}
+# the CUDA grid: B in {8, 32, 128}, T in {32, 128}, E = 300, H in {256, 512, 1024}
 CUDA_SHAPES = [(B, T, 300, H) for B in (8, 32, 128) for T in (32, 128) for H in (256, 512, 1024)]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -28,7 +28,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 
 def add_arguments(p):
-    p.add_argument("--shapes", default=None, help="B,T,E,H;B,T,E,H;... (default: the issue's shapes per device)")
+    p.add_argument("--shapes", default=None, help="B,T,E,H;B,T,E,H;... (default: the grid of each device)")
     p.add_argument("--dtypes", default=None, help="comma list (default float32 on cpu, float32,bfloat16 on cuda)")
     p.add_argument("--directions", default="uni,bi")
     p.add_argument("--lengths", default="equal,var", help="equal and/or var (uniform in [T/4, T])")

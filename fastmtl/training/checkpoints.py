@@ -16,7 +16,10 @@ __all__ = ["model_from", "build_tasks", "decoding_schemes", "set_decoding", "con
            "read_checkpoint", "checked", "load_checkpoint", "rng_state", "set_rng_state", "task_lists",
            "specs_from"]
 
-FORMAT_VERSION = 3  # 3: tasks carry their dataset; the config may hold [[datasets]]
+# the version of what best.pt / last.pt hold (the file format itself is fastmtl.checkpoint.FORMAT_VERSION): 3: tasks
+# carry their dataset, the config may hold [[datasets]]; a task list may end with a CRF flag. Read back by
+# read_checkpoint, which refuses a newer one.
+CONTENT_VERSION = 3
 RESUME_KEYS = ("config", "vocab", "label_vocabs", "step_module", "optimizer", "scheduler", "history", "best_score",
                "best_epoch", "bad_epochs", "epoch", "rng")
 
@@ -153,6 +156,10 @@ def read_checkpoint(path, need, what="checkpoint"):
             hint = " (it is a best.pt, the selected model; --resume reads last.pt)"
         raise CheckpointError("fastmtl: %s is not a fastmtl %s: it has no %s%s"
                               % (path, what, ", ".join(missing), hint))
+    version = ck.get("format_version", CONTENT_VERSION)  # (version 2 checkpoints: the same reading)
+    if isinstance(version, bool) or not isinstance(version, int) or version > CONTENT_VERSION:
+        raise CheckpointError("fastmtl: %s holds a %s of content version %r; this fastmtl reads versions up to %d "
+                              "(a newer fastmtl wrote it)" % (path, what, version, CONTENT_VERSION))
     return ck
 
 

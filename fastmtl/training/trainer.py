@@ -25,7 +25,7 @@ from .. import data as D
 from ..checkpoint import save_checkpoint
 from ..fileio import atomic_write
 from ..weighting import make_weighting, registry
-from .checkpoints import (FORMAT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
+from .checkpoints import (CONTENT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
                           task_lists)
 from .config import TrainConfig, option_name
@@ -593,7 +593,7 @@ class Trainer:
     # 4. checkpoint
 
     def checkpoint_common(self):
-        return {"format_version": FORMAT_VERSION, "config": config_dict(self.cfg), "vocab": self.vocab.state_dict(),
+        return {"format_version": CONTENT_VERSION, "config": config_dict(self.cfg), "vocab": self.vocab.state_dict(),
                 "label_vocabs": {k: v.state_dict() for k, v in self.label_vocabs.items()},
                 "tasks": task_lists(self.all_specs), "decoding": self.schemes}
 
