@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl")
+RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl", "torchjd")
 
 
 def main(argv=None):
@@ -21,7 +21,9 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.section and args.name == "all":
         p.error("--section names one runner's section; not with all")
-    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl") and (n != "gemm" or args.device == "cpu")]
+    # (all: not the train_step runners, nor torchjd, which needs the [torchjd] extra)
+    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl", "torchjd")
+             and (n != "gemm" or args.device == "cpu")]
     if args.name != "all":
         names = [args.name]
     for name in names:
