@@ -247,6 +247,11 @@ def _predict(ns):
         for lines in blocks:
             sys.stdout.write("".join(json.dumps(p) + "\n" for p in run(lines)))
             sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`fastmtl predict ... | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's flush at exit would fail on the closed pipe again)
+        os.close(devnull)
+        return 0
     finally:
         if source is not None:
             source.close()

@@ -109,14 +109,23 @@ def test_resume_refuses_options_that_contradict_the_run(run, tmp_path, capsys):
     assert cli.main(base + ["--epochs", "2", "--threads", "2"]) == 0  # the session's options may change
 
 
-@pytest.mark.parametrize("version", [4, "3", None])
+@pytest.mark.parametrize("version", [5, "4", None])
 def test_a_newer_content_version_is_refused(run, tmp_path, capsys, version):
     """best.pt records the version of what it holds; a version this fastmtl does not know is one clear error."""
     out, _ = run
     tree = C.load_checkpoint_tree(str(out / "best.pt"))
-    assert tree["format_version"] == 3
+    assert tree["format_version"] == 4
     tree["format_version"] = version
     path = tmp_path / "best.pt"
     C.save_checkpoint(tree, str(path))
     assert cli.main(["predict", str(path), "w1 w2"]) == 2
-    one_line_error(capsys, "content version %r; this fastmtl reads versions up to 3" % (version,))
+    one_line_error(capsys, "content version %r; this fastmtl reads versions up to 4" % (version,))
+
+
+def test_resume_of_a_run_saved_before_the_crf_option(tmp_path, capsys):
+    """A last.pt whose configuration has no crf key (version 3) trained ATIS-format slots with cross-entropy:
+    --resume rebuilds that model, not today's CRF default."""
+    from fastmtl.training.checkpoints import config_from
+
+    assert config_from({"epochs": 2}).crf is False
+    assert config_from({"epochs": 2, "crf": None}).crf is None

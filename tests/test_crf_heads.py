@@ -96,6 +96,14 @@ def test_unlabelled_sequences_count_for_nothing():
     torch.testing.assert_close(out.losses["slots"], sub.losses["slots"], rtol=1e-12, atol=1e-12)
     none = heads(hidden, lengths=lengths, targets={"slots": torch.full_like(tags, -100)})
     assert float(none.losses["slots"].detach()) == 0.0
+    pad = tags.clone()
+    pad[2, int(lengths[2]):] = -100  # ignore_index at padding only: still labelled
+    torch.testing.assert_close(heads(hidden, lengths=lengths, targets={"slots": pad}).losses["slots"],
+                               heads(hidden, lengths=lengths, targets={"slots": tags}).losses["slots"])
+    part = tags.clone()
+    part[0, 3] = -100  # a labelled sequence with one unlabelled token
+    with pytest.raises(ValueError, match="CRF task 'slots': sequence 0 has ignore_index"):
+        heads(hidden, lengths=lengths, targets={"slots": part})
 
 
 def test_crf_predictions_are_viterbi_paths_and_marginals():

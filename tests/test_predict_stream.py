@@ -45,9 +45,12 @@ def test_blocks_keep_the_line_rules():
 @pytest.mark.parametrize("read_size", [1, 3, 64])
 def test_invalid_utf8_names_its_line_across_blocks(read_size):
     data = b"ok\n" * 5 + b"still ok\nbad \xff here\nafter\n"
+    got = []
     with pytest.raises(DataFormatError) as e:
-        _blocks(data, 2, read_size)
+        for b in D.iter_line_blocks(io.BytesIO(data), "in.txt", 2, read_size):
+            got += b
     assert e.value.line == 7 and "in.txt:7: not valid UTF-8 (byte 0xff at column 5" in str(e.value)
+    assert got == ["ok"] * 5 + ["still ok"]  # every line before the bad one, whatever the reads
 
 
 def test_a_long_line_is_read_in_linear_time():
@@ -110,7 +113,7 @@ def test_bad_utf8_after_good_lines_is_one_line_error_and_the_good_records_are_ou
     monkeypatch.setattr(cli, "PREDICT_BLOCK", 5000)
     assert cli.main(["predict", checkpoint, "--input", str(path)]) == 2
     out, err = capsys.readouterr()
-    assert len(out.splitlines()) == 10000  # the blocks of the first read were answered before the bad line was read
+    assert len(out.splitlines()) == 12000  # every line before the bad one was answered, whatever the reads
     assert err.strip().endswith("in.txt:12001: not valid UTF-8 (byte 0xff at column 2: invalid start byte); save the "
                                 "file as UTF-8") and len(err.strip().splitlines()) == 1
 
@@ -121,5 +124,5 @@ def test_stdin_without_newlines_stops_with_one_line(checkpoint):
         p = subprocess.run([sys.executable, "-c", "import sys; from fastmtl.cli import main; sys.exit(main())",
                             "predict", checkpoint], stdin=zero, capture_output=True, timeout=120)
     assert p.returncode == 2 and p.stdout == b""
-    assert p.stderr.decode().strip() == ("fastmtl: <stdin>:1: a line of more than 1048576 bytes (no newline); one "
-                                         "record per line is expected")
+    assert p.stderr.decode().strip() == ("fastmtl: <stdin>:1: a line of more than 1048576 bytes; one record per line "
+                                         "is expected")

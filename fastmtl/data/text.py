@@ -78,21 +78,29 @@ def iter_line_blocks(f, path, max_lines=256, read_size=1 << 16, max_line_bytes=N
     lines, line_no = [], 1
     while True:
         chunk = os.read(fd, read_size) if fd is not None else f.read(read_size)
+        error = None
         if chunk:
             cut = chunk.rfind(b"\n")  # only the new bytes are searched: a long line costs linear time
-            if cut < 0:
+            # (only the line that began in an earlier read can be long: the others fit in this read)
+            first = len(pending) + (chunk.find(b"\n") if cut >= 0 else len(chunk))
+            if max_line_bytes is not None and first > max_line_bytes:
+                error = DataFormatError(path, line_no, "a line of more than %d bytes; one record per line is "
+                                                       "expected" % max_line_bytes)
+            elif cut < 0:
                 pending += chunk
-                if max_line_bytes is not None and len(pending) > max_line_bytes:
-                    raise DataFormatError(path, line_no, "a line of more than %d bytes (no newline); one record per "
-                                                         "line is expected" % max_line_bytes)
             else:
                 data = bytes(pending) + chunk[:cut + 1]
                 pending = bytearray(chunk[cut + 1:])
-                lines.extend(decode_lines(data, path, line_no))
+                error = _decode_into(lines, data, path, line_no)
                 line_no += data.count(b"\n")
         elif pending:  # the last line has no final newline
-            lines.extend(decode_lines(bytes(pending), path, line_no))
+            error = _decode_into(lines, bytes(pending), path, line_no)
             pending = bytearray()
+        if error is not None:  # the lines before the bad one are handed over first
+            while lines:
+                yield lines[:max_lines]
+                del lines[:max_lines]
+            raise error
         while len(lines) >= max_lines:
             yield lines[:max_lines]
             del lines[:max_lines]
@@ -103,6 +111,21 @@ def iter_line_blocks(f, path, max_lines=256, read_size=1 << 16, max_line_bytes=N
             lines = []
     if lines:
         yield lines
+
+
+def _decode_into(lines, data, path, line_no):
+    """Appends the lines of ``data`` (whole lines, the first being line ``line_no``) to ``lines``; on bad UTF-8 the
+    lines before the bad one, and returns the error (None: all fine)."""
+    try:
+        lines.extend(decode_lines(data, path, line_no))
+        return None
+    except DataFormatError as e:
+        good = e.line - line_no  # whole lines before the bad one
+        end = 0
+        for _ in range(good):
+            end = data.index(b"\n", end) + 1
+        lines.extend(decode_lines(data[:end], path, line_no))
+        return e
 
 
 def _fileno(f):

@@ -77,8 +77,8 @@ class TokenTask(_Task):
     """A token-level task (one label per token, e.g. slots, NER, POS, next word). Arguments as :class:`SequenceTask`.
 
     ``crf=True``: the task is a linear-chain CRF over its tags (see the module docstring). A sequence counts as
-    unlabelled (no loss, no gradient) when its first tag is ``ignore_index``; an ``ignore_index`` tag inside a
-    labelled sequence is an error (a CRF scores whole tag sequences). Label smoothing and class weights are
+    unlabelled (no loss, no gradient) when every real tag is ``ignore_index``; ``ignore_index`` at some of its
+    tokens only is a ``ValueError`` (a CRF scores whole tag sequences). Label smoothing and class weights are
     cross-entropy options and are refused with a CRF."""
     level = "token"
 
@@ -229,8 +229,17 @@ class MultiTaskHeads(nn.ModuleDict):
         lengths = torch.as_tensor(lengths).to(device=hidden.device, dtype=torch.long)
         tags = tags.to(device=hidden.device)
         ignore = self.task_specs[name].ignore_index
-        labelled = tags[:, 0] != ignore if T else torch.zeros(B, dtype=torch.bool, device=hidden.device)
-        eff = torch.where(labelled, lengths, torch.zeros_like(lengths))  # an unlabelled sequence counts for nothing
+        valid = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
+        ignored = (tags == ignore) & valid
+        n_ignored = ignored.sum(dim=1)
+        labelled = n_ignored == 0  # an unlabelled sequence (every real tag ignore_index) counts for nothing
+        partial = (n_ignored > 0) & (n_ignored < lengths)
+        if bool(partial.any()):  # (one host sync per CRF task and step)
+            b = int(partial.nonzero()[0, 0])
+            raise ValueError("fastmtl: CRF task %r: sequence %d has ignore_index (%d) tags at some of its tokens but "
+                             "not all; a CRF scores whole tag sequences (label every token, or none; a label "
+                             "unknown to the task's vocabulary also becomes ignore_index)" % (name, b, ignore))
+        eff = torch.where(labelled, lengths, torch.zeros_like(lengths))
         tags = torch.where(labelled.unsqueeze(1), tags, torch.zeros_like(tags))
         nll = crf_nll(emissions, tags, eff, *head.crf_params(), reduction="sum")
         return nll / eff.sum().clamp_min(1).to(nll.dtype)

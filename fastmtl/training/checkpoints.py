@@ -17,9 +17,9 @@ __all__ = ["model_from", "build_tasks", "decoding_schemes", "set_decoding", "con
            "specs_from"]
 
 # the version of what best.pt / last.pt hold (the file format itself is fastmtl.checkpoint.FORMAT_VERSION): 3: tasks
-# carry their dataset, the config may hold [[datasets]]; a task list may end with a CRF flag. Read back by
-# read_checkpoint, which refuses a newer one.
-CONTENT_VERSION = 3
+# carry their dataset, the config may hold [[datasets]]; 4: a task list may end with a CRF flag, the config has
+# crf. Read back by read_checkpoint, which refuses a newer one.
+CONTENT_VERSION = 4
 RESUME_KEYS = ("config", "vocab", "label_vocabs", "step_module", "optimizer", "scheduler", "history", "best_score",
                "best_epoch", "bad_epochs", "epoch", "rng")
 
@@ -131,7 +131,11 @@ def config_dict(cfg):
 
 def config_from(d):
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+    kw = {k: v for k, v in d.items() if k in known}
+    # a run saved before the crf option trained every token task with cross-entropy (unset today means the data's
+    # choice, a CRF for ATIS's slots): --resume must rebuild the model it saved
+    kw.setdefault("crf", False)
+    return TrainConfig(**kw)
 
 
 def task_lists(specs):

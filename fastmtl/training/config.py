@@ -5,6 +5,7 @@ generated from it (:func:`fastmtl.cli.build_parser`), and a TOML file (``fastmtl
 field names as top-level keys. A run on several datasets lists them as ``[[datasets]]`` tables, its tasks as
 ``[[tasks]]`` tables and the batch sampler in a ``[sampling]`` table (:func:`read_toml`).
 """
+import inspect
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,10 @@ def _with_options(after, options):
     registry's order) after the field ``after``, before ``dataclass`` sees the class."""
 
     def add(cls):
-        ann = dict(cls.__dict__.get("__annotations__", {}))
+        # (inspect.get_annotations: the class's own annotations also where Python evaluates them lazily, 3.14+)
+        ann = dict(inspect.get_annotations(cls))
+        if after not in ann:
+            raise TypeError("fastmtl: TrainConfig has no field %r to put the weighting options after" % after)
         out = {}
         for name, typ in ann.items():
             out[name] = typ
@@ -118,8 +122,11 @@ class TrainConfig:
     # weighting
     weighting: str = _opt("static", "task weighting: a loss weighting (%s) or a gradient method on the shared encoder "
                           "(%s; per-task gradients from one encoder forward)"
-                          % (", ".join(n for n in WEIGHTINGS if n not in _weighting.GRADIENT_METHODS),
-                             ", ".join(_weighting.GRADIENT_METHODS)), "task weighting", choices=WEIGHTINGS)
+                          % (", ".join(n for n, m in _weighting.METHODS.items() if m.level == "loss"),
+                             ", ".join(_weighting.GRADIENT_METHODS)
+                             + "; with the [torchjd] extra: torchjd:NAME, NAME one of "
+                             + ", ".join(n[len("torchjd:"):] for n, m in _weighting.METHODS.items()
+                                         if m.extra == "torchjd")), "task weighting", choices=WEIGHTINGS)
     task_weights: dict = _opt(None, "static weights (default 1 each), e.g. intent:2,slots:1", "task weighting",
                               parse="kv_float", metavar="NAME:WEIGHT,...")
     # (here follow the options of the weighting methods, declared in fastmtl.weighting's registry: _with_options)

@@ -139,8 +139,9 @@ class StepContext:
         return self.trainer._global_losses(losses, self.scale)
 
     def stop(self, error):
-        """Stops the run before the update: a non-finite quantity (``error``: a FloatingPointError)."""
-        raise NonFiniteLossError("%s; stopped before the update%s" % (error, self.trainer._kept())) from error
+        """The error that stops the run before the update (raise it): ``error`` is a FloatingPointError of a
+        non-finite quantity."""
+        return NonFiniteLossError("%s; stopped before the update%s" % (error, self.trainer._kept()))
 
 
 class Trainer:

@@ -48,7 +48,7 @@ class GradientMethod(TaskWeighting):
                                          {n: v for n, v in w.items() if n in b.targets}, step.chars,
                                          step.task_backward, step.ddp_reduce, step.world)
         except FloatingPointError as e:
-            step.stop(e)
+            raise step.stop(e) from e
         if tg is None:  # no task has a label in this batch: no update (and no optimiser step)
             return ModelOutput(torch.zeros(()), {}), 0.0
         total = sum(base[n] * tg.losses[n] for n in tg.tasks)

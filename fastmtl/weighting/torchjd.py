@@ -19,7 +19,9 @@ from .gradient import GradientMethod
 
 __all__ = ["TorchJDWeighting", "TORCHJD_METHODS"]
 
-# fastmtl name -> (TorchJD weighting class, summary, {keyword: fastmtl option key} of its constructor)
+# fastmtl name -> (TorchJD weighting class, summary). Stateless weightings only: a stateful one (GradVac keeps an
+# EMA per task pair) would need its state saved for --resume and kept per task while the tasks present in a batch
+# change (several datasets), which TorchJD's state, indexed by position, does not do.
 TORCHJD_METHODS = {
     "upgrad": ("UPGradWeighting", "UPGrad: each gradient projected onto the dual cone of all (Quinton & Rey 2024)"),
     "dualproj": ("DualProjWeighting", "DualProj: the mean gradient projected onto the dual cone (Quinton & Rey "
@@ -29,7 +31,6 @@ TORCHJD_METHODS = {
     "mgda": ("MGDAWeighting", "TorchJD's MGDA (Sener & Koltun 2018)"),
     "pcgrad": ("PCGradWeighting", "TorchJD's PCGrad (Yu et al. 2020)"),
     "pcd": ("PCDWeighting", "TorchJD's PCD"),
-    "gradvac": ("GradVacWeighting", "Gradient Vaccine (Wang et al. 2021), stateful"),
     "fairgrad": ("FairGradWeighting", "FairGrad, alpha-fair weights (Ban & Ji 2024)"),
 }
 
