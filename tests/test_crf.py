@@ -302,15 +302,17 @@ def test_extreme_scores_float32():
     f32 = [x.float() for x in (em, tr, st, en)]
     err_loss = (R.crf_nll_reference(f32[0], tags, lengths, *f32[1:], "none").double() - ref).abs().max()
     err_marg = (R.crf_marginals_reference(f32[0], lengths, *f32[1:]).double() - mref).abs().max()
+    lz = float(R.crf_log_partition_reference(em, lengths, tr, st, en).abs().max())
     for name in ISAS:
         with fastmtl.use_cpu_kernel(name):
             loss, g, w = grads_fastmtl(*f32[:1], tags, lengths, *f32[1:], "none")
             m = crf_marginals(f32[0], lengths, *f32[1:])
         assert torch.isfinite(loss).all() and all(torch.isfinite(x).all() for x in g), name
         assert (loss.double() - ref).abs().max() <= 2 * err_loss + 1e-3, name
-        # (alpha + beta - log Z is a difference of large log-scores: float32 cancellation, unlike autograd through
-        # the recursion; see the CRF notes in fastmtl/functional/crf.py)
-        assert (m.double() - mref).abs().max() <= 2 * err_marg + 2e-4, name
+        # alpha + beta - log Z is a difference of large log-scores, rounded in float32 (unlike autograd through the
+        # recursion): the marginals' error grows with the magnitude of the log-scores, a few float32 ulps of log Z
+        # (fastmtl/functional/crf.py, "Precision"); here |log Z| ~ 1e3, so up to ~5e-4
+        assert (m.double() - mref).abs().max() <= 2 * err_marg + 2e-4 + 8 * 2.0 ** -24 * lz, name
 
 
 def test_bfloat16_runs_in_float32():
