@@ -3,10 +3,12 @@ fastmtl.nn.MultiTaskHeads) against the same model in plain PyTorch (torch.nn.LST
 one nn.Linear per task, summed F.cross_entropy), on the ATIS training batches, measured in one run.
 
 One "pass" = forward + backward + Adam step over the same ``--batches`` length-bucketed batches (the trainer's
-batching); the two providers alternate pass by pass and the median pass time is reported. Two models are measured:
-``default`` is the model the default ``fastmtl train`` builds (character CNN word features, max-pooled intent,
-label smoothing 0.1; the plain side uses the same CharCNN module and a masked max over the padded LSTM output) and
-``basic`` the bare BiLSTM (word embeddings only, intent on each direction's final state).
+batching); the two providers alternate pass by pass and the median pass time is reported. The models: ``default``
+is the model ``fastmtl train`` builds with softmax slots (character CNN word features, max-pooled intent, label
+smoothing 0.1; the plain side uses the same CharCNN module and a masked max over the padded LSTM output), ``crf``
+the same with a CRF on the slots (``fastmtl train``'s default; the plain side scores the slots with pytorch-crf
+0.7.2, its NLL per real token) and ``basic`` the bare BiLSTM (word embeddings only, intent on each direction's
+final state).
 """
 import time
 
@@ -28,9 +30,11 @@ def add_arguments(p):
     p.add_argument("--batches", type=int, default=60, help="batches per pass (0: the whole epoch)")
     p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--model", choices=["default", "basic", "both"], default="both",
-                   help="default: the model of the default fastmtl train (char CNN, max pooling, label smoothing); "
-                        "basic: word embeddings + BiLSTM, intent on the final states")
+    p.add_argument("--model", choices=["default", "basic", "crf", "both", "all"], default="both",
+                   help="default: the model of fastmtl train with softmax slots (char CNN, max pooling, label "
+                        "smoothing); crf: the same with a CRF on the slots (fastmtl train's default; the plain side "
+                        "uses pytorch-crf); basic: word embeddings + BiLSTM, intent on the final states; both: "
+                        "default and basic; all: the three")
 
 
 class PlainMultiTaskLSTM(torch.nn.Module):
@@ -39,8 +43,13 @@ class PlainMultiTaskLSTM(torch.nn.Module):
     ``h_n``) or ``"max"`` (masked max over time)."""
 
     def __init__(self, vocab_size, embedding_dim, hidden_size, n_intents, n_slots, dropout, char_cnn=None,
-                 pooling="last", label_smoothing=0.0):
+                 pooling="last", label_smoothing=0.0, crf=False):
         super().__init__()
+        self.crf = None
+        if crf:  # the slots as a linear-chain CRF (pytorch-crf), its NLL per real token, no label smoothing
+            import torchcrf
+
+            self.crf = torchcrf.CRF(n_slots, batch_first=True)
         self.embedding = torch.nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.char_cnn = char_cnn
         in_size = embedding_dim + (char_cnn.output_size if char_cnn is not None else 0)
@@ -62,7 +71,12 @@ class PlainMultiTaskLSTM(torch.nn.Module):
             pooled = _masked_max(out, lengths)
         else:
             pooled = F.dropout(torch.cat([h[0], h[1]], -1), self.dropout, self.training)  # fwd last, bwd first
-        return F.cross_entropy(self.intent(pooled), intent, label_smoothing=self.ls) + F.cross_entropy(
+        intent_loss = F.cross_entropy(self.intent(pooled), intent, label_smoothing=self.ls)
+        if self.crf is not None:
+            mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths.to(ids.device)[:, None]
+            nll = -self.crf(self.slots(out), slots.clamp_min(0), mask=mask, reduction="sum")
+            return intent_loss + nll / mask.sum()
+        return intent_loss + F.cross_entropy(
             self.slots(out).flatten(0, 1), slots.flatten(), ignore_index=-100, label_smoothing=self.ls)
 
 
@@ -89,18 +103,23 @@ def run(args):
     tokens = sum(b.num_tokens for b in batches)
 
     rows = []
-    for model in (["default", "basic"] if args.model == "both" else [args.model]):
+    models = {"both": ["default", "basic"], "all": ["default", "crf", "basic"]}.get(args.model, [args.model])
+    for model in models:
         rows += _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tokens)
     print_table(rows, COLUMNS)
     return rows
 
 
 def _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tokens):
+    from .. import data as D
     from ..train import build_tasks
     from ..model import CharCNN, MultiTaskLSTM
 
     torch.manual_seed(0)
-    if model == "default":
+    crf = model == "crf"
+    if crf:
+        specs = [D.TaskSpec(s.name, s.level, s.source, s.dataset, s.level == "token") for s in specs]
+    if model in ("default", "crf"):
         pooling, ls = cfg.pooling, cfg.label_smoothing
         char = dict(char_words=vocab.itos, char_dim=cfg.char_dim, char_filters=cfg.char_filters,
                     char_kernel=cfg.char_kernel)
@@ -109,7 +128,7 @@ def _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tok
         pooling, ls, char, plain_char = "last", 0.0, {}, None
     fm = MultiTaskLSTM(len(vocab), E, H, build_tasks(specs, lvs, pooling, ls), dropout=cfg.dropout, **char).to(device)
     pm = PlainMultiTaskLSTM(len(vocab), E, H, len(lvs["intent"]), len(lvs["slots"]), cfg.dropout, plain_char,
-                            pooling, ls).to(device)
+                            pooling, ls, crf=crf).to(device)
     fo = torch.optim.Adam(fm.parameters(), lr=1e-3)
     po = torch.optim.Adam(pm.parameters(), lr=1e-3)
 
@@ -147,6 +166,7 @@ def _measure(args, model, cfg, E, H, device, vocab, lvs, specs, batches, nb, tok
               "tokens": tokens, "threads": torch.get_num_threads()}
     rows = [dict(common, provider="fastmtl (MultiTaskLSTM)", median_ms=mf, tokens_per_s=tokens / (mf / 1e3),
                  speedup=mp / mf),
-            dict(common, provider="plain PyTorch (nn.LSTM+pack, Linear, CE)", median_ms=mp,
+            dict(common, provider="plain PyTorch (nn.LSTM+pack, Linear, %s)" % ("CE + pytorch-crf" if crf else "CE"),
+                 median_ms=mp,
                  tokens_per_s=tokens / (mp / 1e3), speedup=1.0)]
     return rows
