@@ -208,17 +208,6 @@ struct Parsed {
   std::vector<TaskInfo> tasks;
 };
 
-const char* pooling_name(int64_t p) {
-  switch (p) {
-    case 0: return "last";
-    case 1: return "first";
-    case 2: return "mean";
-    case 3: return "max";
-    case 4: return "last_first";
-  }
-  return "?";
-}
-
 Parsed parse_common(const Tensor& hidden, const std::optional<Tensor>& lengths, at::TensorList weights,
                     const OptTensorList& biases, at::IntArrayRef levels, at::IntArrayRef poolings) {
   Parsed P;
