@@ -175,16 +175,22 @@ double gold_score(const Prepared& p, int64_t b) {
 }
 
 // ------------------------------------------------------------------------------------------------- NLL forward
+// The forward recursion of every sequence: alpha (B, T, C) and log Z (B,) (the NLL's forward and the marginals').
 template <typename T>
-void nll_fwd_impl(const Prepared& p, Tensor& nll, Tensor& log_z, Tensor& alpha) {
+void forward_impl(const Prepared& p, Tensor& log_z, Tensor& alpha) {
   CrfArgs<T> a = base_args<T>(p);
   a.alpha = alpha.data_ptr<T>();
   a.log_z = log_z.data_ptr<T>();
   const auto fn = fwd_fn(cpu_kernels::crf_kernels(), static_cast<T*>(nullptr));
   for_groups<T>(p, cpu_kernels::kCrfWork * kCrfGroup * p.Cp,
                 [&](const int64_t* ids, int ns, T* work, bool) { fn(a, ids, ns, work); });
+}
+
+template <typename T>
+void nll_fwd_impl(const Prepared& p, Tensor& nll, Tensor& log_z, Tensor& alpha) {
+  forward_impl<T>(p, log_z, alpha);
   T* out = nll.data_ptr<T>();
-  const T* lz = a.log_z;
+  const T* lz = log_z.data_ptr<T>();
   const double inf = std::numeric_limits<double>::infinity();
   at::parallel_for(0, p.d.B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -326,12 +332,7 @@ Tensor crf_marginals_cpu(const Tensor& emissions, const Tensor& lengths, const T
   Tensor marg = at::zeros({p.d.B, p.d.T, p.d.C}, opts);
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    CrfArgs<T> a = base_args<T>(p);
-    a.alpha = alpha.data_ptr<T>();
-    a.log_z = log_z.data_ptr<T>();
-    const auto fn = fwd_fn(cpu_kernels::crf_kernels(), static_cast<T*>(nullptr));
-    for_groups<T>(p, cpu_kernels::kCrfWork * kCrfGroup * p.Cp,
-                  [&](const int64_t* ids, int ns, T* work, bool) { fn(a, ids, ns, work); });
+    forward_impl<T>(p, log_z, alpha);
     bwd_impl<T>(p, log_z, alpha, nullptr, marg, nullptr, nullptr, nullptr, nullptr, nullptr);
   };
   if (p.ct == at::kDouble) run(static_cast<double*>(nullptr));
