@@ -340,7 +340,7 @@ class MultiTaskLSTM(torch.nn.Module):
                     cons = self.decode_constraints.get(n)
                     preds[n] = heads.crf_predict(n, emissions[n], lengths, "labels", cons)
                     if return_probs:
-                        probs[n] = heads.crf_predict(n, emissions[n], lengths, "log_probs", cons).exp()
+                        probs[n] = heads.crf_predict(n, emissions[n], lengths, "probs", cons)
             names = [n for n in names if n not in crf]
             constrained = [n for n in names if n in self.decode_constraints]
             free = [n for n in names if n not in self.decode_constraints]

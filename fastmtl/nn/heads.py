@@ -263,9 +263,9 @@ class MultiTaskHeads(nn.ModuleDict):
         return {n: res[n] for n in names}
 
     def crf_predict(self, name, emissions, lengths, output="labels", constraints=None):
-        """Viterbi paths (``"labels"``: (B, T) int64, -1 at padding) or per-token log-marginals (``"log_probs"``,
-        -inf at padding) of CRF task ``name`` from its emission scores; ``constraints``: ``(allowed, start, end)``
-        bool masks of the tag transitions that may be used (None: all)."""
+        """Viterbi paths (``"labels"``: (B, T) int64, -1 at padding), per-token marginals (``"probs"``, 0 at padding)
+        or their logs (``"log_probs"``, -inf at padding) of CRF task ``name`` from its emission scores;
+        ``constraints``: ``(allowed, start, end)`` bool masks of the tag transitions that may be used (None: all)."""
         B, T = emissions.shape[0], emissions.shape[1]
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=emissions.device)
@@ -273,9 +273,10 @@ class MultiTaskHeads(nn.ModuleDict):
         params = [p.detach() for p in self[name].crf_params()]
         if output == "labels":
             return crf_decode(emissions, lengths, *params, *masks)
-        if output == "log_probs":
-            return crf_marginals(emissions, lengths, *params, *masks).log()
-        raise ValueError("fastmtl: output must be 'labels', 'logits' or 'log_probs', got %r" % (output,))
+        if output in ("probs", "log_probs"):
+            p = crf_marginals(emissions, lengths, *params, *masks)
+            return p if output == "probs" else p.log()
+        raise ValueError("fastmtl: output must be 'labels', 'logits', 'probs' or 'log_probs', got %r" % (output,))
 
     def extra_repr(self):
         return "hidden_size=%d, tasks=%r" % (self.hidden_size, self.tasks)
