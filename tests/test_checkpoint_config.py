@@ -125,7 +125,7 @@ def test_a_newer_content_version_is_refused(run, tmp_path, capsys, version):
 def test_resume_of_a_run_saved_before_the_crf_option(tmp_path, capsys):
     """A last.pt whose configuration has no crf key (version 3) trained ATIS-format slots with cross-entropy:
     --resume rebuilds that model, not today's CRF default."""
-    from fastmtl.training.checkpoints import config_from
+    from fastmtl.training.checkpoint_content import config_from
 
     assert config_from({"epochs": 2}).crf is False
     assert config_from({"epochs": 2, "crf": None}).crf is None

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..fileio import atomic_write
-from .checkpoints import build_tasks, load_checkpoint, read_checkpoint
+from .checkpoint_content import build_tasks, load_checkpoint, read_checkpoint
 from .config import TrainConfig, check_device, read_toml
 from .data import EpochPlanner, load_datasets
 from .evaluation import compute_metrics, dev_score, evaluate_examples, predict_examples

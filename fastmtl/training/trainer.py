@@ -25,7 +25,7 @@ from .. import data as D
 from ..checkpoint import save_checkpoint
 from ..fileio import atomic_write
 from ..weighting import make_weighting, registry
-from .checkpoints import (CONTENT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
+from .checkpoint_content import (CONTENT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
                           task_lists)
 from .config import TrainConfig, option_name

@@ -1,5 +1,5 @@
-"""The checkpoint stage: what best.pt and last.pt hold, reading them back (nothing is unpickled: see
-:mod:`fastmtl.checkpoint`), the model they describe and every random generator's state."""
+"""What a checkpoint holds (best.pt and last.pt; the file format itself is :mod:`fastmtl.checkpoint`):
+reading it back (nothing is unpickled), the model it describes and every random generator's state."""
 import dataclasses
 import os
 import random
