@@ -15,6 +15,7 @@ import torch
 from .. import data as D
 from .. import weighting as _weighting
 from ..fileio import open_regular
+from .callbacks import check_spec
 
 __all__ = ["TrainConfig", "check_device", "read_toml", "option_name", "SAMPLING", "DatasetSpec"]
 
@@ -163,6 +164,11 @@ class TrainConfig:
                            action="flag")
     progress: bool = _opt(True, "progress bar (only when stderr is a terminal)", "output", action="flag")
     quiet: bool = _opt(False, "print nothing but the test metrics", "output", action="flag")
+    callbacks: list = _opt(None, "add a training callback (repeatable): tensorboard (TensorBoard event files in "
+                           "--output-dir/tensorboard; the tensorboard extra) or module:Class (a class of yours, made "
+                           "with no arguments, with some of the hooks of fastmtl.training.Callback; the module is "
+                           "looked up on the Python path and in the current folder)", "output", flag="--callback",
+                           action="append", metavar="tensorboard|MODULE:CLASS")
 
     def validate(self):
         """Checks every field; raises ``ValueError`` with a one-line message naming the option (``--warmup-steps``)
@@ -342,6 +348,11 @@ def _validate_config(cfg):
         bad("seed", "an integer in 0..%d" % MAX_SEED, cfg.seed)
     if not isinstance(cfg.select, str) or not cfg.select.strip():
         bad("select", "mean or a comma-separated list of task names", cfg.select)
+    if cfg.callbacks is not None:
+        if not isinstance(cfg.callbacks, (list, tuple)):
+            bad("callbacks", "a list of callback names (tensorboard or module:Class)", cfg.callbacks)
+        for spec in cfg.callbacks:
+            check_spec(spec)
     if cfg.task_weights is not None:
         if not isinstance(cfg.task_weights, dict):
             bad("task_weights", "NAME:WEIGHT pairs", cfg.task_weights)

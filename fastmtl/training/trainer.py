@@ -1,19 +1,18 @@
 """The Trainer: a run in stages that can be read and changed one at a time.
 
-1. setup and resume: :meth:`Trainer.setup` (process, data, model, optimiser; the state of ``last.pt`` on
-   ``--resume``);
-2. step: :meth:`Trainer.step` (one batch: forward, backward, weighting, clipping, optimiser, EMA) and
-   :meth:`Trainer.run_epoch` (the batches of an epoch, from the :class:`~fastmtl.training.data.EpochPlanner`);
+1. setup and resume: :meth:`Trainer.setup` (process, data, model, optimiser, callbacks; the state of ``last.pt``
+   on ``--resume``);
+2. step: :meth:`Trainer.step` (one batch: the weighting method's step: forward, backward, clipping, optimiser, EMA)
+   and :meth:`Trainer.run_epoch` (the batches of an epoch, from the :class:`~fastmtl.training.data.EpochPlanner`);
 3. evaluate and select: :meth:`Trainer.evaluate`, :meth:`Trainer.select`;
-4. checkpoint: :meth:`Trainer.save_best`, :meth:`Trainer.save_last`;
-5. log: :meth:`Trainer.log_epoch`, :meth:`Trainer.write_log`.
+4. checkpoint: :meth:`Trainer.save_best`, :meth:`Trainer.save_last`.
 
-:meth:`Trainer.fit` runs them; :func:`train` is ``Trainer(cfg).fit()``. A subclass can replace one stage (another
-step rule, another selection criterion) and keep the rest.
+:meth:`Trainer.fit` runs them and calls the callbacks (:mod:`fastmtl.training.callbacks`) around them: the run's
+messages, progress bar, files (log.jsonl, checkpoints, metrics.json, the plot) and early stopping are built-in
+callbacks, and a user's come after them. :func:`train` is ``Trainer(cfg).fit()``. A subclass can replace one stage
+(another step rule, another selection criterion) and keep the rest. Data-parallel runs: :mod:`.distributed`.
 """
 import dataclasses
-import gc
-import json
 import math
 import os
 import random
@@ -23,22 +22,23 @@ import torch
 
 from .. import data as D
 from ..checkpoint import save_checkpoint
-from ..fileio import atomic_write
 from ..weighting import make_weighting, registry
 from .checkpoint_content import (CONTENT_VERSION, RESUME_KEYS, checked, config_dict, config_from, decoding_schemes,
                           model_from, model_from_checkpoint, read_checkpoint, rng_state, set_decoding, set_rng_state,
                           task_lists)
+from .callbacks import CallbackList, RunState, StepInfo, check_callback, default_callbacks, load_callback
 from .config import TrainConfig, option_name
 from .data import EpochPlanner, aux_specs, expected_share, is_aux, load_datasets
-from .evaluation import check_select, dev_score, evaluate_datasets, format_metrics
-from .output import (Logger, OutputDirLock, plot_history, prepare_output_dir, remove_run_files,
-                     remove_stale_temporaries)
+from .distributed import Distributed
+from .evaluation import check_select, dev_score, evaluate_datasets
+from .output import Logger, OutputDirLock, prepare_output_dir, remove_run_files, remove_stale_temporaries
 
 __all__ = ["Trainer", "train", "NonFiniteLossError"]
 
 
 # the options that steer one session of a run, not the run: --resume takes them from the command line
-SESSION_OPTIONS = ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "overwrite", "device", "threads")
+SESSION_OPTIONS = ("epochs", "patience", "max_minutes", "progress", "quiet", "resume", "overwrite", "device", "threads",
+                   "callbacks")
 
 
 def _shown(v):
@@ -52,13 +52,6 @@ class NonFiniteLossError(ValueError):
     saved)."""
 
 
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
 def _device(cfg, local_rank):
     if cfg.device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -66,28 +59,6 @@ def _device(cfg, local_rank):
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
-
-
-def scaled_weights(weights, targets, global_counts, world, ignore_index=-100):
-    """Per-rank task weights so that DDP's gradient average equals the global-batch mean of every task loss."""
-    out = {}
-    for name, w in weights.items():
-        if name not in targets:
-            continue
-        local = int((targets[name] != ignore_index).sum())
-        g = global_counts.get(name, 0)
-        out[name] = w * (local * world / g) if g else w * 0.0
-    return out
-
-
-def count_items(encoded, idx, specs, ignore_index=-100):
-    c = {}
-    for s in specs:
-        if s.level == "token":
-            c[s.name] = sum(sum(1 for y in encoded[i][1][s.name] if y != ignore_index) for i in idx)
-        else:
-            c[s.name] = sum(1 for i in idx if encoded[i][1][s.name] != ignore_index)
-    return c
 
 
 class _Step(torch.nn.Module):
@@ -118,8 +89,8 @@ class StepContext:
         self.trainer, self.batch, self.scale, self.chars, self.tasks = trainer, batch, scale, chars, tasks
         self.model = trainer.model
         self.task_backward = trainer.cfg.task_backward
-        self.world = trainer.world
-        self.ddp_reduce = trainer.ddp_reduce
+        self.world = trainer.dist.world
+        self.ddp_reduce = trainer.dist.reduce
 
     def forward(self, wrapped=True):
         """``(model output, loss)``: the loss weighted by the method's weights, plus its regularizer; through the
@@ -136,7 +107,7 @@ class StepContext:
 
     def global_losses(self, losses):
         """``{task: L_k}`` detached; under DDP those of the global batch."""
-        return self.trainer._global_losses(losses, self.scale)
+        return self.trainer.dist.global_losses(losses, self.scale)
 
     def stop(self, error):
         """The error that stops the run before the update (raise it): ``error`` is a FloatingPointError of a
@@ -145,16 +116,30 @@ class StepContext:
 
 
 class Trainer:
-    """One training run per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed)."""
+    """One training run per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed). ``callbacks``: objects
+    with some of the hooks of :class:`~fastmtl.training.callbacks.Callback`, called after the built-in ones and
+    those of ``cfg.callbacks``. ``is_setup``: whether :meth:`setup` has run (:meth:`fit` runs it if not);
+    ``state``: where the run stands (:class:`~fastmtl.training.callbacks.RunState`)."""
 
-    def __init__(self, cfg=None, **overrides):
+    def __init__(self, cfg=None, callbacks=None, **overrides):
         cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
         self.cfg = cfg.validate()
-        self.world, self.rank, self.local = _dist_env()
-        self.distributed = self.world > 1
-        self.log = Logger(cfg, self.rank)
-        self.own_pg = False
+        self.dist = Distributed()
+        self.log = Logger(cfg, self.dist.rank)
         self.dir_lock = None
+        self.is_setup = False
+        self.state = RunState()
+        self.user_callbacks = [check_callback(c) for c in (callbacks or ())]
+        self.callbacks = CallbackList([])
+
+    @property
+    def rank(self):
+        return self.dist.rank
+
+    @property
+    def is_main(self):
+        """Whether this process writes the run's files (rank 0)."""
+        return self.dist.is_main
 
     def release_output_dir(self):
         """Releases the lock on ``--output-dir`` (at the end of :meth:`fit`, also when it fails)."""
@@ -172,27 +157,27 @@ class Trainer:
         self.setup_model()
         self.setup_optimisation()
         self.restore()
+        self.setup_callbacks()
+        self.is_setup = True
         return self
+
+    def setup_callbacks(self):
+        """The built-in callbacks, then those ``cfg.callbacks`` names (``--callback``), then the constructor's."""
+        named = [load_callback(spec) for spec in (self.cfg.callbacks or ())]
+        self.callbacks = CallbackList(default_callbacks() + named + self.user_callbacks)
 
     def setup_process(self):
         cfg = self.cfg
         if cfg.output_dir:
             prepare_output_dir(cfg)
-        self.device = _device(cfg, self.local)
+        self.device = _device(cfg, self.dist.local)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if self.distributed:
-            import torch.distributed as dist
-
-            self.own_pg = not dist.is_initialized()
-            if self.own_pg:
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
+        self.dist.start(self.device)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.out_dir = cfg.output_dir
-        if self.out_dir and self.rank == 0:
+        if self.out_dir and self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             # one run per folder: a second one stops here, before it reads or removes anything of the first
             self.release_output_dir()
@@ -292,17 +277,17 @@ class Trainer:
             self.encoded += enc
         # the tasks a step computes: its dataset's (the others have no labels there), or all of them where every
         # parameter must take part in every step (DDP's reducer, GradNorm's per-task gradient norms)
-        full = self.distributed or registry.method(cfg.weighting).cls.every_task_every_step
+        full = self.dist.enabled or registry.method(cfg.weighting).cls.every_task_every_step
         self.step_specs = [self.all_specs if full else specs for specs in self.dataset_specs]
         self.dataset_tasks = [[s.name for s in specs] for specs in self.dataset_specs]
         self.planner = EpochPlanner([len(x) for x in train_sets], cfg.batch_size, cfg.sampling,
                                     cfg.sampling_temperature, cfg.seed,
                                     lengths=[[len(e["tokens"]) for e in x] for x in train_sets],
-                                    min_batch=self.world if self.distributed else 1)
+                                    min_batch=self.dist.min_batch)
         for d, ds in enumerate(self.datasets):
             if not self.planner.batches_of(d):  # under DDP a batch must give every rank an example
                 raise ValueError("fastmtl: dataset %r has %d training example(s), fewer than the %d DDP ranks: it "
-                                 "would never be trained" % (ds.name, len(train_sets[d]), self.world))
+                                 "would never be trained" % (ds.name, len(train_sets[d]), self.dist.world))
         if len(self.datasets) > 1:
             share = expected_share([len(x) for x in train_sets], cfg.sampling, cfg.sampling_temperature)
             self.log("fastmtl: %d datasets, %s sampling: %s" % (len(self.datasets), cfg.sampling, ", ".join(
@@ -357,12 +342,7 @@ class Trainer:
         self.weighting.check_model(self.model)
         self.weighting.to(self.device)
         self.step_module = _Step(self.model, self.weighting)
-        self.wrapped = self.step_module
-        if self.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.wrapped = DDP(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda"
-                               else None, find_unused_parameters=False)
+        self.wrapped = self.dist.wrap(self.step_module, self.device)
         self.params = [p for n, p in self.step_module.named_parameters()
                        if p.requires_grad and not n.startswith("weighting.w")]
         if cfg.optimizer == "adam":
@@ -384,20 +364,10 @@ class Trainer:
         self.ema = None
         if cfg.ema:
             self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
-        self.ddp_reduce = None
-        if self.distributed:
-            import torch.distributed as dist
-
-            def ddp_reduce(t):
-                dist.all_reduce(t)
-                t.div_(self.world)
-
-            self.ddp_reduce = ddp_reduce
 
     def restore(self):
         """The run's state: fresh, or (``--resume``) the end of the last completed epoch from last.pt."""
-        self.history, self.best_score, self.best_epoch, self.bad_epochs = [], -math.inf, 0, 0
-        self.start_epoch, self.train_time, self.best_state = 0, 0.0, None
+        self.state = RunState()
         ck = self.resume_ck
         if ck is None:
             return
@@ -411,11 +381,13 @@ class Trainer:
             if self.ema is not None and ck.get("ema") is not None:
                 ema_state = {k: v.to(self.device) for k, v in ck["ema"].items()}
             set_rng_state(ck["rng"], self.device)
-            return (list(ck["history"]), float(ck["best_score"]), int(ck["best_epoch"]), int(ck["bad_epochs"]),
-                    int(ck["epoch"]), float(ck.get("train_time_s", 0.0)), ck.get("best_model"), ema_state)
+            state = RunState(epoch=int(ck["epoch"]), global_step=int(ck.get("global_step", 0)),
+                             history=list(ck["history"]), best_score=float(ck["best_score"]),
+                             best_epoch=int(ck["best_epoch"]), bad_epochs=int(ck["bad_epochs"]),
+                             best_state=ck.get("best_model"), train_time=float(ck.get("train_time_s", 0.0)))
+            return state, ema_state
 
-        (self.history, self.best_score, self.best_epoch, self.bad_epochs, self.start_epoch, self.train_time,
-         self.best_state, self.ema) = checked(self.last_path, restore)
+        self.state, self.ema = checked(self.last_path, restore)
 
     # ------------------------------------------------------------------------------------------------------------
     # 2. step
@@ -427,38 +399,16 @@ class Trainer:
         specs = self.step_specs[d]
         # draw the <unk> replacements for the whole global batch so ranks agree with one process
         gb = D.collate(self.encoded, gidx, specs, unk_probs=self.unk_probs, generator=gen)
-        counts = None
-        if self.distributed:
-            k = len(gidx)
-            lo, hi = self.rank * k // self.world, (self.rank + 1) * k // self.world
-            mine = gidx[lo:hi]
-            tmax = max(len(self.encoded[i][0]) for i in mine)
-            counts = count_items(self.encoded, gidx, specs)
-            gb = D.Batch(gb.ids[lo:hi, :tmax], gb.lengths[lo:hi],
-                         {n: (t[lo:hi, :tmax] if t.dim() == 2 else t[lo:hi]) for n, t in gb.targets.items()}, mine,
-                         gb.raw_ids[lo:hi, :tmax])
+        gb, counts = self.dist.share(gb, gidx, self.encoded, specs)
         return gb.to(self.device), counts
 
     def step(self, b, counts, tasks=None):
-        """One optimisation step on batch ``b`` (``tasks``: the tasks with labels in it, None: all); returns the
-        model output and the loss value."""
+        """One optimisation step on batch ``b`` (``tasks``: the tasks with labels in it, None: all): the weighting
+        method's :meth:`~fastmtl.weighting.TaskWeighting.train_step`; returns the model output and the loss value."""
         model = self.model
-        scale = (lambda w: scaled_weights(w, b.targets, counts, self.world)) if self.distributed else None
         # character features of the words as written, also where the word id became <unk>
         chars = model.char_cnn.char_ids[b.raw_ids] if model.char_cnn is not None else None
-        return self.weighting.train_step(StepContext(self, b, scale, chars, tasks))
-
-    def _global_losses(self, losses, scale):
-        """``{task: L_k}`` detached; under DDP the global batch's (the ranks' losses weighted by their item counts:
-        the mean over the ranks of ``scale``'s factor times the local loss)."""
-        losses = {n: l.detach().float().reshape(()) for n, l in losses.items()}
-        if self.distributed and losses:
-            names = sorted(losses)
-            f = scale({n: 1.0 for n in names})
-            t = torch.stack([losses[n] * f.get(n, 0.0) for n in names])
-            self.ddp_reduce(t)
-            losses = dict(zip(names, t.unbind(0)))
-        return losses
+        return self.weighting.train_step(StepContext(self, b, self.dist.scale(b.targets, counts), chars, tasks))
 
     def _finish_step(self):
         """Clipping, the optimiser and scheduler steps and the EMA, after the gradients are in ``.grad``."""
@@ -494,14 +444,7 @@ class Trainer:
                    self._kept()))
 
     def check_finite(self, lv, out, epoch, step):
-        finite = math.isfinite(lv)
-        if self.distributed:  # every rank stops at the same step
-            import torch.distributed as dist
-
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            dist.all_reduce(flag)
-            finite = not float(flag)
-        if not finite:
+        if self.dist.any(not math.isfinite(lv), self.device):  # every rank stops at the same step
             raise NonFiniteLossError(
                 "fastmtl: the training loss is %s at epoch %d, step %d (task losses: %s); stopped without "
                 "writing metrics%s. Check --task-weights, --pretrained and --lr"
@@ -514,11 +457,12 @@ class Trainer:
 
     def run_epoch(self, epoch):
         """The batches of ``epoch``; returns its log record (losses, learning rate, throughput)."""
-        cfg = self.cfg
+        cfg, st = self.cfg, self.state
         self.step_module.train()
         plan = self.planner.plan(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        bar = self.log.bar(len(plan), "epoch %d/%d" % (epoch + 1, cfg.epochs))
+        st.epoch_steps = len(plan)
+        self.callbacks.call("on_epoch_start", self, epoch)
         loss_sum, nb, tokens = 0.0, 0, 0
         task_sums = {s.name: 0.0 for s in self.all_specs}
         task_steps = {s.name: 0 for s in self.all_specs}
@@ -529,21 +473,20 @@ class Trainer:
             self.check_finite(lv, out, epoch, nb)
             self.check_parameters(epoch, nb)
             loss_sum += lv
+            losses = {}
             for n in (s.name for s in self.dataset_specs[d]):
                 if n in out.losses:
-                    task_sums[n] += float(out.losses[n].detach())
+                    losses[n] = float(out.losses[n].detach())
+                    task_sums[n] += losses[n]
                     task_steps[n] += 1
+            step_tokens = sum(len(self.encoded[self.offsets[d] + i][0]) for i in idx)
+            tokens += step_tokens
+            st.global_step += 1
+            self.callbacks.call("on_step_end", self, StepInfo(epoch, nb, st.global_step, lv, losses, d, len(idx),
+                                                             step_tokens))
             nb += 1
-            tokens += sum(len(self.encoded[self.offsets[d] + i][0]) for i in idx)
-            if bar is not None:
-                el = time.perf_counter() - t0
-                bar.set_postfix(loss="%.4f" % (loss_sum / nb), tok_s="%.0f" % (tokens / max(el, 1e-9)),
-                                refresh=False)
-                bar.update(1)
             if self.out_of_time():
                 break
-        if bar is not None:
-            bar.close()
         ep_time = time.perf_counter() - t0
         self.total_tokens += tokens
         self.tok_time += ep_time
@@ -557,14 +500,19 @@ class Trainer:
     # 3. evaluate and select
 
     def evaluate(self, split):
-        """Metrics of every dataset's ``split`` (None where no dataset has it) and the predictions."""
-        return evaluate_datasets(self.model, self.vocab, self.label_vocabs, self.datasets, split, self.device,
-                                 self.cfg.eval_batch_size)
+        """Metrics of every dataset's ``split`` (None where no dataset has it) and the predictions; the callbacks'
+        ``on_evaluate`` where there are metrics."""
+        metrics, preds = evaluate_datasets(self.model, self.vocab, self.label_vocabs, self.datasets, split,
+                                           self.device, self.cfg.eval_batch_size)
+        if metrics is not None:
+            self.callbacks.call("on_evaluate", self, split, metrics)
+        return metrics, preds
 
     def select(self, rec):
         """Evaluates on dev (the EMA weights with ``--ema``), records the dev metrics and the selection score in
         ``rec``, keeps the best weights; returns whether this epoch is the best so far (without dev data every
-        epoch is)."""
+        epoch is), also in ``state.improved``."""
+        st = self.state
         live = None
         if self.ema is not None:  # evaluate (and keep) the averaged weights
             live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -574,16 +522,16 @@ class Trainer:
         if dm is not None:
             score = dev_score(self.specs, dm, self.cfg.select)
             rec["dev"], rec["dev_score"] = dm, score
-            improved = score > self.best_score
+            improved = score > st.best_score
         if improved:
-            self.best_score = rec.get("dev_score", 0.0)
-            self.best_epoch, self.bad_epochs = rec["epoch"], 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            self.save_best(rec)
+            st.best_score = rec.get("dev_score", 0.0)
+            st.best_epoch, st.bad_epochs = rec["epoch"], 0
+            st.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         else:
-            self.bad_epochs += 1
+            st.bad_epochs += 1
         if live is not None:
             self.model.load_state_dict(live)
+        st.improved = improved
         return improved
 
     @property
@@ -591,7 +539,7 @@ class Trainer:
         return any(ds.splits.get("dev") for ds in self.datasets)
 
     # ------------------------------------------------------------------------------------------------------------
-    # 4. checkpoint
+    # 4. checkpoint (called by the Checkpoints callback)
 
     def checkpoint_common(self):
         return {"format_version": CONTENT_VERSION, "config": config_dict(self.cfg), "vocab": self.vocab.state_dict(),
@@ -599,125 +547,96 @@ class Trainer:
                 "tasks": task_lists(self.all_specs), "decoding": self.schemes}
 
     def save_best(self, rec):
-        if self.out_dir and self.rank == 0:
+        """best.pt: the selected weights of epoch ``rec["epoch"]`` (main rank, with ``--output-dir``)."""
+        if self.out_dir and self.is_main:
             ck = self.checkpoint_common()
-            ck.update({"model": self.best_state, "epoch": rec["epoch"], "dev": rec.get("dev")})
-            save_checkpoint(ck, os.path.join(self.out_dir, "best.pt"))
+            ck.update({"model": self.state.best_state, "epoch": rec["epoch"], "dev": rec.get("dev")})
+            path = os.path.join(self.out_dir, "best.pt")
+            save_checkpoint(ck, path)
+            self.callbacks.call("on_save", self, path, "best")
 
-    def save_last(self, epoch_done):
-        """last.pt: everything --resume needs to continue after ``epoch_done`` epochs, bitwise."""
-        if not self.out_dir or self.rank != 0:
+    def save_last(self):
+        """last.pt: everything --resume needs to continue after the completed epochs, bitwise."""
+        if not self.out_dir or not self.is_main:
             return
+        st = self.state
         ck = self.checkpoint_common()
         ck.update({"step_module": self.step_module.state_dict(), "optimizer": self.opt.state_dict(),
                    "scheduler": self.sched.state_dict(), "weighting_extra": self.weighting.extra_state(),
-                   "history": self.history, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                   "bad_epochs": self.bad_epochs, "epoch": epoch_done, "train_time_s": self.train_time,
-                   "rng": rng_state(self.device), "best_model": self.best_state, "ema": self.ema})
+                   "history": st.history, "best_score": st.best_score, "best_epoch": st.best_epoch,
+                   "bad_epochs": st.bad_epochs, "epoch": st.epoch, "global_step": st.global_step,
+                   "train_time_s": st.train_time, "rng": rng_state(self.device), "best_model": st.best_state,
+                   "ema": self.ema})
         save_checkpoint(ck, self.last_path)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # 5. log
-
-    def write_log(self):
-        if self.out_dir and self.rank == 0:
-            atomic_write(os.path.join(self.out_dir, "log.jsonl"),
-                         "".join(json.dumps(h) + "\n" for h in self.history))
-
-    def log_epoch(self, rec, improved):
-        msg = "epoch %d: loss %.4f, %.0f tokens/s" % (rec["epoch"], rec["train_loss"], rec["tokens_per_s"])
-        if "dev" in rec:
-            msg += ", dev " + format_metrics(rec["dev"]) + (" *" if improved else "")
-        self.log(msg)
+        self.callbacks.call("on_save", self, self.last_path, "last")
 
     # ------------------------------------------------------------------------------------------------------------
     # the run
 
     def fit(self):
-        """Sets up (unless done), trains with early stopping on dev, evaluates the selected model on test and
-        writes the output folder; returns the result dict of :func:`train`. The output folder is locked from the
-        setup to the end (:class:`OutputDirLock`)."""
+        """Sets up (unless done), trains (the callbacks stop it early: :class:`~.callbacks.EarlyStopping` on dev),
+        evaluates the selected model on test and returns the result dict of :func:`train`. The output folder is
+        locked from the setup to the end (:class:`OutputDirLock`)."""
         try:
             return self._fit()
         finally:
             self.release_output_dir()
 
     def _fit(self):
-        if not hasattr(self, "model"):
+        if not self.is_setup:
             self.setup()
-        cfg = self.cfg
-        if self.out_dir and self.rank == 0 and cfg.overwrite:
+        cfg, st = self.cfg, self.state
+        if self.out_dir and self.is_main and cfg.overwrite:
             # as late as possible (bad data or checkpoints leave the earlier run alone), and after the process group
             # is up (no other rank still looks at the old files)
             remove_run_files(self.out_dir)
-        self.t_start = time.perf_counter() - self.train_time
+        self.t_start = time.perf_counter() - st.train_time
         self.total_tokens, self.tok_time = 0, 0.0
-        interrupted = False
+        self.callbacks.call("on_fit_start", self)
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
+            for epoch in range(st.epoch, cfg.epochs):
                 rec = self.run_epoch(epoch)
-                improved = self.select(rec)
-                self.train_time = time.perf_counter() - self.t_start
-                rec["elapsed_s"] = self.train_time
-                self.history.append(rec)
-                self.write_log()
-                self.save_last(epoch + 1)
-                self.log_epoch(rec, improved)
-                if self.has_dev and self.bad_epochs >= cfg.patience:
-                    self.log("fastmtl: early stop (no dev improvement in %d epochs)" % cfg.patience)
+                self.select(rec)
+                st.train_time = time.perf_counter() - self.t_start
+                rec["elapsed_s"] = st.train_time
+                st.history.append(rec)
+                st.epoch = epoch + 1
+                self.callbacks.call("on_epoch_end", self, rec)
+                if st.should_stop:
                     break
                 if self.out_of_time():
                     self.log("fastmtl: time budget of %g minutes reached" % cfg.max_minutes)
                     break
         except KeyboardInterrupt:
-            interrupted = True
             # Roll back, do not save: last.pt already holds the state at the end of the last completed epoch
             # (written after every epoch), so --resume replays the interrupted epoch from exactly that state and
             # ends bitwise where the uninterrupted run ends.
-            if self.out_dir and self.rank == 0:
+            if self.out_dir and self.is_main:
                 if os.path.exists(self.last_path):
                     self.log("\nfastmtl: interrupted; %s holds the last completed epoch (continue with --resume)"
                              % self.last_path)
                 else:
                     self.log("\nfastmtl: interrupted during the first epoch; nothing to resume")
             raise
-        finally:
-            if interrupted:
-                self.write_log()
         return self.finish()
 
     def finish(self):
-        """The selected model on test, metrics.json and the plot; tears the process group down."""
-        self.train_time = time.perf_counter() - self.t_start
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        h = self.history
-        result = {"best_epoch": self.best_epoch, "train_time_s": self.train_time, "history": h,
+        """The selected model on test, the callbacks' ``on_fit_end`` (metrics.json, the plot); tears the process
+        group down."""
+        st = self.state
+        st.train_time = time.perf_counter() - self.t_start
+        if st.best_state is not None:
+            self.model.load_state_dict(st.best_state)
+        h = st.history
+        result = {"best_epoch": st.best_epoch, "train_time_s": st.train_time, "history": h,
                   "tokens_per_s": self.total_tokens / max(self.tok_time, 1e-9),
-                  "dev": h[self.best_epoch - 1].get("dev") if self.best_epoch and h else None, "test": None}
-        tm, preds = self.evaluate("test")
-        if tm is not None:
-            result["test"] = tm
-            self.log("test (best epoch %d, %.0f s training): %s" % (self.best_epoch, self.train_time,
-                                                                     format_metrics(tm)))
-        if self.out_dir and self.rank == 0:
-            if tm is not None:
-                atomic_write(os.path.join(self.out_dir, "metrics.json"), json.dumps(tm, indent=2) + "\n")
-            if h:
-                plot_history(h, os.path.join(self.out_dir, "learning_curve.png"), self.log)
-        if self.distributed:
-            import torch.distributed as dist
-
-            # Every rank is done with collectives, and the DDP reducer (which holds the process group and its
-            # gloo/nccl work objects) is gone before the group is destroyed: the other order can abort at exit.
-            dist.barrier()
-            self.wrapped = None
-            gc.collect()
-            if self.own_pg:
-                dist.destroy_process_group()
+                  "dev": h[st.best_epoch - 1].get("dev") if st.best_epoch and h else None, "test": None}
+        result["test"], _ = self.evaluate("test")
         result["model"] = self.model
         result["vocab"], result["label_vocabs"], result["specs"] = self.vocab, self.label_vocabs, self.specs
         result["datasets"] = [ds.name for ds in self.datasets]
+        self.callbacks.call("on_fit_end", self, result)
+        self.dist.end(self)
         return result
 
 
