@@ -139,13 +139,43 @@ def _train(ns):
         raise ValueError(_in_file(str(e), ns.config, set(from_file) - set(given))) from None
     if cfg.epochs == 0:  # train(epochs=0) from Python returns the untrained model; a command line run must train
         raise ValueError("fastmtl: --epochs must be an integer >= 1, got 0")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if cfg.output_dir is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks would each pick another folder
+            raise ValueError("fastmtl: a torchrun run needs --output-dir (one folder that every rank names)")
+        cfg.output_dir = new_run_dir()
+        if not cfg.quiet:
+            print("fastmtl: the run is saved in %s" % cfg.output_dir, file=sys.stderr, flush=True)
     try:
         res = train(cfg)
     except KeyboardInterrupt:
         return 130
-    if res["test"] is not None and os.environ.get("RANK", "0") == "0":
+    if res["test"] is not None and main_rank:
         print(json.dumps(res["test"], indent=2))
+    if main_rank and not cfg.quiet:
+        print("fastmtl: the model is %s (fastmtl predict %s \"a sentence\")"
+              % (os.path.join(cfg.output_dir, "best.pt"), os.path.join(cfg.output_dir, "best.pt")),
+              file=sys.stderr, flush=True)
     return 0
+
+
+def new_run_dir(parent=None, now=None):
+    """A new, empty folder ``<parent>/<date>-<time>`` (``-2``, ``-3``, ... after it when that one exists), made here
+    so that two runs started in the same second get two folders. ``parent``: by default ``$FASTMTL_RUNS_DIR``, else
+    ``runs`` in the current folder."""
+    import time
+
+    parent = parent or os.environ.get("FASTMTL_RUNS_DIR") or "runs"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    os.makedirs(parent, exist_ok=True)
+    for i in range(1, 10000):
+        path = os.path.join(parent, stamp if i == 1 else "%s-%d" % (stamp, i))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise ValueError("fastmtl: %s has no free folder name for %s; give --output-dir" % (parent, stamp))
 
 
 def _in_file(msg, path, keys):

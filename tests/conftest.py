@@ -8,6 +8,14 @@ import torch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_configure(config):
+    # `fastmtl train` without --output-dir saves the run in a new runs/<date>-<time>: in the tests (and the
+    # commands they start) under a temporary folder, never in the checkout
+    import tempfile
+
+    os.environ["FASTMTL_RUNS_DIR"] = os.path.join(tempfile.mkdtemp(prefix="fastmtl-test-runs-"), "runs")
+
+
 # The core suite (`pytest -m core`), what .ci/torch_window.sh runs on the oldest and the newest supported torch: op
 # parity of the LSTM and the heads, the drop-in LSTM with torch's own nn.LSTM tests, the transforms (torch.func,
 # vmap, double backward, compile), the private-torch-API checks, the build truth and a short train/evaluate/predict.

@@ -254,3 +254,4 @@ def test_tensorboard_needs_a_folder(files):
         Trainer(config(files, callbacks=["tensorboard"])).fit()
     with pytest.raises(ValueError, match="every must be an integer"):
         TensorBoard(every=0)
+

@@ -217,3 +217,23 @@ def test_constrained_decoding_checkpointed(files, tmp_path):
                                                                 "--constrained-decoding", "false"]) == 0
     model, *_ = T.load_checkpoint(os.path.join(off, "best.pt"))
     assert model.decode_constraints == {}
+
+
+def test_cli_train_without_output_dir_saves_in_a_new_runs_folder(files, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "myruns"
+    monkeypatch.setenv("FASTMTL_RUNS_DIR", str(runs))
+    args = ["train"] + _data_args(files) + [a for a in TINY_ARGS if a != "--quiet"] + ["--epochs", "1"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # a second run in the same second gets a folder of its own
+    err = capsys.readouterr().err
+    made = sorted(os.listdir(runs))
+    assert len(made) == 2 and all(len(m.split("-")[0]) == 8 for m in made)
+    for m in made:
+        assert "fastmtl: the run is saved in %s" % (runs / m) in err
+        assert os.path.isfile(runs / m / "best.pt") and os.path.isfile(runs / m / "metrics.json")
+    assert cli.main(["predict", str(runs / made[0] / "best.pt"), "w1 w2"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ["w1", "w2"]
+    from fastmtl.cli import new_run_dir
+
+    a, b = new_run_dir(str(tmp_path / "r"), now=0), new_run_dir(str(tmp_path / "r"), now=0)
+    assert os.path.basename(b) == os.path.basename(a) + "-2"

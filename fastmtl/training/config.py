@@ -157,7 +157,8 @@ class TrainConfig:
     threads: int = _opt(None, "torch CPU threads (default: torch's choice)", "optimisation")
     # output
     output_dir: str = _opt(None, "where the run writes best.pt, last.pt, log.jsonl, metrics.json and "
-                           "learning_curve.png", "output")
+                           "learning_curve.png (fastmtl train's default: a new folder runs/<date>-<time>, or under "
+                           "$FASTMTL_RUNS_DIR; from Python: none, nothing is written)", "output")
     resume: bool = _opt(False, "continue the run saved in --output-dir", "output", action="flag")
     overwrite: bool = _opt(False, "reuse a non-empty --output-dir: remove the earlier run's files (best.pt, last.pt, "
                            "log.jsonl, metrics.json, learning_curve.png) before training; other files stay", "output",
