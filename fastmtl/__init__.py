@@ -25,4 +25,8 @@ def __getattr__(name):
         from . import predictor
 
         return getattr(predictor, name)
+    if name == "export":  # fastmtl.export(checkpoint, directory, ...): the package fastmtl/export/ is callable
+        import importlib
+
+        return importlib.import_module(".export", __name__)
     raise AttributeError("module 'fastmtl' has no attribute %r" % name)

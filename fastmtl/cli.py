@@ -1,4 +1,4 @@
-"""The ``fastmtl`` command: ``train``, ``evaluate``, ``predict`` and ``bench``.
+"""The ``fastmtl`` command: ``train``, ``evaluate``, ``predict``, ``export`` and ``bench``.
 
 ``fastmtl train`` with no arguments trains the default joint BiLSTM (intent + slots) on ATIS and prints the test
 metrics. See ``fastmtl train --help``.
@@ -88,7 +88,7 @@ def _add_train_args(p):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmtl", description="Fast multi-task learning for NLP.")
-    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,predict,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,bench}")
     t = sub.add_parser("train", help="train a multi-task model (default: joint intent + slots BiLSTM on ATIS)")
     _add_train_args(t)
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on a data file (default: the test sets of its run)")
@@ -120,6 +120,22 @@ def build_parser():
                         "confidences (fastmtl.load(...).predict); default: the labels only")
     r.add_argument("--top-k", type=int, help="with --details: keep the K most probable labels of each distribution")
     r.add_argument("--device", default="cpu")
+    x = sub.add_parser("export", help="write a checkpoint as a self-contained bundle: model.onnx (standard ONNX), "
+                       "meta.json and runtime.py (NumPy + ONNX Runtime only), or TorchScript / torch.export")
+    x.add_argument("checkpoint")
+    x.add_argument("directory", help="the bundle folder to create (new, or empty)")
+    x.add_argument("--format", choices=["onnx", "torchscript", "pt2"], default="onnx",
+                   help="onnx: model.onnx for ONNX Runtime (and any ONNX runtime); torchscript: model.pt for "
+                        "torch.jit.load (Python or libtorch C++); pt2: model.pt2, a torch.export program that calls "
+                        "fastmtl's ops (default: onnx)")
+    x.add_argument("--opset", type=int, help="onnx: the ONNX opset (default: 17)")
+    x.add_argument("--lstm", choices=["torch", "fastmtl"],
+                   help="torchscript: run the LSTM as torch.nn.LSTM (standard torch, default) or through fastmtl's "
+                        "fused op (the loading process must load fastmtl's extension)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier bundle in DIRECTORY")
+    x.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not run the written bundle on example sentences against the model before it is put in "
+                        "place")
     b = sub.add_parser("bench", help="run a benchmark: python -m fastmtl.bench NAME ...")
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -288,6 +304,18 @@ def _predict(ns):
     return 0
 
 
+def _export(ns):
+    from .export import MODEL_FILES, export
+
+    path = export(ns.checkpoint, ns.directory, format=ns.format, opset=ns.opset, lstm=ns.lstm,
+                  overwrite=ns.overwrite, verify=ns.verify)
+    files = [MODEL_FILES[ns.format], "meta.json", "runtime.py"]
+    print("fastmtl: wrote the %s bundle %s (%s)%s" % (ns.format, path, ", ".join(files),
+                                                     "" if ns.verify else "; not verified"), file=sys.stderr)
+    print(path)
+    return 0
+
+
 # fastmtl predict: sentences per forward pass, and lines read (at most) before their records are written
 PREDICT_BATCH = 64
 PREDICT_BLOCK = 1024
@@ -314,7 +342,7 @@ def main(argv=None):
         runpy.run_module("fastmtl.bench", run_name="__main__")
         return 0
     try:
-        return {"train": _train, "evaluate": _evaluate, "predict": _predict}[ns.command](ns)
+        return {"train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export}[ns.command](ns)
     except (ValueError, OSError, ModuleNotFoundError) as e:
         # expected errors (bad options, data, checkpoints, files, a missing data package, a diverged run): one
         # line and exit code 2, like argparse's usage errors; anything else is a bug and keeps its traceback
