@@ -102,8 +102,12 @@ def test_a_callback_stops_the_run(files):
 
 
 def test_callbacks_do_not_change_the_run(files):
+    from fastmtl.train import train
+
     plain = Trainer(config(files)).fit()
-    watched = Trainer(config(files), callbacks=[Recorder()]).fit()
+    rec = Recorder()
+    watched = train(config(files), callbacks=[rec])
+    assert rec.events[-1][0] == "fit_end"
     assert watched["test"] == plain["test"]
     assert [h["train_loss"] for h in watched["history"]] == [h["train_loss"] for h in plain["history"]]
 

@@ -117,8 +117,8 @@ class StepContext:
 
 class Trainer:
     """One training run per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed). ``callbacks``: objects
-    with some of the hooks of :class:`~fastmtl.training.callbacks.Callback`, called after the built-in ones and
-    those of ``cfg.callbacks``. ``is_setup``: whether :meth:`setup` has run (:meth:`fit` runs it if not);
+    with some of the hooks of :class:`~fastmtl.training.callbacks.Callback` (or names as ``--callback`` takes them),
+    called after the built-in ones and those of ``cfg.callbacks``. ``is_setup``: whether :meth:`setup` has run (:meth:`fit` runs it if not);
     ``state``: where the run stands (:class:`~fastmtl.training.callbacks.RunState`)."""
 
     def __init__(self, cfg=None, callbacks=None, **overrides):
@@ -129,7 +129,7 @@ class Trainer:
         self.dir_lock = None
         self.is_setup = False
         self.state = RunState()
-        self.user_callbacks = [check_callback(c) for c in (callbacks or ())]
+        self.user_callbacks = [load_callback(c) if isinstance(c, str) else check_callback(c) for c in (callbacks or ())]
         self.callbacks = CallbackList([])
 
     @property
@@ -640,9 +640,10 @@ class Trainer:
         return result
 
 
-def train(cfg=None, **overrides):
-    """Trains per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed) and returns a dict with
+def train(cfg=None, callbacks=None, **overrides):
+    """Trains per ``cfg`` (a :class:`TrainConfig`; keyword overrides allowed; ``callbacks`` as :class:`Trainer`
+    takes them) and returns a dict with
     ``test`` (metrics.json content, or None without test data), ``dev`` (best dev metrics), ``best_epoch``,
     ``train_time_s``, ``tokens_per_s``, ``history``, and the trained ``model``, ``vocab``, ``label_vocabs``,
     ``specs``."""
-    return Trainer(cfg, **overrides).fit()
+    return Trainer(cfg, callbacks, **overrides).fit()
