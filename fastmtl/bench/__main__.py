@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl", "torchjd")
+RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl", "torchjd", "infer")
 
 
 def main(argv=None):
@@ -21,8 +21,8 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.section and args.name == "all":
         p.error("--section names one runner's section; not with all")
-    # (all: not the train_step runners, nor torchjd, which needs the [torchjd] extra)
-    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl", "torchjd")
+    # (all: not the train_step runners, nor torchjd, which needs the [torchjd] extra, nor infer, which needs onnx)
+    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl", "torchjd", "infer")
              and (n != "gemm" or args.device == "cpu")]
     if args.name != "all":
         names = [args.name]

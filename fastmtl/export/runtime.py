@@ -276,12 +276,13 @@ def viterbi(scores, lengths, trans, start, end):
     if B == 0 or T == 0:
         return out
     history = np.zeros((max(T - 1, 0), B, C), dtype=np.int64)
+    trans_t = np.ascontiguousarray(trans.T)                                      # (to, from)
     with np.errstate(invalid="ignore"):
         score = start[None, :] + scores[:, 0]
         for t in range(1, T):
-            cand = score[:, :, None] + trans[None, :, :]                     # (B, from, to)
-            idx = cand.argmax(axis=1)
-            best = np.take_along_axis(cand, idx[:, None, :], axis=1)[:, 0, :] + scores[:, t]
+            cand = score[:, None, :] + trans_t[None, :, :]                     # (B, to, from): from contiguous
+            idx = cand.argmax(axis=2)
+            best = np.take_along_axis(cand, idx[:, :, None], axis=2)[:, :, 0] + scores[:, t]
             score = np.where((lengths > t)[:, None], best, score)
             history[t - 1] = idx
         last = (score + end[None, :]).argmax(axis=1)
@@ -302,6 +303,19 @@ def _exp_shifted(x, axis=None):
     return np.exp(x - m)
 
 
+_SMALL_PRODUCT = 1 << 18  # m*n*k below which OpenBLAS (NumPy's usual BLAS) multiplies in the calling thread
+
+
+def _matmul(x, a):
+    """``x @ a`` in row blocks small enough for the BLAS to keep in the calling thread: these products are small,
+    and waking a BLAS thread pool for each of them costs more than it saves (on a busy machine, a hundred times
+    more)."""
+    rows = max(1, _SMALL_PRODUCT // max(1, a.shape[0] * a.shape[1]))
+    if x.shape[0] <= rows:
+        return x @ a
+    return np.concatenate([x[i:i + rows] @ a for i in range(0, x.shape[0], rows)], axis=0)
+
+
 def marginals(scores, lengths, trans, start, end):
     """Per-token marginal probabilities (B, T, C) over the paths (forward-backward), 0 at padding and in a sentence
     that no allowed path fits. Scaled in probability space (each step normalised, the transitions a matrix product),
@@ -312,6 +326,7 @@ def marginals(scores, lengths, trans, start, end):
     if B == 0 or T == 0:
         return out
     A = _exp_shifted(trans)                   # (from, to); forbidden: 0
+    AT = np.ascontiguousarray(A.T)
     E = _exp_shifted(scores, axis=2)          # (B, T, C)
     run = np.arange(T)[None, :] < lengths[:, None]
     alphas = np.empty((B, T, C))
@@ -319,7 +334,7 @@ def marginals(scores, lengths, trans, start, end):
     alpha = alpha / np.maximum(alpha.sum(axis=1, keepdims=True), 1e-300)
     alphas[:, 0] = alpha
     for t in range(1, T):
-        nxt = (alpha @ A) * E[:, t]
+        nxt = _matmul(alpha, A) * E[:, t]
         nxt = nxt / np.maximum(nxt.sum(axis=1, keepdims=True), 1e-300)
         alpha = np.where(run[:, t, None], nxt, alpha)
         alphas[:, t] = alpha
@@ -327,7 +342,7 @@ def marginals(scores, lengths, trans, start, end):
     beta = np.broadcast_to(fin, (B, C))
     out[:, T - 1] = alphas[:, T - 1] * beta
     for t in range(T - 2, -1, -1):
-        nb = (E[:, t + 1] * beta) @ A.T
+        nb = _matmul(E[:, t + 1] * beta, AT)
         nb = nb / np.maximum(nb.sum(axis=1, keepdims=True), 1e-300)
         beta = np.where(run[:, t + 1, None], nb, fin)
         out[:, t] = alphas[:, t] * beta
