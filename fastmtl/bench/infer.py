@@ -31,10 +31,7 @@ import time
 
 import torch
 
-from .common import print_table
 
-COLUMNS = ["level", "provider", "batch", "threads", "p50_ms", "p99_ms", "sentences_per_s", "p50_vs_fastmtl",
-           "throughput_vs_plain"]
 LATENCY_TARGET = 1.0      # fastmtl's batch-1 p50 / onnxruntime's: at most this
 THROUGHPUT_TARGET = 1.3   # fastmtl's batch-64 sentences/s / plain PyTorch's: at least this
 
@@ -84,6 +81,37 @@ def _fastmtl_scores(model, names):
                         out[n + ".emissions"] = v
             return out
     return run
+
+
+def infer_table(rows):
+    """The section as one Markdown table: per level and provider, batch-1 latency and batch-64 throughput, with the
+    ratios the targets compare; then the targets and the machine's load."""
+    from .common import format_table
+
+    def x(v):
+        return "%.2fx" % v if isinstance(v, (int, float)) else ""
+
+    by = {}
+    for r in rows:
+        if r.get("level") in ("model", "text"):
+            by.setdefault((r["level"], r["provider"]), {})[r["batch"]] = r
+    out = []
+    for (level, prov), d in by.items():
+        one, many = d.get(1, {}), d.get(64, {})
+        out.append({"level": level, "provider": prov, "batch 1 p50 ms": one.get("p50_ms", ""),
+                    "p99 ms": one.get("p99_ms", ""), "p50 vs fastmtl": x(one.get("p50_vs_fastmtl")),
+                    "batch 64 sentences/s": many.get("sentences_per_s", ""),
+                    "vs fastmtl": x(many.get("throughput_vs_fastmtl")),
+                    "vs plain PyTorch": x(many.get("throughput_vs_plain"))})
+    table = format_table(out, ["level", "provider", "batch 1 p50 ms", "p99 ms", "p50 vs fastmtl",
+                               "batch 64 sentences/s", "vs fastmtl", "vs plain PyTorch"])
+    notes = []
+    for r in rows:
+        if r.get("level") == "targets":
+            notes.append("%s: %.2f, %s" % (r["provider"], r["ratio"], "met" if r["met"] else "not met"))
+        elif r.get("level") == "load":
+            notes.append("%s: %s" % (r["provider"], r["ratio"]))
+    return table + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 
 def _percentile(xs, q):
@@ -219,16 +247,18 @@ def run(args):
     sps = {k: statistics.median(v) for k, v in thr.items()}
     for (level, name) in lat:
         base = "fastmtl (eager)" if level == "model" else "fastmtl.load(...).predict"
-        plain_key = (level, "plain PyTorch (eager)") if level == "model" else (level, base)
+        plain_key = (level, "plain PyTorch (eager)")
         rows.append({"level": level, "provider": name, "batch": 1, "threads": threads,
                      "p50_ms": med[(level, name)][0], "p99_ms": med[(level, name)][1],
                      "sentences_per_s": 1e3 / med[(level, name)][0],
                      "p50_vs_fastmtl": med[(level, name)][0] / med[(level, base)][0]})
-        rows.append({"level": level, "provider": name, "batch": 64, "threads": threads,
-                     "sentences_per_s": sps[(level, name)],
-                     "throughput_vs_plain": sps[(level, name)] / sps[plain_key]})
+        row = {"level": level, "provider": name, "batch": 64, "threads": threads,
+               "sentences_per_s": sps[(level, name)],
+               "throughput_vs_fastmtl": sps[(level, name)] / sps[(level, base)]}
+        if level == "model":
+            row["throughput_vs_plain"] = sps[(level, name)] / sps[plain_key]
+        rows.append(row)
     rows.sort(key=lambda r: (r["level"] != "model", r["batch"], r["provider"]))
-    print_table(rows, COLUMNS)
     lat_ratio = med[("model", "fastmtl (eager)")][0] / med[("model", "onnxruntime")][0]
     thr_ratio = sps[("model", "fastmtl (eager)")] / sps[("model", "plain PyTorch (eager)")]
     targets = {"latency_p50_fastmtl_over_onnxruntime": lat_ratio, "latency_target": "<= %g" % LATENCY_TARGET,
@@ -248,4 +278,5 @@ def run(args):
                  % THROUGHPUT_TARGET, "batch": 64, "ratio": thr_ratio, "met": thr_ratio >= THROUGHPUT_TARGET})
     rows.append({"level": "load", "provider": "1-min load average before / after (%d cores)" % (os.cpu_count() or 1),
                  "ratio": "%.1f / %.1f" % (load_before[0], load_after[0])})
+    print(infer_table(rows), flush=True)
     return rows

@@ -77,8 +77,14 @@ def mtl_table(rows):
                               "separate / fused"])
 
 
+def infer_table(rows):
+    from .infer import infer_table as table
+
+    return table(rows)
+
+
 TABLES = {"lstm": lstm_table, "lstm_infer": lstm_table, "lstm_one_sentence": lstm_table, "heads": heads_table,
-          "train_step_mtl": mtl_table, "train_step_mtl_quick": mtl_table}
+          "train_step_mtl": mtl_table, "train_step_mtl_quick": mtl_table, "infer": infer_table}
 
 
 def render(path):
