@@ -303,14 +303,15 @@ def test_pt2_bundle_gives_the_same_labels(models, atis_test, tmp_path):
 
 # -- models of every shape, without training: the exported graph against MultiTaskLSTM.predict --------------------
 
-def _random_model(sharing, pooling, token_context=False, bidirectional=True, crf=False, chars=True, layers=2):
+def _random_model(sharing, pooling, token_context=False, bidirectional=True, crf=False, chars=True, layers=2,
+                  lower=True, digits=True):
     from fastmtl import data as D
     from fastmtl.decoding import span_constraints
     from fastmtl.nn import SequenceTask, TokenTask
     from fastmtl.model import MultiTaskLSTM
 
-    words = ["<pad>", "<unk>"] + ["w%d" % i for i in range(30)] + ["0", "00"]
-    vocab = D.Vocab(words)
+    words = ["<pad>", "<unk>"] + ["w%d" % i for i in range(30)] + ["0", "00", "W3", "12"]
+    vocab = D.Vocab(words, lower=lower, digits=digits)
     tags = ["O", "B-a", "I-a", "B-b", "I-b"]
     lvs = {"tags": D.LabelVocab(tags), "pos": D.LabelVocab(["N", "V", "X"]), "cls": D.LabelVocab(["p", "q", "r"])}
     tasks = [TokenTask("tags", 5, crf=crf), TokenTask("pos", 3), SequenceTask("cls", 3, pooling=pooling)]
@@ -331,6 +332,7 @@ def _random_model(sharing, pooling, token_context=False, bidirectional=True, crf
     dict(sharing="hard", pooling="max", crf=True),
     dict(sharing="hard", pooling="last", token_context=True),
     dict(sharing="hard", pooling="first", bidirectional=False, chars=False, layers=1),
+    dict(sharing="hard", pooling="mean", lower=False, digits=False),  # words looked up as they are
     dict(sharing="hierarchical", pooling="mean", crf=True, chars=False),
     dict(sharing="hierarchical", pooling="last", layers=3),
     dict(sharing="soft", pooling="max", crf=True),
