@@ -431,6 +431,51 @@ def test_jit_script_unbatched_packed_low_precision():
     _close(o_s, o_e)
 
 
+class _WithLengths(torch.nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, lengths: torch.Tensor):
+        return self.lstm(x, (h0, c0), lengths=lengths)
+
+
+# (name, input, hx, lengths): mistakes a scripted module can be given (typed arguments, dtypes alike)
+SCRIPT_ERRORS = [
+    ("feature size", lambda: _h(5, 3, 6), None, [5, 3, 2]),
+    ("empty sequence", lambda: _h(0, 3, 4), None, [1, 1, 1]),
+    ("h_0 size", lambda: _h(5, 3, 4), lambda: (_h(2, 3, 7), _h(2, 3, 8)), [5, 3, 2]),
+    ("c_0 batch", lambda: _h(5, 3, 4), lambda: (_h(2, 3, 8), _h(2, 4, 8)), [5, 3, 2]),
+    ("2-D hx for batched input", lambda: _h(5, 3, 4), lambda: (_h(2, 8), _h(2, 8)), [5, 3, 2]),
+    ("hx on another device", lambda: _h(5, 3, 4), lambda: (_h(2, 3, 8, device="meta"), _h(2, 3, 8)), [5, 3, 2]),
+    ("lengths count", lambda: _h(5, 3, 4), None, [5, 3]),
+    ("zero length", lambda: _h(5, 3, 4), None, [5, 0, 2]),
+    ("length past T", lambda: _h(5, 3, 4), None, [5, 6, 2]),
+    ("float lengths", lambda: _h(5, 3, 4), None, [5.0, 3.0, 2.0]),
+    ("2-D lengths", lambda: _h(5, 3, 4), None, [[5], [3], [2]]),
+    ("unbatched length past T", lambda: _h(5, 4), lambda: (_h(2, 8), _h(2, 8)), [9]),
+]
+
+
+@pytest.mark.parametrize("case", SCRIPT_ERRORS, ids=[c[0] for c in SCRIPT_ERRORS])
+def test_jit_script_raises_what_eager_raises(case):
+    # TorchScript runs the eager checks (one driver): the scripted error carries eager's exception type and message
+    _, build_x, build_hx, lengths = case
+    m = LSTM(4, 8, 2)
+    x = build_x()
+    h0, c0 = build_hx() if build_hx is not None else (_h(2, x.shape[1], 8), _h(2, x.shape[1], 8))
+    lens = torch.tensor(lengths)
+    with pytest.raises(Exception) as eager:
+        m(x, (h0, c0), lengths=lens)
+    with pytest.raises(torch.jit.Error) as scripted:
+        torch.jit.script(_WithLengths(m))(x, h0, c0, lens)
+    want = "builtins.%s: %s" % (type(eager.value).__name__, eager.value)
+    got = str(scripted.value).strip().splitlines()[-1]
+    if " dtype " in want:  # TorchScript writes dtypes as numbers
+        want, got = want.split(" dtype ")[0], got.split(" dtype ")[0]
+    assert "fastmtl" in want and got == want
+
+
 def test_jit_trace_passes_its_check_and_matches_eager():
     model = _Tagger()
     x = torch.randn(4, 7, 6)

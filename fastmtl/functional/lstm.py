@@ -2,16 +2,16 @@
 
 The batch is normalised once (batch-first -> time-major), sorted once by length (when lengths are given and not
 already non-increasing) and unsorted at the end; each layer is one call of the fused op
-``torch.ops.fastmtl.lstm_layer_forward`` (both directions at once), with dropout between layers in training.
+``torch.ops.fastmtl.lstm_layer_forward`` (both directions at once), with dropout between layers in training. The
+same code serves eager calls, ``torch.jit.script`` of ``fastmtl.nn.LSTM`` and the exporters.
 
 Errors follow ``torch.nn.LSTM``: the same exception types and the same leading wording for the same mistakes
 (wrong hidden size, input/weight dtype mismatch, empty sequence, wrong feature size, tensors on different devices),
 with fastmtl's detail appended. bfloat16/float16 on the CPU run the fused kernel in float32 (differentiable casts in
 and out) and are rounded back to the input's dtype; autocast (CPU and CUDA) casts as it does for torch.nn.LSTM. Under
-``torch.onnx.export`` the layers are written with standard ops (``aten::lstm``, or the reference loop with lengths)
-so the exporter can translate them.
+``torch.onnx.export`` each layer is written with standard ops (``aten::lstm``, or the reference loop with lengths)
+so the exporter can translate it.
 """
-import contextlib
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._support import parse_version
-from ..ops.lstm import lstm_layer
+from ..ops import lstm as _ops_lstm  # noqa: F401  (the autograd, fake and vmap rules of lstm_layer_forward)
 
 __all__ = ["lstm"]
 
@@ -31,66 +31,56 @@ def _torch_dtype_message(input_dtype: torch.dtype, weight_dtype: torch.dtype) ->
     """torch.nn.LSTM's own message for an input whose dtype differs from the weights' (its wording changed between
     torch releases: "input must have the type ..." up to 2.10, "RNN input dtype ... does not match weight dtype ..."
     from 2.11), asked of the public ``torch.nn.RNNBase.check_input`` on a meta-device LSTM and kept per dtype pair."""
-    key = (input_dtype, weight_dtype)
-    if key not in _DTYPE_MESSAGES:
-        try:
-            probe = torch.nn.LSTM(1, 1, device="meta", dtype=weight_dtype)
-            probe.check_input(torch.empty((1, 1, 1), dtype=input_dtype, device="meta"), None)
-        except ValueError as e:
-            _DTYPE_MESSAGES[key] = str(e)
-        except Exception:  # pragma: no cover - a weight dtype torch.nn.LSTM cannot have
-            pass
-    if key in _DTYPE_MESSAGES:
-        return _DTYPE_MESSAGES[key]
-    # (check_input does not raise under autocast: the wording of the installed release, written out)
-    if _TORCH < (2, 11):
-        return "input must have the type %s, got type %s" % (weight_dtype, input_dtype)
+    if not torch.jit.is_scripting():
+        key = (input_dtype, weight_dtype)
+        if key not in _DTYPE_MESSAGES:
+            _probe_dtype_message(key)
+        if key in _DTYPE_MESSAGES:
+            return _DTYPE_MESSAGES[key]
+        # (check_input does not raise under autocast: the wording of the installed release, written out)
+        if _TORCH < (2, 11):
+            return "input must have the type %s, got type %s" % (weight_dtype, input_dtype)
     return ("RNN input dtype (%s) does not match weight dtype (%s). Convert input: input.to(%s), or convert model: "
             "model.to(%s)" % (input_dtype, weight_dtype, weight_dtype, input_dtype))
+
+
+def _probe_dtype_message(key) -> None:
+    """Asks torch.nn.LSTM for its message and keeps it in _DTYPE_MESSAGES."""
+    input_dtype, weight_dtype = key
+    try:
+        probe = torch.nn.LSTM(1, 1, device="meta", dtype=weight_dtype)
+        probe.check_input(torch.empty((1, 1, 1), dtype=input_dtype, device="meta"), None)
+    except ValueError as e:
+        _DTYPE_MESSAGES[key] = str(e)
+    except Exception:  # pragma: no cover - a weight dtype torch.nn.LSTM cannot have
+        pass
 
 
 _SUPPORTED = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
-# On the CPU the fused kernels compute in float32/float64; lower precisions run in float32 and are rounded back.
-_CPU_UPCAST = (torch.bfloat16, torch.float16)
 
 
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover
-        return False
+def _shape(shape: List[int]) -> str:
+    """A shape written as Python writes a tuple of it ("(5, 3, 4)", "(4,)"), in eager and TorchScript alike."""
+    if len(shape) == 1:
+        return "(%d,)" % shape[0]
+    return "(" + ", ".join([str(d) for d in shape]) + ")"
 
 
-def _onnx_exporting() -> bool:
-    try:
-        return torch.onnx.is_in_onnx_export()
-    except AttributeError:  # pragma: no cover
-        return False
-
-
-def _check_lengths(lengths, B: int, T: int) -> Tensor:
-    """Validated lengths as an int64 CPU tensor (B,)."""
+def _check_lengths(lengths: Tensor, B: int, T: int, compiling: bool) -> Tensor:
+    """Validated lengths as an int64 CPU tensor (B,); while compiling, their values are not looked at."""
     if isinstance(lengths, Tensor):
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise TypeError("fastmtl.lstm: lengths must be an integer tensor, got dtype %s" % lengths.dtype)
         if lengths.dim() != 1:
             raise ValueError("fastmtl.lstm: lengths must be 1-D with one entry per sequence (B = %d), got shape %s"
-                             % (B, tuple(lengths.shape)))
+                             % (B, _shape(lengths.shape)))
         lengths = lengths.to(device="cpu", dtype=torch.int64)
-    else:
-        try:
-            vals = list(lengths)
-        except TypeError:
-            raise TypeError("fastmtl.lstm: lengths must be a 1-D integer tensor or a sequence of ints, got %s"
-                            % type(lengths).__name__) from None
-        if not all(isinstance(v, int) or (isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point())
-                   for v in vals):
-            raise TypeError("fastmtl.lstm: lengths must hold integers, got %r" % (vals[:8],))
-        lengths = torch.tensor([int(v) for v in vals], dtype=torch.int64)
-    if _compiling():
+    else:  # a sequence of ints
+        lengths = _lengths_from_sequence(lengths)
+    if compiling:
         return lengths
     if lengths.numel() != B:
         raise ValueError("fastmtl.lstm: lengths has %d entries but the batch has B = %d sequences"
@@ -99,11 +89,24 @@ def _check_lengths(lengths, B: int, T: int) -> Tensor:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1:
             raise ValueError("fastmtl.lstm: every length must be >= 1, got a length of %d (lengths = %s)"
-                             % (lo, lengths.tolist()[:16]))
+                             % (lo, torch.jit.annotate(List[int], lengths[:16].tolist())))
         if hi > T:
             raise ValueError("fastmtl.lstm: lengths must not exceed the sequence length T = %d of the input, got %d"
                              % (T, hi))
     return lengths
+
+
+def _lengths_from_sequence(lengths) -> Tensor:
+    """Lengths given as a sequence of ints, as an int64 CPU tensor."""
+    try:
+        vals = list(lengths)
+    except TypeError:
+        raise TypeError("fastmtl.lstm: lengths must be a 1-D integer tensor or a sequence of ints, got %s"
+                        % type(lengths).__name__) from None
+    if not all(isinstance(v, int) or (isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point())
+               for v in vals):
+        raise TypeError("fastmtl.lstm: lengths must hold integers, got %r" % (vals[:8],))
+    return torch.tensor([int(v) for v in vals], dtype=torch.int64)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -125,13 +128,14 @@ def _autocast(input, hx, weights, dt: torch.dtype):
     return cast(input), hx, [cast(w) for w in weights]
 
 
-def _check_hidden(name: str, index: int, t, input: Tensor, expected: Tuple[int, int, int]) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError("fastmtl.lstm: %s must be a Tensor, got %s" % (name, type(t).__name__))
-    if tuple(t.shape) != expected:
+def _check_hidden(name: str, index: int, t: Tensor, input: Tensor, expected: List[int]) -> None:
+    if not torch.jit.is_scripting():
+        if not isinstance(t, Tensor):
+            raise TypeError("fastmtl.lstm: %s must be a Tensor, got %s" % (name, type(t).__name__))
+    if list(t.shape) != expected:
         raise RuntimeError("Expected hidden[%d] size %s, got %s (fastmtl.lstm: %s must have shape (num_layers * "
                            "num_directions, batch, hidden_size) = %s)"
-                           % (index, expected, list(t.shape), name, expected))
+                           % (index, _shape(expected), list(t.shape), name, _shape(expected)))
     if t.device != input.device:
         raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at %s and "
                            "hidden tensor at %s (fastmtl.lstm: %s)" % (input.device, t.device, name))
@@ -164,36 +168,56 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
     got [...]"), a hidden state of another dtype, tensors on different devices, and an ``hx`` that is not two
     states ("lstm expects two hidden states"); ValueError/TypeError for bad ``lengths`` (fastmtl's own argument).
     """
+    return _lstm(input, hx, weights, num_layers, bidirectional, batch_first, dropout, training, lengths)
+
+
+def _lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor], num_layers: int,
+          bidirectional: bool, batch_first: bool, dropout: float, training: bool,
+          lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`lstm` with TorchScript's types: the checks, then :func:`_drive`. Eager calls, ``torch.jit.script`` of
+    fastmtl.nn.LSTM, torch.compile, torch.export and ONNX export all run this code."""
+    # TorchScript compiles this code but skips what it cannot compile: the `if not torch.jit.is_scripting():` blocks
+    # here and in fastmtl.nn.LSTM.forward (with the helpers only they call, out of line where TorchScript could not
+    # even parse them), _standard_layer (torch.jit.unused; `standard` is never true in TorchScript) and the
+    # `with torch.autocast(...)`, which is why the stack itself is a function of its own (_drive). So a scripted
+    # module takes typed arguments only (lengths a tensor, hx a tuple of two tensors), knows no autocast, gives
+    # torch.nn.LSTM's current wording for a dtype mismatch and writes dtypes in messages as numbers, and leaves a
+    # dtype the kernels lack to the kernel's own error; in all else it is the eager module.
     D = 2 if bidirectional else 1
-    if not isinstance(input, Tensor):
-        raise TypeError("fastmtl.lstm: input must be a Tensor, got %s" % type(input).__name__)
-    weights = list(weights)
-    ac_dtype = _autocast_dtype(input.device.type)
-    if ac_dtype is not None:
-        input, hx, weights = _autocast(input, hx, weights, ac_dtype)
+    ac_dtype: Optional[torch.dtype] = None
+    if not torch.jit.is_scripting():
+        if not isinstance(input, Tensor):
+            raise TypeError("fastmtl.lstm: input must be a Tensor, got %s" % type(input).__name__)
+        weights = list(weights)
+        ac_dtype = _autocast_dtype(input.device.type)
+        if ac_dtype is not None:
+            input, hx, weights = _autocast(input, hx, weights, ac_dtype)
     if input.dim() != 3:
         raise ValueError("LSTM: Expected input to be 3D, got %dD instead (fastmtl.lstm: input must be (%s, "
                          "input_size), got shape %s)"
-                         % (input.dim(), "B, T" if batch_first else "T, B", tuple(input.shape)))
-    num_layers = int(num_layers)
+                         % (input.dim(), "B, T" if batch_first else "T, B", _shape(input.shape)))
+    if not torch.jit.is_scripting():
+        num_layers = int(num_layers)
     if num_layers < 1:
         raise ValueError("fastmtl.lstm: num_layers must be >= 1, got %d" % num_layers)
     per_layer = len(weights) // num_layers
-    if per_layer * num_layers != len(weights) or per_layer not in (2 * D, 4 * D):
+    if per_layer * num_layers != len(weights) or (per_layer != 2 * D and per_layer != 4 * D):
         raise ValueError("fastmtl.lstm: expected %d (no bias) or %d (bias) weight tensors for num_layers=%d, "
                          "bidirectional=%s; got %d" % (2 * D * num_layers, 4 * D * num_layers, num_layers,
                                                        bidirectional, len(weights)))
-    for i, w in enumerate(weights):
-        if not isinstance(w, Tensor):
-            raise TypeError("fastmtl.lstm: weights[%d] must be a Tensor, got %s" % (i, type(w).__name__))
+    if not torch.jit.is_scripting():
+        for i, w in enumerate(weights):
+            if not isinstance(w, Tensor):
+                raise TypeError("fastmtl.lstm: weights[%d] must be a Tensor, got %s" % (i, type(w).__name__))
     for i, w in enumerate(weights):
         if w.dtype != input.dtype:
             raise ValueError("%s (fastmtl.lstm: input has dtype %s but weights[%d] has dtype %s; they must match)"
                              % (_torch_dtype_message(input.dtype, w.dtype), input.dtype, i, w.dtype))
-    dev = input.device.type
-    if input.dtype not in _SUPPORTED.get(dev, (torch.float32, torch.float64)):
-        raise TypeError("fastmtl.lstm: input dtype %s is not supported on %s (supported: %s)"
-                        % (input.dtype, dev, ", ".join(str(d) for d in _SUPPORTED.get(dev, ()))))
+    if not torch.jit.is_scripting():
+        dev = input.device.type
+        if input.dtype not in _SUPPORTED.get(dev, (torch.float32, torch.float64)):
+            raise TypeError("fastmtl.lstm: input dtype %s is not supported on %s (supported: %s)"
+                            % (input.dtype, dev, ", ".join([str(d) for d in _SUPPORTED.get(dev, ())])))
     for i, w in enumerate(weights):
         if w.device != input.device:
             raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at %s "
@@ -201,219 +225,142 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
                                % (input.device, w.device, i))
     if weights[1].dim() != 2:
         raise ValueError("fastmtl.lstm: weights[1] (weight_hh_l0) must be 2-D, got shape %s"
-                         % (tuple(weights[1].shape),))
+                         % _shape(weights[1].shape))
     H = weights[1].shape[1]
     E = weights[0].shape[1] if weights[0].dim() == 2 else -1
     if input.shape[-1] != E:
         raise RuntimeError("input.size(-1) must be equal to input_size. Expected %d, got %d (fastmtl.lstm: input "
-                           "has shape %s)" % (E, input.shape[-1], tuple(input.shape)))
-
-    x = input.transpose(0, 1) if batch_first else input
-    T, B = x.shape[0], x.shape[1]
+                           "has shape %s)" % (E, input.shape[-1], _shape(input.shape)))
+    T, B = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
     if T == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN (fastmtl.lstm: input has shape %s, "
-                           "%s)" % (tuple(input.shape), "batch_first" if batch_first else "time-major"))
-
-    # Initial states.
+                           "%s)" % (_shape(input.shape), "batch_first" if batch_first else "time-major"))
     if hx is None:
-        h0 = c0 = x.new_zeros((num_layers * D, B, H))
+        h0 = input.new_zeros([num_layers * D, B, H])
+        c0 = h0
     else:
-        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise RuntimeError("lstm expects two hidden states (fastmtl.lstm: hx must be a tuple (h_0, c_0), "
-                               "got %s)" % (type(hx).__name__ if not isinstance(hx, (tuple, list))
-                                            else "%d elements" % len(hx)))
+        if not torch.jit.is_scripting():
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise RuntimeError("lstm expects two hidden states (fastmtl.lstm: hx must be a tuple (h_0, c_0), "
+                                   "got %s)" % (type(hx).__name__ if not isinstance(hx, (tuple, list))
+                                                else "%d elements" % len(hx)))
         h0, c0 = hx
-        expected = (num_layers * D, B, H)
+        expected = [num_layers * D, B, H]
         _check_hidden("h_0", 0, h0, input, expected)
         _check_hidden("c_0", 1, c0, input, expected)
+    standard = False
+    if not torch.jit.is_scripting():
+        standard = torch.onnx.is_in_onnx_export()
+        if ac_dtype is not None:
+            # The fused op runs in the dtype it is given: autocast must not recast anything inside it.
+            with torch.autocast(input.device.type, enabled=False):
+                return _drive(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout, training,
+                              lengths, standard)
+    return _drive(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout, training, lengths,
+                  standard)
 
-    if _onnx_exporting():
-        return _lstm_standard_ops(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout,
-                                  training, lengths, per_layer == 4 * D)
+
+def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_layers: int, bidirectional: bool,
+           batch_first: bool, dropout: float, training: bool, lengths: Optional[Tensor],
+           standard: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """The LSTM stack on checked arguments: batch-first -> time-major, lengths sorted once, one fused op per layer
+    (``standard``: :func:`_standard_layer`, for ONNX), dropout between layers, and everything undone at the end."""
+    D = 2 if bidirectional else 1
+    per_layer = len(weights) // num_layers
+    x = input.transpose(0, 1) if batch_first else input
+    T, B = x.shape[0], x.shape[1]
 
     # bfloat16/float16 on the CPU: float32 math inside (differentiable casts), rounded back at the end.
-    out_dtype = None
-    if dev == "cpu" and x.dtype in _CPU_UPCAST:
-        out_dtype = x.dtype
+    out_dtype = x.dtype
+    upcast = not standard and x.device.type == "cpu" and (out_dtype == torch.bfloat16 or out_dtype == torch.float16)
+    if upcast:
         x, h0, c0 = x.float(), h0.float(), c0.float()
         weights = [w.float() for w in weights]
 
-    # Lengths: sort once (non-increasing) so the running sequences are a prefix at every step.
-    perm = inv = None
+    # Lengths: sort once (non-increasing) so the running sequences are a prefix at every step (the standard
+    # layers mask instead, and a traced graph must not depend on the example's order).
+    inv: Optional[Tensor] = None
+    layer_lengths: Optional[Tensor] = None
     T_run = T
     if lengths is not None:
-        lengths = _check_lengths(lengths, B, T)
-        if _compiling():
-            perm = torch.argsort(lengths, descending=True, stable=True)
+        compiling = torch.compiler.is_compiling()
+        lens = _check_lengths(lengths, B, T, compiling)
+        if not standard and (compiling or (B > 0 and bool((lens[:-1] < lens[1:]).any()))):
+            perm = torch.argsort(lens, descending=True, stable=True)
             inv = torch.argsort(perm)
-            lengths = lengths.index_select(0, perm)
-        elif B > 0:
-            if bool((lengths[:-1] < lengths[1:]).any()):
-                perm = torch.argsort(lengths, descending=True, stable=True)
-                inv = torch.argsort(perm)
-                lengths = lengths.index_select(0, perm)
-            T_run = int(lengths[0])
-            if T_run == T and int(lengths[-1]) == T:
-                lengths = None  # every sequence is full length: the plain path
-    if perm is not None:
-        dperm, dinv = perm.to(x.device), inv.to(x.device)
-        x = x.index_select(1, dperm)
-        h0 = h0.index_select(1, dperm)
-        c0 = c0.index_select(1, dperm)
+            lens = lens.index_select(0, perm)
+            dperm = perm.to(x.device)
+            x = x.index_select(1, dperm)
+            h0 = h0.index_select(1, dperm)
+            c0 = c0.index_select(1, dperm)
+        full = False
+        if not standard and not compiling and B > 0:
+            T_run = int(lens[0])
+            full = T_run == T and int(lens[-1]) == T
+        layer_lengths = None if full else lens  # every sequence full length: the plain path
     if T_run < T:
         x = x[:T_run]  # nothing runs past the longest sequence
-    x = x.contiguous()
 
-    hys, cys = [], []
-    layer_in = x
-    # The fused op runs in the dtype it is given: autocast must not recast anything inside it.
-    no_autocast = torch.autocast(dev, enabled=False) if ac_dtype is not None else contextlib.nullcontext()
-    # torch.jit.trace records need_reserve as a constant (and check_trace re-traces under no_grad): a traced graph
-    # always keeps what backward needs, so it can be trained.
-    need_reserve = True if torch.jit.is_tracing() else None
-    with no_autocast:
-        for layer in range(num_layers):
-            w = weights[layer * per_layer:(layer + 1) * per_layer]
-            out, hy, cy = lstm_layer(layer_in, lengths, h0[layer * D:(layer + 1) * D],
-                                     c0[layer * D:(layer + 1) * D], w, bidirectional, need_reserve)
-            hys.append(hy)
-            cys.append(cy)
-            if layer + 1 < num_layers and dropout > 0 and training:
-                out = F.dropout(out, p=dropout, training=True)
-            layer_in = out
-    output = layer_in
-    h_n = torch.cat(hys, 0) if num_layers > 1 else hys[0]
-    c_n = torch.cat(cys, 0) if num_layers > 1 else cys[0]
-    if perm is not None:
-        output = output.index_select(1, dinv)
-        h_n = h_n.index_select(1, dinv)
-        c_n = c_n.index_select(1, dinv)
-    if T_run < T:
-        output = F.pad(output, (0, 0, 0, 0, 0, T - T_run))
-    if batch_first:
-        output = output.transpose(0, 1)
-    if out_dtype is not None:
-        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
-    return output, (h_n, c_n)
-
-
-def _lstm_standard_ops(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_layers: int,
-                       bidirectional: bool, batch_first: bool, dropout: float, training: bool, lengths,
-                       has_biases: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """The same LSTM in standard PyTorch ops, for exporters that cannot see inside the fused op (ONNX): without
-    lengths ``aten::lstm`` (the ONNX exporter writes an ONNX LSTM per layer), with lengths the masked reference
-    loop (unrolled over the T of the example input)."""
-    if lengths is None:
-        output, h_n, c_n = torch.lstm(input, (h0, c0), weights, has_biases, num_layers, float(dropout),
-                                      bool(training), bidirectional, batch_first)
-        return output, (h_n, c_n)
-    if training and dropout > 0 and num_layers > 1:
-        raise NotImplementedError("fastmtl.lstm: exporting a training-mode LSTM with dropout and lengths= is not "
-                                  "supported; export the model in eval() mode")
-    from ..reference.lstm import lstm_reference
-    if not isinstance(lengths, Tensor):
-        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64)
-    return lstm_reference(input, (h0, c0), weights, num_layers, bidirectional, batch_first, lengths)
-
-
-def _lstm_script(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor], num_layers: int,
-                 bidirectional: bool, batch_first: bool, dropout: float, training: bool,
-                 lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """The TorchScript path of :func:`lstm` (what ``torch.jit.script`` of ``fastmtl.nn.LSTM`` runs): the same
-    computation with typed arguments (``lengths`` a tensor or None), calling ``torch.ops.fastmtl.lstm_layer_forward``
-    directly (its autograd is the one ``fastmtl.ops`` registers) and raising the same errors as :func:`lstm`."""
-    D = 2 if bidirectional else 1
-    if input.dim() != 3:
-        raise ValueError("LSTM: Expected input to be 3D, got " + str(input.dim()) + "D instead (fastmtl.lstm)")
-    per_layer = len(weights) // num_layers
-    for i in range(len(weights)):
-        if weights[i].dtype != input.dtype:
-            raise ValueError("RNN input dtype (" + str(input.dtype) + ") does not match weight dtype ("
-                             + str(weights[i].dtype) + "). Convert input: input.to(" + str(weights[i].dtype)
-                             + "), or convert model: model.to(" + str(input.dtype) + ") (fastmtl.lstm)")
-    H = weights[1].size(1)
-    E = weights[0].size(1)
-    if input.size(-1) != E:
-        raise RuntimeError("input.size(-1) must be equal to input_size. Expected " + str(E) + ", got "
-                           + str(input.size(-1)) + " (fastmtl.lstm)")
-    x = input.transpose(0, 1) if batch_first else input
-    T = x.size(0)
-    B = x.size(1)
-    if T == 0:
-        raise RuntimeError("Expected sequence length to be larger than 0 in RNN (fastmtl.lstm)")
-    expected = [num_layers * D, B, H]
-    if hx is None:
-        h0 = x.new_zeros(expected)
-        c0 = x.new_zeros(expected)
-    else:
-        h0, c0 = hx
-        if h0.size() != expected:
-            raise RuntimeError("Expected hidden[0] size (" + str(expected[0]) + ", " + str(expected[1]) + ", "
-                               + str(expected[2]) + "), got " + str(h0.size()) + " (fastmtl.lstm)")
-        if c0.size() != expected:
-            raise RuntimeError("Expected hidden[1] size (" + str(expected[0]) + ", " + str(expected[1]) + ", "
-                               + str(expected[2]) + "), got " + str(c0.size()) + " (fastmtl.lstm)")
-        if h0.dtype != input.dtype or c0.dtype != input.dtype:
-            raise RuntimeError("Expected hidden dtype " + str(input.dtype) + " (fastmtl.lstm)")
-    out_dtype = x.dtype
-    upcast = x.device.type == "cpu" and (x.dtype == torch.bfloat16 or x.dtype == torch.float16)
-    ws: List[Tensor] = weights
-    if upcast:
-        x = x.float()
-        h0 = h0.float()
-        c0 = c0.float()
-        ws = [w.float() for w in weights]
-    inv: Optional[Tensor] = None
-    T_run = T
-    lens: Optional[Tensor] = None
-    if lengths is not None:
-        lens = lengths.to(device=torch.device("cpu"), dtype=torch.int64).reshape(-1)
-        if lens.numel() != B:
-            raise ValueError("fastmtl.lstm: lengths has " + str(lens.numel()) + " entries but the batch has B = "
-                             + str(B) + " sequences")
-        if B > 0:
-            if int(lens.min()) < 1:
-                raise ValueError("fastmtl.lstm: every length must be >= 1")
-            if int(lens.max()) > T:
-                raise ValueError("fastmtl.lstm: lengths must not exceed the sequence length T = " + str(T))
-            p = torch.argsort(lens, dim=0, descending=True, stable=True)
-            inv = torch.argsort(p)
-            lens = lens.index_select(0, p)
-            T_run = int(lens[0])
-            dp = p.to(x.device)
-            x = x.index_select(1, dp)
-            h0 = h0.index_select(1, dp)
-            c0 = c0.index_select(1, dp)
-            x = x[:T_run]
-    need_reserve = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad)
-    for w in ws:
-        need_reserve = need_reserve or (torch.is_grad_enabled() and w.requires_grad)
     hys: List[Tensor] = []
     cys: List[Tensor] = []
     layer_in = x.contiguous()
+    # torch.jit.trace records need_reserve as a constant (and check_trace re-traces under no_grad): a traced graph
+    # always keeps what backward needs, so it can be trained.
+    tracing = torch.jit.is_tracing()
     for layer in range(num_layers):
-        out, hy, cy, _ = torch.ops.fastmtl.lstm_layer_forward(
-            layer_in, lens, h0[layer * D:(layer + 1) * D].contiguous(), c0[layer * D:(layer + 1) * D].contiguous(),
-            ws[layer * per_layer:(layer + 1) * per_layer], bidirectional, need_reserve)
+        w = weights[layer * per_layer:(layer + 1) * per_layer]
+        h, c = h0[layer * D:(layer + 1) * D], c0[layer * D:(layer + 1) * D]
+        if standard:
+            out, hy, cy = _standard_layer(layer_in, layer_lengths, h, c, w, bidirectional)
+        else:
+            need_reserve = tracing or _needs_grad(layer_in, h, c, w)
+            out, hy, cy, _ = torch.ops.fastmtl.lstm_layer_forward(layer_in.contiguous(), layer_lengths,
+                                                                  h.contiguous(), c.contiguous(), w, bidirectional,
+                                                                  need_reserve)
         hys.append(hy)
         cys.append(cy)
         if layer + 1 < num_layers and dropout > 0 and training:
             out = F.dropout(out, p=dropout, training=True)
         layer_in = out
     output = layer_in
-    h_n = torch.cat(hys, 0)
-    c_n = torch.cat(cys, 0)
+    h_n = torch.cat(hys, 0) if num_layers > 1 else hys[0]
+    c_n = torch.cat(cys, 0) if num_layers > 1 else cys[0]
     if inv is not None:
-        di = inv.to(output.device)
-        output = output.index_select(1, di)
-        h_n = h_n.index_select(1, di)
-        c_n = c_n.index_select(1, di)
+        dinv = inv.to(output.device)
+        output = output.index_select(1, dinv)
+        h_n = h_n.index_select(1, dinv)
+        c_n = c_n.index_select(1, dinv)
     if T_run < T:
         output = F.pad(output, [0, 0, 0, 0, 0, T - T_run])
     if batch_first:
         output = output.transpose(0, 1)
     if upcast:
-        output = output.to(out_dtype)
-        h_n = h_n.to(out_dtype)
-        c_n = c_n.to(out_dtype)
+        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return output, (h_n, c_n)
+
+
+def _needs_grad(x: Tensor, h: Tensor, c: Tensor, weights: List[Tensor]) -> bool:
+    """Whether autograd will need a layer's saved activations (the op's ``need_reserve``)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or h.requires_grad or c.requires_grad:
+        return True
+    for w in weights:
+        if w.requires_grad:
+            return True
+    return False
+
+
+@torch.jit.unused
+def _standard_layer(x: Tensor, lengths: Optional[Tensor], h: Tensor, c: Tensor, weights: List[Tensor],
+                    bidirectional: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """One layer in standard PyTorch ops, for exporters that cannot see inside the fused op (ONNX): without lengths
+    ``aten::lstm`` (the ONNX exporter writes an ONNX LSTM), with lengths the masked reference loop (unrolled over
+    the T of the example input)."""
+    if lengths is None:
+        out, hy, cy = torch.lstm(x, (h, c), weights, len(weights) == (8 if bidirectional else 4), 1, 0.0, False,
+                                 bidirectional, False)
+        return out, hy, cy
+    from ..reference.lstm import lstm_reference
+    out, (hy, cy) = lstm_reference(x, (h, c), weights, 1, bidirectional, False, lengths)
+    return out, hy, cy

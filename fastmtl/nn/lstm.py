@@ -12,9 +12,9 @@ Where a user can observe it, it behaves as torch.nn.LSTM does:
   ``torch.nn.utils.parametrize`` and weight/spectral norm see the weights they substitute;
 * mistakes raise torch.nn.LSTM's exception types with its wording, fastmtl's detail appended;
 * bfloat16/float16 run on the CPU (float32 math inside) and CPU/CUDA autocast gives torch.nn.LSTM's dtypes;
-* ``torch.jit.script`` (a typed path calling ``torch.ops.fastmtl.lstm_layer_forward``; ``lengths`` must then be a
-  tensor), ``torch.jit.trace``, ``torch.fx.symbolic_trace`` (it is a leaf module, as torch.nn.LSTM is),
-  ``torch.onnx.export`` (standard ops while exporting), ``torch.compile(fullgraph=True)`` and ``torch.export``.
+* ``torch.jit.script`` (the same code, typed; ``lengths`` must then be a tensor), ``torch.jit.trace``,
+  ``torch.fx.symbolic_trace`` (it is a leaf module, as torch.nn.LSTM is), ``torch.onnx.export`` (standard ops
+  while exporting), ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
 It subclasses RNNBase, not torch.nn.LSTM, so ``isinstance(m, torch.nn.LSTM)`` is False: torch._dynamo refuses to
 trace any torch.nn.LSTM instance (subclasses included) without ``torch._dynamo.config.allow_rnn``, which would take
@@ -27,7 +27,7 @@ does not pick it up from ``{torch.nn.LSTM}``: pass ``fastmtl.nn.LSTM`` in the sp
 """
 import sys
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union, overload
+from typing import List, Optional, Tuple, overload
 
 import torch
 from torch import Tensor
@@ -35,8 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _torch_private as _priv
 
-from ..functional.lstm import _lstm_script
-from ..functional.lstm import lstm as _lstm
+from ..functional.lstm import _lstm, _shape
 
 __all__ = ["LSTM", "dynamic_quant_mapping"]
 
@@ -108,7 +107,8 @@ class LSTM(torch.nn.RNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, proj_size=0, device=device, dtype=dtype)
 
-    # TorchScript compiles forward once per overload (as for torch.nn.LSTM); eager Python runs the last def.
+    # TorchScript compiles forward once per overload (as for torch.nn.LSTM); eager Python runs the last def. Both run
+    # the same code but for the `if not torch.jit.is_scripting():` blocks (see fastmtl.functional.lstm._lstm).
     @overload  # type: ignore[override]
     @_priv.overload_method
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None,
@@ -122,64 +122,63 @@ class LSTM(torch.nn.RNNBase):
         pass
 
     def forward(self, input, hx=None, lengths=None):
-        if torch.jit.is_scripting():
-            if isinstance(input, PackedSequence):
-                return self._forward_packed_script(input, hx, lengths)
-            return self._forward_script(input, hx, lengths)
-        return self._forward_eager(input, hx, lengths)
-
-    # ----------------------------------------------------------------------------------------------- eager
-    @torch.jit.unused
-    def _forward_eager(self, input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Tensor, Tensor]] = None,
-                       lengths: Optional[Union[Tensor, Sequence[int]]] = None):
-        tracer = _fx_tracer(input, hx, lengths)
-        if tracer is not None:
-            # torch.fx.symbolic_trace: a leaf module (one call_module node), as torch.nn.LSTM is.
-            args = (input,) if hx is None else (input, hx)
-            kwargs = {} if lengths is None else {"lengths": lengths}
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
-        if self.proj_size:  # set after construction
+        if not torch.jit.is_scripting():
+            tracer = _fx_tracer(input, hx, lengths)
+            if tracer is not None:
+                # torch.fx.symbolic_trace: a leaf module (one call_module node), as torch.nn.LSTM is.
+                args = (input,) if hx is None else (input, hx)
+                kwargs = {} if lengths is None else {"lengths": lengths}
+                return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        if self.proj_size != 0:  # set after construction
             raise NotImplementedError("fastmtl.nn.LSTM does not implement proj_size > 0")
-        if self._quantization_requested:
-            warnings.warn(
-                "fastmtl.nn.LSTM was given a quantization qconfig but is still a float fastmtl.nn.LSTM: "
-                "torch.ao.quantization swaps modules by exact type and its default mapping does not know this class. "
-                "Pass mapping=fastmtl.nn.dynamic_quant_mapping() to quantize_dynamic (with fastmtl.nn.LSTM in "
-                "qconfig_spec), or convert it with .to_torch() first.", UserWarning, stacklevel=3)
-        # The current parameter tensors, as torch.nn.LSTM's forward refreshes _flat_weights: functional_call,
-        # parametrizations and weight norms substitute them.
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        if torch.jit.is_scripting():
+            weights = self._flat_weights
+        else:
+            if self._quantization_requested:
+                warnings.warn(
+                    "fastmtl.nn.LSTM was given a quantization qconfig but is still a float fastmtl.nn.LSTM: "
+                    "torch.ao.quantization swaps modules by exact type and its default mapping does not know this "
+                    "class. Pass mapping=fastmtl.nn.dynamic_quant_mapping() to quantize_dynamic (with "
+                    "fastmtl.nn.LSTM in qconfig_spec), or convert it with .to_torch() first.", UserWarning,
+                    stacklevel=2)
+            # The current parameter tensors, as torch.nn.LSTM's forward refreshes _flat_weights: functional_call,
+            # parametrizations and weight norms substitute them.
+            weights = [getattr(self, name) for name in self._flat_weights_names]
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("fastmtl.nn.LSTM: lengths= is for padded input; a PackedSequence carries its own")
             return self._forward_packed(input, hx, weights)
-        if not isinstance(input, Tensor):
-            raise TypeError("fastmtl.nn.LSTM: input must be a Tensor or a PackedSequence, got %s"
-                            % type(input).__name__)
-        if input.dim() not in (2, 3):
+        if not torch.jit.is_scripting():
+            if not isinstance(input, Tensor):
+                raise TypeError("fastmtl.nn.LSTM: input must be a Tensor or a PackedSequence, got %s"
+                                % type(input).__name__)
+        if input.dim() != 2 and input.dim() != 3:
             raise ValueError("LSTM: Expected input to be 2D or 3D, got %dD instead (fastmtl.nn.LSTM: input is "
                              "(T, input_size) unbatched or %s batched, got shape %s)"
                              % (input.dim(), "(B, T, input_size)" if self.batch_first else "(T, B, input_size)",
-                                tuple(input.shape)))
+                                _shape(input.shape)))
         batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
         if hx is not None:
-            h0, c0 = self._check_hx_pair(hx)
+            if not torch.jit.is_scripting():
+                hx = self._check_hx_pair(hx)
+            h0, c0 = hx
             want = 3 if batched else 2
             if h0.dim() != want or c0.dim() != want:
                 raise RuntimeError(
                     "For %s %d-D input, hx and cx should also be %d-D but got (%d-D, %d-D) tensors (fastmtl.nn.LSTM: "
                     "h_0 and c_0 have shapes %s and %s; expected (num_layers * num_directions, %shidden_size))"
-                    % ("batched" if batched else "unbatched", want, want, h0.dim(), c0.dim(), tuple(h0.shape),
-                       tuple(c0.shape), "batch, " if batched else ""))
+                    % ("batched" if batched else "unbatched", want, want, h0.dim(), c0.dim(), _shape(h0.shape),
+                       _shape(c0.shape), "batch, " if batched else ""))
             hx = (h0, c0) if batched else (h0.unsqueeze(1), c0.unsqueeze(1))
         if not batched:
             if lengths is not None:
                 lengths = torch.as_tensor(lengths).reshape(1)
-            input = input.unsqueeze(0 if self.batch_first else 1)
+            input = input.unsqueeze(batch_dim)
         output, (h_n, c_n) = _lstm(input, hx, weights, self.num_layers, self.bidirectional, self.batch_first,
                                    self.dropout, self.training, lengths)
         if not batched:
-            output = output.squeeze(0 if self.batch_first else 1)
+            output = output.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
@@ -192,78 +191,23 @@ class LSTM(torch.nn.RNNBase):
                                    else "a %s of %d" % (type(hx).__name__, len(hx))))
         return hx[0], hx[1]
 
-    @torch.jit.unused
-    def _forward_packed(self, input: PackedSequence, hx, weights: List[Tensor]):
+    def _forward_packed(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]],
+                        weights: List[Tensor]) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        T = batch_sizes.numel()
         # Padded, time-major, in the PackedSequence's (sorted, non-increasing lengths) order.
-        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None), total_length=T)
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None),
+                                              total_length=batch_sizes.size(0))
         if hx is not None:
-            h0, c0 = self._check_hx_pair(hx)
-            if sorted_indices is not None:
-                h0 = h0.index_select(1, sorted_indices.to(h0.device))
-                c0 = c0.index_select(1, sorted_indices.to(c0.device))
-            hx = (h0, c0)
-        out, (h_n, c_n) = _lstm(padded, hx, weights, self.num_layers, self.bidirectional, False,
-                                self.dropout, self.training, lengths)
-        out_data = pack_padded_sequence(out, lengths, enforce_sorted=True).data
-        if unsorted_indices is not None:
-            h_n = h_n.index_select(1, unsorted_indices.to(h_n.device))
-            c_n = c_n.index_select(1, unsorted_indices.to(c_n.device))
-        return PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
-
-    # ----------------------------------------------------------------------------------------------- TorchScript
-    # What torch.jit.script compiles: typed, ``lengths`` a tensor or None, the weights from ``_flat_weights``
-    # (the parameters, as torch.nn.LSTM's scripted forward uses them).
-    def _forward_script(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]],
-                        lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        if self.proj_size > 0:
-            raise NotImplementedError("fastmtl.nn.LSTM does not implement proj_size > 0")
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError("LSTM: Expected input to be 2D or 3D, got " + str(input.dim()) + "D instead "
-                             "(fastmtl.nn.LSTM)")
-        batched = input.dim() == 3
-        batch_dim = 0 if self.batch_first else 1
-        if hx is not None:
-            want = 3 if batched else 2
-            if hx[0].dim() != want or hx[1].dim() != want:
-                raise RuntimeError("For " + ("batched" if batched else "unbatched") + " " + str(want)
-                                   + "-D input, hx and cx should also be " + str(want) + "-D but got ("
-                                   + str(hx[0].dim()) + "-D, " + str(hx[1].dim()) + "-D) tensors (fastmtl.nn.LSTM)")
-            if not batched:
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        if not batched:
-            input = input.unsqueeze(batch_dim)
-            if lengths is not None:
-                lengths = lengths.reshape(1)
-        output, hidden = _lstm_script(input, hx, self._flat_weights, self.num_layers, self.bidirectional,
-                                      self.batch_first, self.dropout, self.training, lengths)
-        h_n, c_n = hidden
-        if not batched:
-            output = output.squeeze(batch_dim)
-            h_n = h_n.squeeze(1)
-            c_n = c_n.squeeze(1)
-        return output, (h_n, c_n)
-
-    def _forward_packed_script(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]],
-                               lengths: Optional[Tensor]) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
-        if self.proj_size > 0:
-            raise NotImplementedError("fastmtl.nn.LSTM does not implement proj_size > 0")
-        if lengths is not None:
-            raise ValueError("fastmtl.nn.LSTM: lengths= is for padded input; a PackedSequence carries its own")
-        data, batch_sizes, sorted_indices, unsorted_indices = input
-        padded, lens = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None),
-                                           total_length=batch_sizes.size(0))
-        if hx is not None:
+            if not torch.jit.is_scripting():
+                hx = self._check_hx_pair(hx)
             h0, c0 = hx
             if sorted_indices is not None:
                 h0 = h0.index_select(1, sorted_indices.to(h0.device))
                 c0 = c0.index_select(1, sorted_indices.to(c0.device))
             hx = (h0, c0)
-        out, hidden = _lstm_script(padded, hx, self._flat_weights, self.num_layers, self.bidirectional, False,
-                                   self.dropout, self.training, lens)
-        h_n, c_n = hidden
-        out_data = pack_padded_sequence(out, lens, enforce_sorted=True).data
+        out, (h_n, c_n) = _lstm(padded, hx, weights, self.num_layers, self.bidirectional, False, self.dropout,
+                                self.training, lengths)
+        out_data = pack_padded_sequence(out, lengths, enforce_sorted=True).data
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices.to(h_n.device))
             c_n = c_n.index_select(1, unsorted_indices.to(c_n.device))
