@@ -36,14 +36,7 @@ __device__ __forceinline__ void fwd_one(const FwdStepArgs& a, int b, int j) {
     return;
   }
   const T* xp = static_cast<const T*>(a.xproj) + (int64_t)b * a.xproj_ld + j;
-  A zi = ld(xp), zf = ld(xp + H), zg = ld(xp + 2 * H), zo = ld(xp + 3 * H);
-  if (a.rec) {
-    const T* rc = static_cast<const T*>(a.rec) + (int64_t)b * 4 * H + j;
-    zi += ld(rc);
-    zf += ld(rc + H);
-    zg += ld(rc + 2 * H);
-    zo += ld(rc + 3 * H);
-  }
+  const A zi = ld(xp), zf = ld(xp + H), zg = ld(xp + 2 * H), zo = ld(xp + 3 * H);
   A* cs = static_cast<A*>(a.c_state) + (int64_t)b * H + j;
   A ig, fg, gg, og, c, h;
   lstm_math::cell_forward<detail::CudaAct>(zi, zf, zg, zo, *cs, ig, fg, gg, og, c, h);

@@ -284,7 +284,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
       fc::FwdStepArgs a;
       a.xproj = ptr_at(xproj, t * B * ldx + d * G);
       a.xproj_ld = ldx;
-      a.rec = nullptr;
       a.c_state = c_state.data_ptr();
       a.h_state = h_state.data_ptr();
       a.out = ptr_at(output, t * B * ldo + d * H);

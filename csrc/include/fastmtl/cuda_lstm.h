@@ -24,9 +24,8 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3
 // One forward step, all B rows: rows b < bt are active (they run step t), rows b >= bt are padding
 // (output and reserve rows are written as zero, the state is left untouched).
 struct FwdStepArgs {
-  const void* xproj;  // rows of 4H: x_t W_ih^T + b_ih + b_hh (the glue adds h_{t-1} W_hh^T in place, rec = nullptr)
+  const void* xproj;  // rows of 4H: x_t W_ih^T + b_ih + b_hh + h_{t-1} W_hh^T (the glue adds the last in place)
   int64_t xproj_ld;
-  const void* rec;    // optional (bt, 4H) contiguous: h_{t-1} W_hh^T for the active rows, added when not nullptr
   void* c_state;      // (B, H) acc_t, updated in place for active rows
   void* h_state;      // (B, H) storage dtype, updated in place for active rows
   void* out;          // output rows (H values each) for this step and direction
