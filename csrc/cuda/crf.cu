@@ -242,11 +242,11 @@ const char* last_error() {
 
 }  // namespace
 
-const char* crf_forward(int dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
+const char* crf_forward(DType dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
                         const int64_t* tags, const void* trans, const void* start, const void* end, void* alpha,
                         void* log_z, void* nll, cudaStream_t stream) {
   if (B == 0) return nullptr;
-  if (dtype == kCrfFloat64) {
+  if (dtype == DType::kFloat64) {
     crf_forward_kernel<double><<<unsigned(B), kThreads, 2 * C * sizeof(double), stream>>>(
         T, C, static_cast<const double*>(em), lengths, tags, static_cast<const double*>(trans),
         static_cast<const double*>(start), static_cast<const double*>(end), static_cast<double*>(alpha),
@@ -260,12 +260,12 @@ const char* crf_forward(int dtype, int64_t B, int64_t T, int64_t C, const void* 
   return last_error();
 }
 
-const char* crf_backward(int dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
+const char* crf_backward(DType dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
                          const int64_t* tags, const void* trans, const void* start, const void* end,
                          const void* alpha, const void* log_z, const void* g, void* grad_em, void* gstart,
                          void* gend, void* gtrans, cudaStream_t stream) {
   if (B == 0) return nullptr;
-  if (dtype == kCrfFloat64) {
+  if (dtype == DType::kFloat64) {
     crf_backward_kernel<double><<<unsigned(B), kThreads, 2 * C * sizeof(double), stream>>>(
         T, C, static_cast<const double*>(em), lengths, tags, static_cast<const double*>(trans),
         static_cast<const double*>(start), static_cast<const double*>(end), static_cast<const double*>(alpha),
@@ -281,11 +281,11 @@ const char* crf_backward(int dtype, int64_t B, int64_t T, int64_t C, const void*
   return last_error();
 }
 
-const char* crf_viterbi(int dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
+const char* crf_viterbi(DType dtype, int64_t B, int64_t T, int64_t C, const void* em, const int64_t* lengths,
                         const void* trans, const void* start, const void* end, int32_t* hist, int64_t* path,
                         cudaStream_t stream) {
   if (B == 0) return nullptr;
-  if (dtype == kCrfFloat64) {
+  if (dtype == DType::kFloat64) {
     crf_viterbi_kernel<double><<<unsigned(B), kThreads, 2 * C * sizeof(double), stream>>>(
         T, C, static_cast<const double*>(em), lengths, static_cast<const double*>(trans),
         static_cast<const double*>(start), static_cast<const double*>(end), hist, path);

@@ -14,6 +14,7 @@
 #include "fastmtl/checks.h"
 #include "fastmtl/crf_checks.h"
 #include "fastmtl/cuda_crf.h"
+#include "glue_common.h"
 
 namespace fastmtl {
 namespace {
@@ -26,7 +27,7 @@ void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == null
 struct Prep {
   CrfDims d;
   at::ScalarType ct;
-  int dt;
+  cuda::DType dt;  // of ct
   Tensor em, len, tags;
   CrfEffective eff;
 };
@@ -43,7 +44,7 @@ Prep prepare(const char* op, const Tensor& emissions, const Tensor* tags, const 
   const Tensor tags_h = tags ? p.tags.cpu() : Tensor();
   check_crf_values(op, p.d, len_h.const_data_ptr<int64_t>(), tags ? tags_h.const_data_ptr<int64_t>() : nullptr);
   p.ct = crf_compute_dtype(emissions.scalar_type());
-  p.dt = p.ct == at::kDouble ? cuda::kCrfFloat64 : cuda::kCrfFloat32;
+  p.dt = *cuda_glue::kernel_dtype(p.ct);  // float32 or float64
   p.em = emissions.to(p.ct).contiguous();
   p.eff = crf_effective(transitions, start, end, allowed, allowed_start, allowed_end, p.ct);
   return p;

@@ -981,7 +981,7 @@ __global__ void __launch_bounds__(kThreads)
 static_assert(sizeof(HeadsParams) + sizeof(HeadsTaskTable) + 2 * sizeof(int64_t) <= 4096,
               "kernel parameters over the classic 4 KB limit: lower kMaxParamTasks");
 
-size_t elem_size(int dtype) { return dtype == kHeadsFloat32 ? 4 : 2; }
+size_t elem_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 #if defined(__CUDACC__)
 template <typename T>
@@ -1211,13 +1211,13 @@ const char* heads_prepare(HeadsParams& p, const HeadsTask* tasks, void* workspac
   HeadsTaskTable tt;
   if (!param_table(p, tasks, tt)) return kNoTable;
   switch (p.dtype) {
-    case kHeadsFloat32:
+    case DType::kFloat32:
       p.fused = p.fused && fused_capacity<float>() > 0;
       return p.fused ? nullptr : err_str(launch_prep<float>(p, tt, stream));
-    case kHeadsFloat16:
+    case DType::kFloat16:
       p.fused = p.fused && fused_capacity<__half>() > 0;
       return p.fused ? nullptr : err_str(launch_prep<__half>(p, tt, stream));
-    case kHeadsBFloat16:
+    case DType::kBFloat16:
       p.fused = p.fused && fused_capacity<__nv_bfloat16>() > 0;
       return p.fused ? nullptr : err_str(launch_prep<__nv_bfloat16>(p, tt, stream));
     default: return "fastmtl heads: unsupported dtype code";
@@ -1229,9 +1229,9 @@ const char* heads_run(const HeadsParams& p, const HeadsTask* tasks, cudaStream_t
   HeadsTaskTable tt;
   if (!param_table(p, tasks, tt)) return kNoTable;
   switch (p.dtype) {
-    case kHeadsFloat32: return err_str(launch_run<float>(p, tt, stream));
-    case kHeadsFloat16: return err_str(launch_run<__half>(p, tt, stream));
-    case kHeadsBFloat16: return err_str(launch_run<__nv_bfloat16>(p, tt, stream));
+    case DType::kFloat32: return err_str(launch_run<float>(p, tt, stream));
+    case DType::kFloat16: return err_str(launch_run<__half>(p, tt, stream));
+    case DType::kBFloat16: return err_str(launch_run<__nv_bfloat16>(p, tt, stream));
     default: return "fastmtl heads: unsupported dtype code";
   }
 }

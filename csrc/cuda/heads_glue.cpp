@@ -29,7 +29,7 @@
 #include "fastmtl/checks.h"
 #include "fastmtl/cuda_heads.h"
 #include "fastmtl/heads_checks.h"
-#include "glue_env.h"
+#include "glue_common.h"
 #include "heads_composite.h"
 
 namespace fastmtl {
@@ -47,13 +47,11 @@ void check_loss_args(const HeadsShape& s, const Tensor& hidden, at::TensorList w
                             ignore_indices, label_smoothings);
 }
 
-int heads_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::kHeadsFloat32;
-    case at::kHalf: return cuda::kHeadsFloat16;
-    case at::kBFloat16: return cuda::kHeadsBFloat16;
-    default: return -1;
-  }
+// The dtype the heads kernels run in (float32, float16, bfloat16); nullopt for float64 (the composite) and others.
+std::optional<cuda::DType> heads_dtype(at::ScalarType t) {
+  const std::optional<cuda::DType> dt = cuda_glue::kernel_dtype(t);
+  if (dt == cuda::DType::kFloat64) return std::nullopt;
+  return dt;
 }
 
 void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == nullptr, what, " failed: ", err); }
@@ -212,8 +210,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
                   label_smoothings);
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const auto o = hidden_in.options();
-  const int dtype = heads_dtype(hidden_in.scalar_type());
-  if (dtype < 0) {
+  const std::optional<cuda::DType> dtype = heads_dtype(hidden_in.scalar_type());
+  if (!dtype.has_value()) {
     FASTMTL_CHECK_TYPE(hidden_in.scalar_type() == at::kDouble,
                        "hidden must be float32, float16, bfloat16 or float64 on CUDA, got ", hidden_in.scalar_type());
     check_lengths_values(lengths, s.T);
@@ -273,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   const Tensor lam = task_weights.to(at::kFloat).contiguous();
   Tensor len_holder;
   cuda::HeadsParams p;
-  p.dtype = dtype;
+  p.dtype = *dtype;
   p.hidden = hidden.data_ptr();
   p.lengths = lengths_ptr(lengths, len_holder);
   p.B = s.B;
@@ -306,8 +304,8 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
     // every element is written (the row kernel writes -1 at padding positions)
     preds.push_back(levels[k] == 0 ? at::empty({s.B}, o.dtype(at::kLong)) : at::empty({s.B, s.T}, o.dtype(at::kLong)));
   if (s.B == 0) return preds;
-  const int dtype = heads_dtype(hidden.scalar_type());
-  if (dtype < 0) {
+  const std::optional<cuda::DType> dtype = heads_dtype(hidden.scalar_type());
+  if (!dtype.has_value()) {
     FASTMTL_CHECK_TYPE(hidden.scalar_type() == at::kDouble,
                        "hidden must be float32, float16, bfloat16 or float64 on CUDA, got ", hidden.scalar_type());
     check_lengths_values(lengths, s.T);
@@ -343,7 +341,7 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
   }
   Tensor len_holder;
   cuda::HeadsParams p;
-  p.dtype = dtype;
+  p.dtype = *dtype;
   p.hidden = hidden.data_ptr();
   p.lengths = lengths_ptr(lengths, len_holder);
   p.B = s.B;

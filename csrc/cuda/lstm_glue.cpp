@@ -48,22 +48,16 @@
 #include "fastmtl/checks.h"
 #include "fastmtl/cuda_lstm.h"
 #include "fastmtl/lstm_checks.h"
-#include "glue_env.h"
+#include "glue_common.h"
 
 namespace {
 
 namespace fc = fastmtl::cuda;
 
 fc::DType to_kernel_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return fc::DType::kFloat32;
-    case at::kDouble: return fc::DType::kFloat64;
-    case at::kBFloat16: return fc::DType::kBFloat16;
-    case at::kHalf: return fc::DType::kFloat16;
-    default: break;
-  }
-  FASTMTL_CHECK_TYPE(false, "input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
-  return fc::DType::kFloat32;
+  const std::optional<fc::DType> dt = fastmtl::cuda_glue::kernel_dtype(st);
+  FASTMTL_CHECK_TYPE(dt.has_value(), "input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
+  return *dt;
 }
 
 inline void check_launch(const char* err, const char* what) {

@@ -126,17 +126,17 @@ void dispatch(fc::HeadsParams& p, std::vector<fc::HeadsTask>& tasks) {
     launch(hb + wb + 1, 0, [&] { fastmtl::cuda::heads_finalize_kernel<T>(pc, table, hb, wb); });
   };
   switch (p.dtype) {
-    case fc::kHeadsFloat32: go(float()); break;
-    case fc::kHeadsFloat16: go(__half()); break;
+    case fc::DType::kFloat32: go(float()); break;
+    case fc::DType::kFloat16: go(__half()); break;
     default: go(__nv_bfloat16()); break;
   }
 }
 
-int dtype_code(at::ScalarType t) {
-  if (t == at::kFloat) return fc::kHeadsFloat32;
-  if (t == at::kHalf) return fc::kHeadsFloat16;
+fc::DType dtype_code(at::ScalarType t) {
+  if (t == at::kFloat) return fc::DType::kFloat32;
+  if (t == at::kHalf) return fc::DType::kFloat16;
   TORCH_CHECK(t == at::kBFloat16, "emulation: float32, float16 or bfloat16");
-  return fc::kHeadsBFloat16;
+  return fc::DType::kBFloat16;
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> loss_emu(

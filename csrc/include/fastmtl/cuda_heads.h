@@ -29,10 +29,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fastmtl/cuda_dtype.h"
+
 namespace fastmtl {
 namespace cuda {
-
-enum HeadsDType : int { kHeadsFloat32 = 0, kHeadsFloat16 = 1, kHeadsBFloat16 = 2 };
 
 // The error record the kernels write when they meet a bad length or target (first one wins, atomically): int64
 // words {code, task, index, value, num_classes, ignore_index, T, level}; code 0 = none, 1 = length (index b),
@@ -78,7 +78,7 @@ struct HeadsTask {
 };
 
 struct HeadsParams {
-  int dtype = kHeadsFloat32;
+  DType dtype = DType::kFloat32;    // of hidden, the weights and the outputs: float32, float16 or bfloat16
   const void* hidden = nullptr;     // (B, T, D)
   const int64_t* lengths = nullptr; // (B) or nullptr (all T)
   int64_t B = 0, T = 0, D = 0;

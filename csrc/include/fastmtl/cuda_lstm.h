@@ -16,10 +16,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fastmtl/cuda_dtype.h"
+
 namespace fastmtl {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // One forward step, all B rows: rows b < bt are active (they run step t), rows b >= bt are padding
 // (output and reserve rows are written as zero, the state is left untouched).

@@ -1,12 +1,26 @@
-// Host-side settings of the CUDA glue read from the environment, shared by heads_glue.cpp and lstm_glue.cpp.
+// Host-side helpers shared by the CUDA glue files (crf_glue.cpp, heads_glue.cpp, lstm_glue.cpp): the kernels' dtype
+// code of a tensor and the settings read from the environment.
 #pragma once
 
 #include <cstdlib>
+#include <optional>
 
 #include "fastmtl/checks.h"
+#include "fastmtl/cuda_dtype.h"
 
 namespace fastmtl {
 namespace cuda_glue {
+
+// The launchers' dtype code (fastmtl/cuda_dtype.h) of a scalar type; nullopt for one that no CUDA kernel takes.
+inline std::optional<cuda::DType> kernel_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default: return std::nullopt;
+  }
+}
 
 // FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10; 0 = wait forever) in nanoseconds: a persistent or fused
 // kernel's grid barrier traps with the kernel's name after it.
