@@ -162,10 +162,13 @@ bool fused_launch() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-// Launches prep + run for a planned call (p.err and the layout are set); raises launch errors, and with
-// FASTMTL_SYNC_CHECKS=1 the input errors of this call.
+// Plans a call whose inputs and outputs are set in p and tasks, and launches prep + run on the current stream;
+// raises launch errors, and with FASTMTL_SYNC_CHECKS=1 the input errors of this call.
 void launch_heads(cuda::HeadsParams& p, std::vector<cuda::HeadsTask>& tasks, const at::Tensor& hidden,
-                  cudaStream_t stream, const char* op) {
+                  const char* op) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
+  p.err = error_record(hidden.device(), stream);
+  cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
   const auto o = hidden.options();
   const at::Tensor workspace = at::empty({(int64_t)std::max<size_t>(p.workspace_bytes, 1)}, o.dtype(at::kByte));
   at::Tensor table;
@@ -196,6 +199,20 @@ const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, Tensor& holder)
   if (!lengths.has_value() || !lengths->defined()) return nullptr;
   holder = lengths->contiguous();
   return holder.data_ptr<int64_t>();
+}
+
+// The parameters both ops set alike: dtype, hidden (contiguous), the row lengths (kept alive by `len_holder`), sizes.
+cuda::HeadsParams heads_params(cuda::DType dtype, const Tensor& hidden, const std::optional<Tensor>& lengths,
+                               const HeadsShape& s, Tensor& len_holder) {
+  cuda::HeadsParams p;
+  p.dtype = dtype;
+  p.hidden = hidden.data_ptr();
+  p.lengths = lengths_ptr(lengths, len_holder);
+  p.B = s.B;
+  p.T = s.T;
+  p.D = s.D;
+  p.K = (int)s.K;
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -270,24 +287,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> mul
   }
   const Tensor lam = task_weights.to(at::kFloat).contiguous();
   Tensor len_holder;
-  cuda::HeadsParams p;
-  p.dtype = *dtype;
-  p.hidden = hidden.data_ptr();
-  p.lengths = lengths_ptr(lengths, len_holder);
-  p.B = s.B;
-  p.T = s.T;
-  p.D = s.D;
-  p.K = (int)K;
+  cuda::HeadsParams p = heads_params(*dtype, hidden, lengths, s, len_holder);
   p.task_weights = lam.data_ptr<float>();
   p.compute_grad = compute_grad;
   p.predict = false;
   p.total = total.data_ptr();
   p.losses = losses.data_ptr();
   p.grad_hidden = compute_grad ? grad_hidden.data_ptr() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  p.err = error_record(hidden.device(), stream);
-  cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
-  launch_heads(p, tasks, hidden, stream, "multitask_loss");
+  launch_heads(p, tasks, hidden, "multitask_loss");
   return {total, losses, grad_hidden, grad_weights, grad_biases};
 }
 
@@ -340,19 +347,9 @@ std::vector<Tensor> multitask_predict_cuda(const Tensor& hidden_in, const std::o
     t.prediction = preds[k].data_ptr<int64_t>();
   }
   Tensor len_holder;
-  cuda::HeadsParams p;
-  p.dtype = *dtype;
-  p.hidden = hidden.data_ptr();
-  p.lengths = lengths_ptr(lengths, len_holder);
-  p.B = s.B;
-  p.T = s.T;
-  p.D = s.D;
-  p.K = (int)K;
+  cuda::HeadsParams p = heads_params(*dtype, hidden, lengths, s, len_holder);
   p.predict = true;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(hidden.get_device()).stream();
-  p.err = error_record(hidden.device(), stream);
-  cuda::heads_plan(p, tasks.data(), num_sms(hidden.get_device()));
-  launch_heads(p, tasks, hidden, stream, "multitask_predict");
+  launch_heads(p, tasks, hidden, "multitask_predict");
   return preds;
 }
 

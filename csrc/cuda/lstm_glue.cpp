@@ -198,6 +198,31 @@ at::Tensor batch_sizes_on_device(const Layer& L, const at::Tensor& input) {
   return host.to(input.device(), /*non_blocking=*/true);
 }
 
+// The tensors behind the pointers of a persistent launch's arguments, kept until the launch is queued.
+struct PersistentBuffers {
+  at::Tensor barrier;      // one zeroed counter per launch
+  at::Tensor batch_sizes;  // batch_sizes_on_device
+};
+
+// Fills what PersistentFwdArgs and PersistentBwdArgs have in common (W_hh, the sizes, the per-step batch sizes, the
+// grid barrier and its timeout).
+template <typename Args>
+PersistentBuffers fill_persistent_args(Args& a, const Layer& L, const at::Tensor& input) {
+  PersistentBuffers buf;
+  buf.barrier = at::zeros({L.D}, input.options().dtype(at::kInt));
+  buf.batch_sizes = batch_sizes_on_device(L, input);
+  a.whh[0] = L.w_hh[0].data_ptr();
+  a.whh[1] = L.D == 2 ? L.w_hh[1].data_ptr() : nullptr;
+  a.batch_sizes = buf.batch_sizes.defined() ? buf.batch_sizes.data_ptr<int>() : nullptr;
+  a.barrier = reinterpret_cast<unsigned int*>(buf.barrier.data_ptr<int>());
+  a.T = static_cast<int>(L.T);
+  a.B = static_cast<int>(L.B);
+  a.H = static_cast<int>(L.H);
+  a.D = static_cast<int>(L.D);
+  a.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
+  return buf;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
     at::TensorList weights, bool bidirectional, bool need_reserve) {
@@ -238,25 +263,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cu
   if (choose_persistent(L, input, kdt, /*backward=*/false, &plan, stream)) {
     at::Tensor hbuf = at::empty({D, 2, B, H}, opts);
     hbuf.select(1, 0).copy_(hx_c);
-    at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
-    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
     fc::PersistentFwdArgs a;
+    const PersistentBuffers buf = fill_persistent_args(a, L, input);
     a.xproj = xproj.data_ptr();
-    a.whh[0] = L.w_hh[0].data_ptr();
-    a.whh[1] = D == 2 ? L.w_hh[1].data_ptr() : nullptr;
     a.cx = cx_c.data_ptr();
     a.out = output.data_ptr();
     a.hy = hy.data_ptr();
     a.cy = cy.data_ptr();
     a.reserve = need_reserve ? reserve.data_ptr() : nullptr;
     a.hbuf = hbuf.data_ptr();
-    a.batch_sizes = bs_dev.defined() ? bs_dev.data_ptr<int>() : nullptr;
-    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-    a.T = static_cast<int>(T);
-    a.B = static_cast<int>(B);
-    a.H = static_cast<int>(H);
-    a.D = static_cast<int>(D);
-    a.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
     if (persistent_launched(fc::lstm_persistent_fwd(kdt, a, plan, stream), "fastmtl LSTM persistent forward kernel"))
       return {output, hy, cy, reserve};
   }
@@ -402,14 +417,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
   note_capture_with_lengths(L, stream);
   bool persistent = choose_persistent(L, input, kdt, /*backward=*/true, &plan, stream);
   if (persistent) {
-    at::Tensor barrier = at::zeros({D}, opts.dtype(at::kInt));
-    const at::Tensor bs_dev = batch_sizes_on_device(L, input);
     fc::PersistentBwdArgs a;
+    const PersistentBuffers buf = fill_persistent_args(a, L, input);
     a.grad_out = go.data_ptr();
     a.grad_hy = ghy.data_ptr();
     a.grad_cy = gcy.data_ptr();
-    a.whh[0] = L.w_hh[0].data_ptr();
-    a.whh[1] = D == 2 ? L.w_hh[1].data_ptr() : nullptr;
     a.reserve = res.data_ptr();
     a.out = out_c.data_ptr();
     a.hx = hx_c.data_ptr();
@@ -418,13 +430,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
     a.hprev = hprev.data_ptr();
     a.grad_hx = grad_hx.data_ptr();
     a.grad_cx = grad_cx.data_ptr();
-    a.batch_sizes = bs_dev.defined() ? bs_dev.data_ptr<int>() : nullptr;
-    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-    a.T = static_cast<int>(T);
-    a.B = static_cast<int>(B);
-    a.H = static_cast<int>(H);
-    a.D = static_cast<int>(D);
-    a.barrier_timeout_ns = fastmtl::cuda_glue::barrier_timeout_ns();
     persistent =
         persistent_launched(fc::lstm_persistent_bwd(kdt, a, plan, stream), "fastmtl LSTM persistent backward kernel");
   }
