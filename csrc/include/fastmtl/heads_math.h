@@ -14,15 +14,7 @@
 //   the forward pass and backward only multiplies by the incoming gradient.
 #pragma once
 
-#ifndef FASTMTL_HD  // the same definition as in lstm_math.h
-#if defined(__CUDACC__)
-#define FASTMTL_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define FASTMTL_HD inline __attribute__((always_inline))
-#else
-#define FASTMTL_HD inline
-#endif
-#endif  // FASTMTL_HD
+#include "fastmtl/host_device.h"
 
 namespace fastmtl {
 namespace heads {

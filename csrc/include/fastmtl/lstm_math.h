@@ -8,18 +8,7 @@
 
 #include <cmath>
 
-#ifndef FASTMTL_HD
-#if defined(__CUDACC__)
-#define FASTMTL_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-// always_inline: the CPU instantiates these with SIMD types inside functions compiled for a wider ISA than the
-// rest of the file; forcing the inlining keeps the vector operations inline in those callers (and leaves no
-// out-of-line copy built for a wider ISA).
-#define FASTMTL_HD inline __attribute__((always_inline))
-#else
-#define FASTMTL_HD inline
-#endif
-#endif  // FASTMTL_HD
+#include "fastmtl/host_device.h"
 
 namespace fastmtl {
 namespace lstm_math {
