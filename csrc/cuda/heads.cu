@@ -47,6 +47,8 @@
 
 #include "fastmtl/cuda_heads.h"
 #include "fastmtl/heads_math.h"
+#include "cp_async.cuh"
+#include "num.cuh"
 #if defined(__CUDACC__)
 #include "grid_sync.cuh"
 #endif
@@ -54,6 +56,8 @@
 namespace fastmtl {
 namespace cuda {
 namespace {
+
+using detail::Num;
 
 constexpr int kTile = 64;      // rows per tile, classes per tile, features per chunk
 constexpr int kThreads = 256;  // 8 warps
@@ -68,24 +72,6 @@ struct Ld {
 };
 
 __host__ __device__ constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // 64 x 64 output tile, C += A B, A (64 x K), B (K x 64), K a multiple of 16, operands in shared memory.
@@ -112,12 +98,12 @@ struct SimtMma {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = ty + 16 * i;
-        av[i] = to_f<T>(A_ROW ? a[m * lda + k] : a[m + k * lda]);
+        av[i] = Num<T>::load(A_ROW ? a[m * lda + k] : a[m + k * lda]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int n = tx + 16 * j;
-        bv[j] = to_f<T>(B_ROW ? b[k * ldb + n] : b[k + n * ldb]);
+        bv[j] = Num<T>::load(B_ROW ? b[k * ldb + n] : b[k + n * ldb]);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -280,7 +266,7 @@ __device__ __forceinline__ void copy16(T* dst, const T* src) {
 template <typename T>
 __device__ __forceinline__ void zero_n(T* dst) {
 #pragma unroll
-  for (int u = 0; u < (int)(16 / sizeof(T)); ++u) dst[u] = from_f<T>(0.f);
+  for (int u = 0; u < (int)(16 / sizeof(T)); ++u) dst[u] = Num<T>::store(0.f);
 }
 
 // dst[i][kk] = src[(row0 + i) * D + d0 + kk] for row0 + i < nrows and d0 + kk < D, else 0.
@@ -304,7 +290,7 @@ __device__ __forceinline__ void load_matrix_chunk(T* dst, const T* src, int64_t 
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int i = e >> 6, kk = e & 63;
     const int64_t r = row0 + i, d = d0 + kk;
-    dst[i * ldt + kk] = (r < nrows && d < D) ? src[r * D + d] : from_f<T>(0.f);
+    dst[i * ldt + kk] = (r < nrows && d < D) ? src[r * D + d] : Num<T>::store(0.f);
   }
 }
 
@@ -329,30 +315,18 @@ __device__ __forceinline__ void load_x_chunk(T* dst, const RowState* rs, int64_t
     const int i = e >> 6, kk = e & 63;
     const int64_t d = d0 + kk;
     const T* p = static_cast<const T*>(rs[i].ptr);
-    dst[i * ldt + kk] = (p != nullptr && d < D) ? p[d] : from_f<T>(0.f);
+    dst[i * ldt + kk] = (p != nullptr && d < D) ? p[d] : Num<T>::store(0.f);
   }
 }
 
-// cp.async (sm_80+): 16-byte global -> shared copies that complete in the background; elsewhere (older
-// architectures, the host emulation) a plain copy, so the pipelined loop below has the same logic everywhere.
+// 16 bytes global -> shared: cp.async on sm_80+ (cp_async.cuh); elsewhere (older architectures, the host emulation)
+// a plain copy, so the pipelined loop below has the same logic everywhere.
 template <typename T>
-__device__ __forceinline__ void cp_async16(T* dst, const T* src) {
+__device__ __forceinline__ void async_copy16(T* dst, const T* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src) : "memory");
+  cp_async16(dst, src);
 #else
   copy16<T>(dst, src);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -376,7 +350,7 @@ __device__ __forceinline__ void stage_chunks_async(T* xs, T* ws, const RowState*
         src = rs[i].ptr != nullptr ? static_cast<const T*>(rs[i].ptr) + d : nullptr;
     }
     if (src != nullptr)
-      cp_async16<T>(dst, src);
+      async_copy16<T>(dst, src);
     else
       zero_n<T>(dst);
   }
@@ -434,11 +408,11 @@ __device__ void form_dlogits(const Smem<T>& sm, const T* bias, const float* cw, 
     const int64_t c = c0 + j;
     float g = 0.f;
     if (r.valid && c < C) {
-      const float z = sm.ls[i * kLdl + j] + (bias != nullptr ? to_f<T>(bias[c]) : 0.f);
+      const float z = sm.ls[i * kLdl + j] + (bias != nullptr ? Num<T>::load(bias[c]) : 0.f);
       g = r.a * expf(z - r.lse) - (c == r.y ? r.b : 0.f) - r.sm * class_w(cw, c);
     }
     sm.ls[i * kLdl + j] = g;
-    sm.ds[i * ldt + j] = from_f<T>(g);
+    sm.ds[i * ldt + j] = Num<T>::store(g);
   }
   __syncthreads();
 }
@@ -557,19 +531,19 @@ __device__ void heads_prep_block(const HeadsParams& p, int64_t blk) {
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       float v;
       switch (pooling) {
-        case heads::kLast: v = to_f<T>(h[(len - 1) * D + d]); break;
-        case heads::kFirst: v = to_f<T>(h[d]); break;
+        case heads::kLast: v = Num<T>::load(h[(len - 1) * D + d]); break;
+        case heads::kFirst: v = Num<T>::load(h[d]); break;
         case heads::kMean: {
           float acc = 0.f;
-          for (int64_t t = 0; t < len; ++t) acc += to_f<T>(h[t * D + d]);
+          for (int64_t t = 0; t < len; ++t) acc += Num<T>::load(h[t * D + d]);
           v = acc / (float)len;
           break;
         }
         case heads::kMax: {
-          float best = to_f<T>(h[d]);
+          float best = Num<T>::load(h[d]);
           int32_t arg = 0;
           for (int64_t t = 1; t < len; ++t) {
-            const float x = to_f<T>(h[t * D + d]);
+            const float x = Num<T>::load(h[t * D + d]);
             if (x > best) {
               best = x;
               arg = (int32_t)t;
@@ -580,9 +554,9 @@ __device__ void heads_prep_block(const HeadsParams& p, int64_t blk) {
           break;
         }
         default:  // heads::kLastFirst
-          v = d < D / 2 ? to_f<T>(h[(len - 1) * D + d]) : to_f<T>(h[d]);
+          v = d < D / 2 ? Num<T>::load(h[(len - 1) * D + d]) : Num<T>::load(h[d]);
       }
-      out[d] = from_f<T>(v);
+      out[d] = Num<T>::store(v);
     }
     return;
   }
@@ -655,7 +629,7 @@ __device__ void heads_row_block(const HeadsParams& p, int64_t blk) {
       const int j = q + 4 * jj;
       const int64_t c = c0 + j;
       if (c < C) {
-        const float z = sm.ls[i * kLdl + j] + (bias != nullptr ? to_f<T>(bias[c]) : 0.f);
+        const float z = sm.ls[i * kLdl + j] + (bias != nullptr ? Num<T>::load(bias[c]) : 0.f);
         sm.ls[i * kLdl + j] = z;
         if (z > tmax) {  // strict: the first index wins ties within a thread
           tmax = z;
@@ -874,7 +848,7 @@ __device__ void heads_finalize_block(const HeadsParams& p, int64_t blk, int64_t 
           default: v += t == (d < D / 2 ? len - 1 : 0) ? g : 0.f;  // heads::kLastFirst
         }
       }
-      out[e] = from_f<T>(v);
+      out[e] = Num<T>::store(v);
     }
     return;
   }
@@ -889,11 +863,11 @@ __device__ void heads_finalize_block(const HeadsParams& p, int64_t blk, int64_t 
       if (le < C * D) {
         const int64_t c = le / D, d = le - c * D;
         for (int64_t s = 0; s < tk->splits; ++s) v += p.gw[tk->gw_offset + (s * C_pad + c) * p.D_pad + d];
-        static_cast<T*>(tk->grad_weight)[le] = from_f<T>(v);
+        static_cast<T*>(tk->grad_weight)[le] = Num<T>::store(v);
       } else {
         const int64_t c = le - C * D;
         for (int64_t s = 0; s < tk->splits; ++s) v += p.gb[tk->gb_offset + s * C_pad + c];
-        static_cast<T*>(tk->grad_bias)[c] = from_f<T>(v);
+        static_cast<T*>(tk->grad_bias)[c] = Num<T>::store(v);
       }
     }
     return;
@@ -907,10 +881,10 @@ __device__ void heads_finalize_block(const HeadsParams& p, int64_t blk, int64_t 
     s = block_sum(s, red);
     const float norm = p.norm[k];
     const float L = norm != 0.f ? s / norm : 0.f;
-    if (threadIdx.x == 0) static_cast<T*>(p.losses)[k] = from_f<T>(L);
+    if (threadIdx.x == 0) static_cast<T*>(p.losses)[k] = Num<T>::store(L);
     total += p.task_weights[k] * L;
   }
-  if (threadIdx.x == 0) *static_cast<T*>(p.total) = from_f<T>(total);
+  if (threadIdx.x == 0) *static_cast<T*>(p.total) = Num<T>::store(total);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -9,38 +9,11 @@
 
 #include "fastmtl/cuda_lstm.h"
 #include "fastmtl/lstm_math.h"
+#include "num.cuh"
 
 namespace fastmtl {
 namespace cuda {
 namespace detail {
-
-// Storage type -> accumulation type and conversions.
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  using acc = float;
-  __device__ __forceinline__ static float load(float v) { return v; }
-  __device__ __forceinline__ static float store(float v) { return v; }
-};
-template <>
-struct Num<double> {
-  using acc = double;
-  __device__ __forceinline__ static double load(double v) { return v; }
-  __device__ __forceinline__ static double store(double v) { return v; }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  using acc = float;
-  __device__ __forceinline__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Num<__half> {
-  using acc = float;
-  __device__ __forceinline__ static float load(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half store(float v) { return __float2half_rn(v); }
-};
 
 template <typename T>
 __device__ __forceinline__ typename Num<T>::acc ld(const T* p) {

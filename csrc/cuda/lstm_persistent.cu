@@ -21,6 +21,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "cp_async.cuh"
 #include "grid_sync.cuh"
 #include "lstm_common.cuh"
 
@@ -127,24 +128,6 @@ __device__ __forceinline__ uint32_t a_word(const T* __restrict__ w, int row, int
     const int col = kk * 8 + q + ((r & 2) ? 4 : 0);
     return w_index<kBwd>(row, col, hc, j0, H, idx) ? to_tf32(w[idx]) : 0u;
   }
-}
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gsrc), "r"(src_bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
 }
 
 // Built without sm_80+ machine code (e.g. only PTX of an older architecture, JIT-compiled for this device): the
