@@ -182,13 +182,37 @@ __device__ __forceinline__ void load_weights(const Geo& geo, uint4* wfrag, const
   }
 }
 
-// red[(ks * M + m) * RP + n] = partial (over this warp's k-split) of sum_k A[m][k] * src[n][k] for n < 8*ceil(bt/8).
-// src rows are `src_ld` elements apart (16-byte aligned rows), K = geo.Kwords words. Staged through shared memory
-// in 128-word chunks, two deep, with cp.async.cg (L2: sees other CTAs' writes made before the grid barrier).
-// Ends with every warp's partials written; the caller synchronises before reading red.
+// A CTA of a persistent kernel: direction dir, hidden units [j0, j0 + hc), and the parts of its dynamic shared memory
+// (layout geo): the A fragments of its W_hh slice, the two staging buffers, the k-split partial sums and the fp32
+// state of its units.
+struct PersistentCta {
+  int dir, j0;
+  uint4* wfrag;
+  uint32_t* hst;
+  float* red;
+  float* state;
+};
+
+// The CTA of this block.
+__device__ __forceinline__ PersistentCta persistent_cta(const Geo& geo, unsigned char* smem, int hc, int ctas_per_dir,
+                                                        int dir0) {
+  PersistentCta c;
+  c.dir = dir0 + static_cast<int>(blockIdx.x) / ctas_per_dir;
+  c.j0 = (static_cast<int>(blockIdx.x) % ctas_per_dir) * hc;
+  c.wfrag = reinterpret_cast<uint4*>(smem);
+  c.hst = reinterpret_cast<uint32_t*>(smem + geo.w_bytes);
+  c.red = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes);
+  c.state = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes + geo.red_bytes);
+  return c;
+}
+
+// cta.red[(ks * M + m) * RP + n] = partial (over this warp's k-split) of sum_k A[m][k] * src[n][k] (A: cta.wfrag) for
+// n < 8*ceil(bt/8). src rows are `src_ld` elements apart (16-byte aligned rows), K = geo.Kwords words. Staged through
+// shared memory (cta.hst) in 128-word chunks, two deep, with cp.async.cg (L2: sees other CTAs' writes made before the
+// grid barrier). Ends with every warp's partials written; the caller synchronises before reading cta.red.
 template <typename T>
-__device__ __forceinline__ void recurrent_mma(const Geo& geo, const uint4* wfrag, uint32_t* hst, float* red,
-                                              const T* src, int64_t src_ld, int B, int bt) {
+__device__ __forceinline__ void recurrent_mma(const Geo& geo, const PersistentCta& cta, const T* src, int64_t src_ld,
+                                              int B, int bt) {
   const int nt_act = (bt + 7) >> 3;
   if (nt_act <= 0) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -200,7 +224,7 @@ __device__ __forceinline__ void recurrent_mma(const Geo& geo, const uint4* wfrag
   for (int nt = 0; nt < kMaxNTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
   auto issue = [&](int c, int stage) {
-    uint32_t* dst0 = hst + (size_t)stage * geo.Npad * kRowWords;
+    uint32_t* dst0 = cta.hst + (size_t)stage * geo.Npad * kRowWords;
     const int n = rows * (kChunkWords / 4);
     for (int idx = tid; idx < n; idx += kThreads) {
       const int row = idx / (kChunkWords / 4), gr = idx % (kChunkWords / 4);
@@ -221,9 +245,9 @@ __device__ __forceinline__ void recurrent_mma(const Geo& geo, const uint4* wfrag
       cp_async_wait<0>();
     }
     __syncthreads();
-    const uint32_t* hs = hst + (size_t)(c & 1) * geo.Npad * kRowWords;
+    const uint32_t* hs = cta.hst + (size_t)(c & 1) * geo.Npad * kRowWords;
     for (int kl = ks; kl < kStepsPerChunk; kl += geo.NKS) {
-      const uint4 a = wfrag[(mt * geo.Ksteps + c * kStepsPerChunk + kl) * 32 + lane];
+      const uint4 a = cta.wfrag[(mt * geo.Ksteps + c * kStepsPerChunk + kl) * 32 + lane];
 #pragma unroll
       for (int nt = 0; nt < kMaxNTiles; ++nt) {
         if (nt < nt_act) {
@@ -240,10 +264,10 @@ __device__ __forceinline__ void recurrent_mma(const Geo& geo, const uint4* wfrag
   for (int nt = 0; nt < kMaxNTiles; ++nt) {
     if (nt < nt_act) {
       const int n0 = nt * 8 + 2 * q;
-      red[(ks * M + r0) * RP + n0] = acc[nt][0];
-      red[(ks * M + r0) * RP + n0 + 1] = acc[nt][1];
-      red[(ks * M + r0 + 8) * RP + n0] = acc[nt][2];
-      red[(ks * M + r0 + 8) * RP + n0 + 1] = acc[nt][3];
+      cta.red[(ks * M + r0) * RP + n0] = acc[nt][0];
+      cta.red[(ks * M + r0) * RP + n0 + 1] = acc[nt][1];
+      cta.red[(ks * M + r0 + 8) * RP + n0] = acc[nt][2];
+      cta.red[(ks * M + r0 + 8) * RP + n0 + 1] = acc[nt][3];
     }
   }
 }
@@ -255,18 +279,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = p.H, B = p.B, steps = p.T, D = p.D;
   const Geo geo = fwd_geo(hc, H, B, Mma<T>::kEPW);
-  const int dir = dir0 + static_cast<int>(blockIdx.x) / ctas_per_dir;
-  const int j0 = (static_cast<int>(blockIdx.x) % ctas_per_dir) * hc;
-  const int tid = threadIdx.x;
+  const PersistentCta cta = persistent_cta(geo, smem, hc, ctas_per_dir, dir0);
+  const int dir = cta.dir, j0 = cta.j0, tid = threadIdx.x;
   const int M = geo.M, NKS = geo.NKS, Npad = geo.Npad, RP = geo.red_pitch;
+  float* cst = cta.state;  // cell state of the slice (element e = b * hc + u)
 
-  uint4* wfrag = reinterpret_cast<uint4*>(smem);
-  uint32_t* hst = reinterpret_cast<uint32_t*>(smem + geo.w_bytes);
-  float* red = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes);
-  float* cst = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes + geo.red_bytes);
-
-  load_weights<T, false>(geo, wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
-  // Cell state of the slice (element e = b * hc + u).
+  load_weights<T, false>(geo, cta.wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
   const T* cx = static_cast<const T*>(p.cx) + (int64_t)dir * B * H;
   for (int e = tid; e < hc * Npad; e += kThreads) {
     const int b = e / hc, j = j0 + e % hc;
@@ -287,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* hcur = hbuf + (int64_t)(s & 1) * B * H;
     T* hnxt = hbuf + (int64_t)((s & 1) ^ 1) * B * H;
 
-    recurrent_mma<T>(geo, wfrag, hst, red, hcur, H, B, bt);
+    recurrent_mma<T>(geo, cta, hcur, H, B, bt);
     __syncthreads();
 
     // Gate/cell update for the slice.
@@ -302,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           float v = Num<T>::load(xp[(int64_t)k * H]);
-          for (int kss = 0; kss < NKS; ++kss) v += red[(kss * M + k * hc + u) * RP + b];
+          for (int kss = 0; kss < NKS; ++kss) v += cta.red[(kss * M + k * hc + u) * RP + b];
           z[k] = v;
         }
         float ig, fg, gg, og, c, h;
@@ -361,18 +379,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   const int H = p.H, B = p.B, steps = p.T, D = p.D;
   const Geo geo = bwd_geo(hc, H, B, Mma<T>::kEPW);
-  const int dir = dir0 + static_cast<int>(blockIdx.x) / ctas_per_dir;
-  const int j0 = (static_cast<int>(blockIdx.x) % ctas_per_dir) * hc;
-  const int tid = threadIdx.x;
+  const PersistentCta cta = persistent_cta(geo, smem, hc, ctas_per_dir, dir0);
+  const int dir = cta.dir, j0 = cta.j0, tid = threadIdx.x;
   const int M = geo.M, NKS = geo.NKS, Npad = geo.Npad, RP = geo.red_pitch;
+  float* dcs = cta.state;       // dc of the slice (element e = b * hc + u)
+  float* dhs = dcs + hc * Npad;  // dh from the recurrent product
 
-  uint4* wfrag = reinterpret_cast<uint4*>(smem);
-  uint32_t* hst = reinterpret_cast<uint32_t*>(smem + geo.w_bytes);
-  float* red = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes);
-  float* dcs = reinterpret_cast<float*>(smem + geo.w_bytes + geo.h_bytes + geo.red_bytes);
-  float* dhs = dcs + hc * Npad;
-
-  load_weights<T, true>(geo, wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
+  load_weights<T, true>(geo, cta.wfrag, static_cast<const T*>(dir == 0 ? p.whh[0] : p.whh[1]), hc, j0, H);
   __syncthreads();
 
   const int64_t G = 4 * (int64_t)H, ldg = (int64_t)D * G, ldo = (int64_t)D * H;
@@ -447,13 +460,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     barrier_target += gridDim.x;
     grid_barrier(p.barrier, barrier_target, p.barrier_timeout_ns, "persistent_bwd_kernel");
 
-    recurrent_mma<T>(geo, wfrag, hst, red, dgates + (int64_t)t * B * ldg + (int64_t)dir * G, ldg, B, bt);
+    recurrent_mma<T>(geo, cta, dgates + (int64_t)t * B * ldg + (int64_t)dir * G, ldg, B, bt);
     __syncthreads();
     for (int e = tid; e < hc * B; e += kThreads) {
       const int b = e / hc, u = e % hc;
       if (b < bt) {
         float v = 0.f;
-        for (int kss = 0; kss < NKS; ++kss) v += red[(kss * M + u) * RP + b];
+        for (int kss = 0; kss < NKS; ++kss) v += cta.red[(kss * M + u) * RP + b];
         dhs[e] = v;
       }
     }
@@ -488,8 +501,8 @@ int kernel_index(DType dt, bool bwd) {
 
 template <typename T>
 const void* kernel_ptr(bool bwd) {
-  return bwd ? reinterpret_cast<const void*>(&persistent_bwd_kernel<T>)
-             : reinterpret_cast<const void*>(&persistent_fwd_kernel<T>);
+  return !bwd ? reinterpret_cast<const void*>(&persistent_fwd_kernel<T>)
+              : reinterpret_cast<const void*>(&persistent_bwd_kernel<T>);
 }
 const void* kernel_for(DType dt, bool bwd) {
   switch (dt) {
@@ -504,8 +517,8 @@ const void* kernel_for(DType dt, bool bwd) {
 // cudaErrorCooperativeLaunchTooLarge, e.g. under MPS / green-context SM limits; reported as
 // kPersistentGridTooLarge so the glue can take the standard path), so two persistent launches in flight at once
 // (two streams, parallel graph branches) cannot each be partly resident and wait on each other forever.
-template <typename T, typename Args>
-const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const PersistentPlan& plan, cudaStream_t s) {
+template <typename Args>
+const char* launch(const void* kernel, const Args& a, const PersistentPlan& plan, cudaStream_t s) {
   const int launches = a.D / plan.dirs_per_launch;
   for (int l = 0; l < launches; ++l) {
     Args pa = a;
@@ -513,9 +526,7 @@ const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const Per
     int hc = plan.hc, ctas = plan.ctas_per_dir, dir0 = l * plan.dirs_per_launch;
     void* args[] = {&pa, &hc, &ctas, &dir0};
     const dim3 grid(plan.ctas_per_dir * plan.dirs_per_launch);
-    const cudaError_t e =
-        cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads), args,
-                                    plan.smem_bytes, s);
+    const cudaError_t e = cudaLaunchCooperativeKernel(kernel, grid, dim3(kThreads), args, plan.smem_bytes, s);
     if (e == cudaErrorCooperativeLaunchTooLarge && l == 0) {
       (void)cudaGetLastError();  // not sticky; clear it for the caller's next launch check
       return kPersistentGridTooLarge;
@@ -523,6 +534,17 @@ const char* launch(void (*kernel)(Args, int, int, int), const Args& a, const Per
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   return nullptr;
+}
+
+// lstm_persistent_fwd / lstm_persistent_bwd: the kernel of the dtype, launched as planned.
+template <bool kBwd, typename Args>
+const char* launch_persistent(DType dt, const Args& a, const PersistentPlan& plan, cudaStream_t s,
+                              const char* no_plan) {
+  if (!plan.ok) return no_plan;
+  if (a.T <= 0 || a.B <= 0) return nullptr;
+  const void* kernel = kernel_for(dt, kBwd);
+  if (kernel == nullptr) return "fastmtl: the persistent LSTM kernel supports float32 (tf32), bfloat16 and float16";
+  return launch(kernel, a, plan, s);
 }
 
 }  // namespace
@@ -620,27 +642,11 @@ const char* lstm_persistent_plan(DType dt, int B, int H, int D, bool allow_tf32,
 }
 
 const char* lstm_persistent_fwd(DType dt, const PersistentFwdArgs& a, const PersistentPlan& plan, cudaStream_t s) {
-  if (!plan.ok) return "fastmtl: lstm_persistent_fwd called without a valid plan";
-  if (a.T <= 0 || a.B <= 0) return nullptr;
-  switch (dt) {
-    case DType::kFloat32: return launch<float>(persistent_fwd_kernel<float>, a, plan, s);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(persistent_fwd_kernel<__nv_bfloat16>, a, plan, s);
-    case DType::kFloat16: return launch<__half>(persistent_fwd_kernel<__half>, a, plan, s);
-    default: break;
-  }
-  return "fastmtl: the persistent LSTM kernel supports float32 (tf32), bfloat16 and float16";
+  return launch_persistent<false>(dt, a, plan, s, "fastmtl: lstm_persistent_fwd called without a valid plan");
 }
 
 const char* lstm_persistent_bwd(DType dt, const PersistentBwdArgs& a, const PersistentPlan& plan, cudaStream_t s) {
-  if (!plan.ok) return "fastmtl: lstm_persistent_bwd called without a valid plan";
-  if (a.T <= 0 || a.B <= 0) return nullptr;
-  switch (dt) {
-    case DType::kFloat32: return launch<float>(persistent_bwd_kernel<float>, a, plan, s);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(persistent_bwd_kernel<__nv_bfloat16>, a, plan, s);
-    case DType::kFloat16: return launch<__half>(persistent_bwd_kernel<__half>, a, plan, s);
-    default: break;
-  }
-  return "fastmtl: the persistent LSTM kernel supports float32 (tf32), bfloat16 and float16";
+  return launch_persistent<true>(dt, a, plan, s, "fastmtl: lstm_persistent_bwd called without a valid plan");
 }
 
 }  // namespace cuda
