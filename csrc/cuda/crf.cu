@@ -22,6 +22,16 @@ __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return __logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
 
+// The end of a step of a recursion kept in two shared-memory rows: once every thread has written the next row, it
+// becomes the current one.
+template <typename T>
+__device__ __forceinline__ void next_step(T*& cur, T*& next) {
+  __syncthreads();
+  T* x = cur;
+  cur = next;
+  next = x;
+}
+
 __device__ __forceinline__ int64_t seq_len(const int64_t* lengths, int64_t b, int64_t T) {
   const int64_t L = lengths[b];
   return L < 0 ? 0 : (L > T ? T : L);
@@ -83,10 +93,7 @@ crf_forward_kernel(int64_t T_, int64_t C, const T* __restrict__ em, const int64_
       na[j] = v;
       al[t * C + j] = v;
     }
-    __syncthreads();
-    T* x = a;
-    a = na;
-    na = x;
+    next_step(a, na);
   }
   if (threadIdx.x == 0) {
     T m = ninf<T>();
@@ -167,10 +174,7 @@ crf_backward_kernel(int64_t T_, int64_t C, const T* __restrict__ em, const int64
       }
       nb[i] = v;
     }
-    __syncthreads();
-    T* x = beta;
-    beta = nb;
-    nb = x;
+    next_step(beta, nb);
   }
   if (gtr) {
     __syncthreads();
@@ -212,10 +216,7 @@ crf_viterbi_kernel(int64_t T_, int64_t C, const T* __restrict__ em, const int64_
       ns[j] = best;
       h[t * C + j] = idx;
     }
-    __syncthreads();
-    T* x = sc;
-    sc = ns;
-    ns = x;
+    next_step(sc, ns);
   }
   if (threadIdx.x == 0) {
     int64_t best = 0;
