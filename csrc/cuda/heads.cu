@@ -425,6 +425,16 @@ __device__ __forceinline__ const HeadsTask* find_task(const HeadsTask* tasks, in
   return tasks + (K - 1);
 }
 
+// The block's task, copied by thread 0 into task_raw for every thread of the block: a __shared__ array of the
+// calling kernel (raw storage, as a __shared__ variable must not have a non-trivial constructor).
+__device__ __forceinline__ HeadsTask& block_task(unsigned char* task_raw, const HeadsParams& p, int64_t blk,
+                                                 bool by_rows) {
+  HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
+  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blk, by_rows);
+  __syncthreads();
+  return task;
+}
+
 __device__ __forceinline__ int64_t seq_length(const HeadsParams& p, int64_t b) {
   if (p.lengths == nullptr) return p.T;
   int64_t len = p.lengths[b];
@@ -602,11 +612,8 @@ __device__ void heads_prep_block(const HeadsParams& p, int64_t blk) {
 template <typename T>
 __device__ void heads_row_block(const HeadsParams& p, int64_t blk) {
   FASTMTL_DYN_SMEM(smem_raw);
-  // raw storage: a __shared__ variable must not have a (non-trivial) constructor
-  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
-  HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
-  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blk, true);
-  __syncthreads();
+  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];  // see block_task
+  HeadsTask& task = block_task(task_raw, p, blk, /*by_rows=*/true);
   const HeadsTask& tk = task;
   const Smem<T> sm = Smem<T>::bind(smem_raw, &task);
   const int64_t r0 = (blk - tk.tile_begin) * kTile;
@@ -774,11 +781,8 @@ __device__ void heads_row_block(const HeadsParams& p, int64_t blk) {
 template <typename T>
 __device__ void heads_weight_block(const HeadsParams& p, int64_t blk) {
   FASTMTL_DYN_SMEM(smem_raw);
-  // raw storage: a __shared__ variable must not have a (non-trivial) constructor
-  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];
-  HeadsTask& task = *reinterpret_cast<HeadsTask*>(task_raw);
-  if (threadIdx.x == 0) task = *find_task(p.tasks, p.K, blk, false);
-  __syncthreads();
+  __shared__ __align__(16) unsigned char task_raw[sizeof(HeadsTask)];  // see block_task
+  HeadsTask& task = block_task(task_raw, p, blk, /*by_rows=*/false);
   const HeadsTask& tk = task;
   const Smem<T> sm = Smem<T>::bind(smem_raw, &task);
   using M = Mma<T>;
