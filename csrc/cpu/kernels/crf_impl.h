@@ -15,30 +15,23 @@
 namespace fastmtl {
 namespace cpu_kernels {
 
-// Lanes of T in VB-byte vectors (the compilers' vector extensions): float with the branch-free exp of simd_math.h
-// (exactly 0 below -87, so a forbidden transition or a -inf score contributes nothing) and a Cephes-style log;
-// double with the library functions (float64 is for accuracy, not speed).
+// Lanes of T in VB-byte vectors (the compilers' vector extensions, simd_math.h's Vec): float with the branch-free exp
+// of simd_math.h (exactly 0 below -87, so a forbidden transition or a -inf score contributes nothing) and a
+// Cephes-style log; double with the library functions (float64 is for accuracy, not speed).
 // (Primary templates of their own, and bit casts through memcpy in place: GCC drops the vector attribute of such
 // typedefs in partial specialisations and in deduced template arguments.)
 template <int VB>
-struct CrfLanesF {
-  typedef float type __attribute__((vector_size(VB)));
-  typedef int32_t itype __attribute__((vector_size(VB)));
-  typedef uint32_t utype __attribute__((vector_size(VB)));
-  static constexpr int W = VB / int(sizeof(float));
+struct CrfLanesF : VecF<VB> {
+  typedef typename VecF<VB>::type type;
+  typedef typename VecF<VB>::itype itype;
+  using VecF<VB>::splat;
+  static constexpr int W = VecF<VB>::kWidth;
   // A scaled sum below kTiny is recomputed exactly (its terms may have underflowed); a pairwise-marginal scale
   // above exp(kMaxScale) takes the exact path (its factors could overflow).
   static constexpr float kTiny = 1e-30f;
   static constexpr float kMaxScale = 40.0f;
-  static FASTMTL_KERNEL_INLINE type load(const float* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static FASTMTL_KERNEL_INLINE void store(float* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-  static FASTMTL_KERNEL_INLINE type splat(float x) { return type{} + x; }
   static FASTMTL_KERNEL_INLINE type exp(type x) {
-    const type r = exp_lanes<CrfLanesF>(x);
+    const type r = VecF<VB>::exp(x);
     return x < splat(-87.0f) ? splat(0.0f) : r;
   }
   // Natural log of positive normal floats (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2)), degree-8
@@ -76,30 +69,20 @@ struct CrfLanesF {
 };
 
 template <int VB>
-struct CrfLanesD {
-  typedef double type __attribute__((vector_size(VB)));
+struct CrfLanesD : Vec<double, VB> {
+  typedef typename Vec<double, VB>::type type;
   typedef int64_t itype __attribute__((vector_size(VB)));
-  static constexpr int W = VB / int(sizeof(double));
+  static constexpr int W = Vec<double, VB>::kWidth;
   static constexpr double kTiny = 1e-280;
   static constexpr double kMaxScale = 600.0;
-  static FASTMTL_KERNEL_INLINE type load(const double* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static FASTMTL_KERNEL_INLINE void store(double* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-  static FASTMTL_KERNEL_INLINE type splat(double x) { return type{} + x; }
-  static FASTMTL_KERNEL_INLINE type exp(type x) {
+  static FASTMTL_KERNEL_INLINE type exp(type x) { return each<false>(x); }
+  static FASTMTL_KERNEL_INLINE type log(type x) { return each<true>(x); }
+  // std::log (kLog) or std::exp of every lane.
+  template <bool kLog>
+  static FASTMTL_KERNEL_INLINE type each(type x) {
     double l[W];
     std::memcpy(l, &x, sizeof(x));
-    for (int k = 0; k < W; ++k) l[k] = std::exp(l[k]);
-    std::memcpy(&x, l, sizeof(x));
-    return x;
-  }
-  static FASTMTL_KERNEL_INLINE type log(type x) {
-    double l[W];
-    std::memcpy(l, &x, sizeof(x));
-    for (int k = 0; k < W; ++k) l[k] = std::log(l[k]);
+    for (int k = 0; k < W; ++k) l[k] = kLog ? std::log(l[k]) : std::exp(l[k]);
     std::memcpy(&x, l, sizeof(x));
     return x;
   }

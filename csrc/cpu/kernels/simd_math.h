@@ -96,23 +96,29 @@ struct ScalarExp {
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTMTL_HAVE_VECTOR_EXT 1
-// Explicit SIMD through the compiler's generic vector types (GCC/Clang vector extensions): VB bytes of float, e.g.
-// 32 for AVX2, 64 for AVX-512; the instructions come from the ISA of the inlining entry point. The compilers do not
-// if-convert the clamps of exp_approx for AVX2 under the default -ftrapping-math, so the auto-vectoriser cannot be
-// relied upon for these loops.
-template <int VB>
-struct VecF {
-  typedef float type __attribute__((vector_size(VB)));
-  typedef int32_t itype __attribute__((vector_size(VB)));
-  typedef uint32_t utype __attribute__((vector_size(VB)));
-  static constexpr int kWidth = VB / int(sizeof(float));
-  static FASTMTL_KERNEL_INLINE type load(const float* p) {
+// Explicit SIMD through the compiler's generic vector types (GCC/Clang vector extensions): VB bytes of E, e.g.
+// 32 for AVX2, 64 for AVX-512; the instructions come from the ISA of the inlining entry point. Loads and stores go
+// through memcpy (no alignment assumed), and a scalar is broadcast as 0 + x.
+template <typename E, int VB>
+struct Vec {
+  typedef E type __attribute__((vector_size(VB)));
+  static constexpr int kWidth = VB / int(sizeof(E));
+  static FASTMTL_KERNEL_INLINE type load(const E* p) {
     type v;
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
-  static FASTMTL_KERNEL_INLINE void store(float* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-  static FASTMTL_KERNEL_INLINE type splat(float x) { return type{} + x; }
+  static FASTMTL_KERNEL_INLINE void store(E* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
+  static FASTMTL_KERNEL_INLINE type splat(E x) { return type{} + x; }
+};
+
+// VB bytes of float, with the integer vectors of exp_lanes. The compilers do not if-convert the clamps of exp_approx
+// for AVX2 under the default -ftrapping-math, so the auto-vectoriser cannot be relied upon for these loops.
+template <int VB>
+struct VecF : Vec<float, VB> {
+  typedef typename Vec<float, VB>::type type;
+  typedef int32_t itype __attribute__((vector_size(VB)));
+  typedef uint32_t utype __attribute__((vector_size(VB)));
   // exp_approx, lane-wise.
   static FASTMTL_KERNEL_INLINE type exp(type x) { return exp_lanes<VecF>(x); }
 };
