@@ -18,8 +18,7 @@ template <typename T, int VB>
 FASTMTL_KERNEL_INLINE T row_max(const T* z, int64_t C) {
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
-#ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (VB > 0 && sizeof(T) == sizeof(float)) {
+  if constexpr (kUseVecF<T, VB>) {
     using F = VecF<VB>;
     using V = typename F::type;
     constexpr int W = F::kWidth;
@@ -34,7 +33,6 @@ FASTMTL_KERNEL_INLINE T row_max(const T* z, int64_t C) {
       for (int v = 0; v < W; ++v) m = lanes[v] > m ? lanes[v] : m;
     }
   }
-#endif
   for (; i < C; ++i) m = z[i] > m ? z[i] : m;
   return m;
 }
@@ -44,8 +42,7 @@ template <typename T, int VB>
 FASTMTL_KERNEL_INLINE double row_sum_exp(const T* z, int64_t C, T m) {
   double s = 0.0;
   int64_t i = 0;
-#ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (VB > 0 && sizeof(T) == sizeof(float)) {
+  if constexpr (kUseVecF<T, VB>) {
     using F = VecF<VB>;
     using V = typename F::type;
     constexpr int W = F::kWidth;
@@ -58,7 +55,6 @@ FASTMTL_KERNEL_INLINE double row_sum_exp(const T* z, int64_t C, T m) {
       for (int v = 0; v < W; ++v) s += double(lanes[v]);
     }
   }
-#endif
   for (; i < C; ++i) s += double(exp_approx(z[i] - m));
   return s;
 }
@@ -67,8 +63,7 @@ FASTMTL_KERNEL_INLINE double row_sum_exp(const T* z, int64_t C, T m) {
 template <typename T, int VB>
 FASTMTL_KERNEL_INLINE void row_grad(T* z, int64_t C, T a, T lse, T neg, const T* cw) {
   int64_t i = 0;
-#ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (VB > 0 && sizeof(T) == sizeof(float)) {
+  if constexpr (kUseVecF<T, VB>) {
     using F = VecF<VB>;
     using V = typename F::type;
     constexpr int W = F::kWidth;
@@ -79,7 +74,6 @@ FASTMTL_KERNEL_INLINE void row_grad(T* z, int64_t C, T a, T lse, T neg, const T*
       for (; i + W <= C; i += W) F::store(z + i, va * F::exp(F::load(z + i) - vl) - vn);
     }
   }
-#endif
   if (cw) {
     for (; i < C; ++i) z[i] = a * exp_approx(z[i] - lse) - neg * cw[i];
   } else {

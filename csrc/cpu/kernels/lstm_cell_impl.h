@@ -71,12 +71,9 @@ struct Lanes<float, VB, true> {
     else std::memcpy(p, &v, sizeof(float) * cnt);
   }
 };
-template <typename T, int VB>
-using LanesOf = Lanes<T, VB, (VB > 0 && sizeof(T) == sizeof(float))>;
-#else
-template <typename T, int VB>
-using LanesOf = Lanes<T, VB, false>;
 #endif
+template <typename T, int VB>
+using LanesOf = Lanes<T, VB, kUseVecF<T, VB>>;
 
 // acc[m][v] = sum_k a[m][k] * panel[k*4W + v*W .. +W]
 template <typename L, int M, typename T>

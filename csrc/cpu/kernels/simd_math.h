@@ -126,6 +126,15 @@ struct VecF : Vec<float, VB> {
 // Activations over VecF<VB>::type, the same formulas as KernelAct's float ones.
 template <int VB>
 using VecAct = ExpAct<VecF<VB>>;
+
+// Whether a kernel of VB-byte vectors (0: none) runs its loops over T in explicit VecF<VB> vectors: float data only.
+template <typename T, int VB>
+constexpr bool kUseVecF = VB > 0 && sizeof(T) == sizeof(float);
+#else
+template <int VB>
+struct VecF;  // no vector extensions: never instantiated
+template <typename T, int VB>
+constexpr bool kUseVecF = false;
 #endif
 
 // Activations of the LSTM kernels: float the approximations above, double the library functions.
