@@ -21,8 +21,7 @@ namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
-
-void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == nullptr, what, " failed: ", err); }
+using cuda_glue::check_launch;
 
 struct Prep {
   CrfDims d;

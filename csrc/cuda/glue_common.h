@@ -1,5 +1,5 @@
 // Host-side helpers shared by the CUDA glue files (crf_glue.cpp, heads_glue.cpp, lstm_glue.cpp): the kernels' dtype
-// code of a tensor and the settings read from the environment.
+// code of a tensor, the check of a launcher's result and the settings read from the environment.
 #pragma once
 
 #include <cstdlib>
@@ -21,6 +21,9 @@ inline std::optional<cuda::DType> kernel_dtype(at::ScalarType st) {
     default: return std::nullopt;
   }
 }
+
+// Raises a launcher's error string (nullptr: success) as a RuntimeError: "<what> failed: <error>".
+inline void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == nullptr, what, " failed: ", err); }
 
 // FASTMTL_GRID_BARRIER_TIMEOUT_S (seconds, default 10; 0 = wait forever) in nanoseconds: a persistent or fused
 // kernel's grid barrier traps with the kernel's name after it.

@@ -37,6 +37,7 @@ namespace {
 
 using at::Tensor;
 using OptList = c10::List<std::optional<Tensor>>;
+using cuda_glue::check_launch;
 
 using HeadsShape = HeadsDims;  // check_heads_args: fastmtl/heads_checks.h, shared with the CPU op
 
@@ -53,8 +54,6 @@ std::optional<cuda::DType> heads_dtype(at::ScalarType t) {
   if (dt == cuda::DType::kFloat64) return std::nullopt;
   return dt;
 }
-
-void check_launch(const char* err, const char* what) { FASTMTL_CHECK(err == nullptr, what, " failed: ", err); }
 
 int num_sms(int device) {
   int n = 0;

@@ -53,15 +53,12 @@
 namespace {
 
 namespace fc = fastmtl::cuda;
+using fastmtl::cuda_glue::check_launch;
 
 fc::DType to_kernel_dtype(at::ScalarType st) {
   const std::optional<fc::DType> dt = fastmtl::cuda_glue::kernel_dtype(st);
   FASTMTL_CHECK_TYPE(dt.has_value(), "input must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
   return *dt;
-}
-
-inline void check_launch(const char* err, const char* what) {
-  FASTMTL_CHECK(err == nullptr, what, " failed: ", (err ? err : ""));
 }
 
 inline void* ptr_at(const at::Tensor& t, int64_t elem_offset) {
