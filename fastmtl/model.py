@@ -7,6 +7,7 @@ import torch
 
 from .decoding import constrained_marginals, viterbi_decode
 from .functional.dropout import dropout
+from .functional.heads import pool_hidden
 from .nn import MultiTaskHeads
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
@@ -81,9 +82,8 @@ class CharCNN(torch.nn.Module):
 
 
 def _masked_max(h, lengths):
-    T = h.shape[1]
-    valid = torch.arange(T, device=h.device).unsqueeze(0) < lengths.to(h.device).unsqueeze(1)
-    return h.masked_fill(~valid.unsqueeze(2), float("-inf")).amax(dim=1)
+    """The sentence vector of ``token_context``: the max over each sequence's real states."""
+    return pool_hidden(h, lengths, "max")
 
 
 @dataclass

@@ -437,3 +437,50 @@ def test_predict_checks_lengths_on_every_output(device, output):
     with pytest.raises(ValueError, match=r"lengths must have shape \(B,\)"):
         multitask_predict(hidden, W, ["sequence", "token"], lengths=torch.tensor([5, 2], device=device),
                           output=output)
+
+
+def test_one_pooling_by_hand_and_where_max_ties_go(device):
+    """The library's one pooling (the reference, functional.pool_hidden, the double backward of the heads and the
+    model's token_context vector) against each sequence's real states by hand; the gradient of a maximum that several
+    steps reach goes to the first of them in the reference, as in the fused kernel, and is shared evenly in
+    pool_hidden."""
+    from fastmtl.functional.heads import pool_hidden
+    from fastmtl.reference.heads import pool_hidden_reference
+
+    B, T, D = 5, 7, 6
+    hidden = torch.randn(B, T, D, device=device, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), device=device)
+    lengths[0], lengths[1] = 1, T
+    for lens in (lengths, None):
+        L = lens.tolist() if lens is not None else [T] * B
+        real = [hidden[b, :L[b]] for b in range(B)]
+        want = {"last": torch.stack([r[-1] for r in real]), "first": hidden[:, 0],
+                "mean": torch.stack([r.mean(0) for r in real]), "max": torch.stack([r.max(0).values for r in real]),
+                "last_first": torch.stack([torch.cat([r[-1, :D // 2], r[0, D // 2:]]) for r in real])}
+        for code, (name, w) in enumerate(want.items()):
+            for pooling in (name, code):
+                torch.testing.assert_close(pool_hidden_reference(hidden, lens, pooling), w)
+                torch.testing.assert_close(pool_hidden(hidden, lens, pooling), w)
+    with pytest.raises(ValueError, match="pooling of task 0"):
+        pool_hidden(hidden, lengths, "median")
+    with pytest.raises(ValueError, match="max_ties"):
+        pool_hidden_reference(hidden, lengths, "max", max_ties="last")
+
+    # ties: every value in {-1, -0.5, ..., 1}, so most features reach their maximum at several steps
+    tied = (torch.randint(-2, 3, (B, T, D), device=device) / 2).double().requires_grad_(True)
+    hits = [tied[b, :int(lengths[b])] == tied[b, :int(lengths[b])].max(0).values for b in range(B)]
+    assert any(bool((h.sum(0) > 1).any()) for h in hits)
+    (g_first,) = torch.autograd.grad(pool_hidden_reference(tied, lengths, "max").sum(), tied)
+    (g_split,) = torch.autograd.grad(pool_hidden(tied, lengths, "max").sum(), tied)
+    for b, hit in enumerate(hits):
+        n = int(lengths[b])
+        torch.testing.assert_close(g_first[b, :n], (hit & (hit.cumsum(0) == 1)).double())
+        torch.testing.assert_close(g_split[b, :n], hit.double() / hit.sum(0))
+        assert not g_first[b, n:].any() and not g_split[b, n:].any()
+    # the fused kernel routes the gradient of max pooling as the reference does
+    W = torch.randn(4, D, device=device, dtype=torch.float64)
+    y = torch.randint(0, 4, (B,), device=device)
+    kw = dict(lengths=lengths, poolings="max")
+    (g_op,) = torch.autograd.grad(multitask_cross_entropy(tied, [W], [y], "sequence", **kw)[0], tied)
+    (g_ref,) = torch.autograd.grad(multitask_cross_entropy_reference(tied, [W], [y], "sequence", **kw)[0], tied)
+    torch.testing.assert_close(g_op, g_ref)

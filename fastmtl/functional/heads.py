@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from .. import ops  # noqa: F401  registers fake kernels and autograd
+from ..reference.heads import pool_hidden_reference
 
 __all__ = ["multitask_cross_entropy", "multitask_predict", "pool_hidden", "LEVELS", "POOLINGS"]
 
@@ -153,23 +154,9 @@ def multitask_cross_entropy(hidden, weights, targets, levels, *, biases=None, le
 
 
 def pool_hidden(hidden, lengths, pooling):
-    """Pools (B, T, D) hidden states over each sequence's real tokens (plain PyTorch ops, differentiable)."""
-    B, T, D = hidden.shape
-    p = POOLINGS[_code(pooling, POOLINGS, "pooling", 0)]
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long, device=hidden.device)
-    ar = torch.arange(B, device=hidden.device)
-    if p == "last":
-        return hidden[ar, lengths - 1]
-    if p == "first":
-        return hidden[:, 0]
-    mask = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
-    if p == "mean":
-        return (hidden * mask[..., None].to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
-    if p == "max":
-        return hidden.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
-    h = D // 2
-    return torch.cat([hidden[ar, lengths - 1, :h], hidden[:, 0, h:]], dim=1)
+    """Pools (B, T, D) hidden states over each sequence's real tokens (plain PyTorch ops, differentiable; the
+    gradient of a maximum that several time steps reach is shared evenly among them, as ``torch.amax``)."""
+    return pool_hidden_reference(hidden, lengths, _code(pooling, POOLINGS, "pooling", 0), max_ties="split")
 
 
 def multitask_predict(hidden, weights, levels, *, biases=None, lengths=None, poolings="last", output="labels"):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _torch_private as _priv
+from ..reference.heads import pool_hidden_reference
 from . import _transforms as _tr
 from . import _tree as pytree
 
@@ -98,24 +99,14 @@ def _is_one(g):
 
 def _backward(ctx, g_total, g_losses, g_gh, g_gw, g_gb):
     K = ctx.K
-    saved = list(ctx.saved_tensors)
-    hidden, lengths, task_weights, losses, gh = saved[:5]
-    pos = 5
-    weights = saved[pos:pos + K]
-    pos += K
-    biases = []
-    for hb in ctx.has_bias:
-        biases.append(saved[pos] if hb else None)
-        pos += int(hb)
-    targets = saved[pos:pos + K]
-    pos += K
-    class_weights = []
-    for hc in ctx.has_cw:
-        class_weights.append(saved[pos] if hc else None)
-        pos += int(hc)
-    gw = saved[pos:pos + K]
-    pos += K
-    gb = saved[pos:pos + K]
+    saved = iter(ctx.saved_tensors)
+    hidden, lengths, task_weights, losses, gh = (next(saved) for _ in range(5))
+    weights = [next(saved) for _ in range(K)]
+    biases = [next(saved) if hb else None for hb in ctx.has_bias]
+    targets = [next(saved) for _ in range(K)]
+    class_weights = [next(saved) if hc else None for hc in ctx.has_cw]
+    gw = [next(saved) for _ in range(K)]
+    gb = [next(saved) for _ in range(K)]
 
     grad_tw = None
     if g_total is not None:
@@ -177,25 +168,6 @@ _tr.register_autograd("multitask_loss", _backward, _setup_context,
 # ---------------------------------------------------------------------------------------------------------------
 # Double backward: a differentiable pure-PyTorch recomputation of the heads (no host synchronisation, vmap-safe).
 # ---------------------------------------------------------------------------------------------------------------
-def _pool(hidden, lengths, pooling):
-    B, T, D = hidden.shape
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long, device=hidden.device)
-    lengths = lengths.to(hidden.device)
-    if pooling == 1:  # first
-        return hidden[:, 0]
-    last = hidden.gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, D)).squeeze(1)
-    if pooling == 0:  # last
-        return last
-    mask = (torch.arange(T, device=hidden.device)[None, :] < lengths[:, None])[..., None]
-    if pooling == 2:  # mean
-        return (hidden * mask.to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
-    if pooling == 3:  # max
-        return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
-    h = D // 2  # last_first
-    return torch.cat([last[:, :h], hidden[:, 0, h:]], dim=1)
-
-
 def _reference_losses(hidden, lengths, weights, biases, targets, class_weights, task_weights, levels, poolings,
                       ignore_indices, label_smoothings):
     """(total, losses): total = sum_k lambda_k L_k with F.cross_entropy semantics (a task with every item ignored:
@@ -207,7 +179,8 @@ def _reference_losses(hidden, lengths, weights, biases, targets, class_weights, 
         y = targets[k]
         ign = ignore_indices[k]
         if levels[k] == 0:
-            logits = F.linear(_pool(hidden, lengths, poolings[k]), weights[k], biases[k])
+            pooled = pool_hidden_reference(hidden, lengths, poolings[k], max_ties="split")
+            logits = F.linear(pooled, weights[k], biases[k])
         else:
             logits = F.linear(hidden, weights[k], biases[k]).reshape(B * T, -1)
             if lengths is not None:

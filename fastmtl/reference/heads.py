@@ -29,25 +29,35 @@ def _pooling(p):
     return _POOLINGS.index(p) if isinstance(p, str) else int(p)
 
 
-def pool_hidden_reference(hidden, lengths, pooling):
-    """Pools (B, T, D) hidden states over each sequence's real tokens: last, first, mean, max or last_first."""
+def pool_hidden_reference(hidden, lengths, pooling, max_ties="first"):
+    """Pools (B, T, D) hidden states over each sequence's real tokens: last, first, mean, max or last_first (a name
+    or its index in that order); ``lengths`` (B,) or None (all T). The one pooling of the library, in differentiable
+    PyTorch ops without data-dependent control flow: the reference of the fused kernels' pooling, the recomputation
+    behind their double backward and :func:`fastmtl.functional.pool_hidden`.
+
+    ``max_ties``: where max pooling sends the gradient of a maximum that several time steps reach: ``"first"`` (all
+    of it to the first of them, like the fused kernels and ``torch.max``) or ``"split"`` (shared evenly among them,
+    like ``torch.amax``)."""
+    if max_ties not in ("first", "split"):
+        raise ValueError("max_ties must be 'first' or 'split', got %r" % (max_ties,))
     B, T, D = hidden.shape
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=hidden.device)
     lengths = lengths.to(hidden.device)
     p = _POOLINGS[_pooling(pooling)]
-    ar = torch.arange(B, device=hidden.device)
-    mask = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
-    if p == "last":
-        return hidden[ar, lengths - 1]
     if p == "first":
         return hidden[:, 0]
+    if p in ("last", "last_first"):
+        last = hidden[torch.arange(B, device=hidden.device), lengths - 1]
+        if p == "last":
+            return last
+        h = D // 2  # the forward direction's last state, the backward direction's first
+        return torch.cat([last[:, :h], hidden[:, 0, h:]], dim=1)
+    mask = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
     if p == "mean":
         return (hidden * mask[..., None].to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
-    if p == "max":
-        return hidden.masked_fill(~mask[..., None], float("-inf")).max(dim=1).values
-    h = D // 2
-    return torch.cat([hidden[ar, lengths - 1, :h], hidden[:, 0, h:]], dim=1)
+    masked = hidden.masked_fill(~mask[..., None], float("-inf"))
+    return masked.amax(dim=1) if max_ties == "split" else masked.max(dim=1).values
 
 
 def multitask_cross_entropy_reference(hidden, weights, targets, levels, *, biases=None, lengths=None,
