@@ -33,6 +33,8 @@ An empty sentence (``""``, only whitespace, or ``[]``) gets ``"tokens": []``, ``
 """
 import torch
 
+from .data.batching import bucket_batches
+
 __all__ = ["load", "Predictor"]
 
 
@@ -40,19 +42,11 @@ def load(path, device="cpu", batch_size=64):
     """A :class:`Predictor` for the checkpoint at ``path`` (a ``best.pt`` written by ``fastmtl train``) on
     ``device``. Raises ``fastmtl.checkpoint.CheckpointError`` (a ``ValueError``) naming the file for a missing,
     corrupted or foreign file and for pickles, which are never unpickled."""
-    from .train import load_checkpoint
+    from .train import check_device, load_checkpoint
 
-    device = _device(device)
+    device = check_device(str(device))  # a one-line error for cuda without CUDA
     model, vocab, label_vocabs, specs, _ = load_checkpoint(path, device)
     return Predictor(model, vocab, label_vocabs, specs, device=device, batch_size=batch_size)
-
-
-def _device(device):
-    try:
-        from .train import check_device  # a one-line error for cuda without CUDA
-    except ImportError:  # pragma: no cover - the training layer keeps it; plain torch otherwise
-        return torch.device(device)
-    return check_device(str(device))
 
 
 def _is_span_tagset(labels):
@@ -116,19 +110,21 @@ class Predictor:
         probable labels in every ``"probs"`` (default: all). ``token_probs``: add each token's distribution."""
         if top_k is not None:
             top_k = _positive_int(top_k, "top_k")
-        return self._run(sentences, batch_size, "predict", self._empty,
-                         lambda sents: self._predict_batch(sents, top_k, token_probs))
+        return self._run(sentences, batch_size, "predict", self._empty, True,
+                         lambda sents, out: self._details(sents, *out, top_k, token_probs))
 
     def predict_labels(self, sentences, batch_size=None):
         """The labels only, one dict per sentence: ``{"tokens": [...], task: label}`` for a sequence task and
         ``task: [label per token]`` for a token task (what ``fastmtl predict`` prints without ``--details``; the
         same labels as :meth:`predict`). An empty sentence gets ``{"tokens": []}``."""
-        return self._run(sentences, batch_size, "predict_labels", lambda t: {"tokens": list(t)}, self._labels_batch)
+        return self._run(sentences, batch_size, "predict_labels", lambda t: {"tokens": list(t)}, False,
+                         lambda sents, preds: label_rows([{"tokens": list(t)} for t in sents], self.specs,
+                                                         self.label_vocabs, sents, preds))
 
     def __call__(self, sentences, **kwargs):
         return self.predict(sentences, **kwargs)
 
-    def _run(self, sentences, batch_size, what, empty, predict_batch):
+    def _run(self, sentences, batch_size, what, empty, return_probs, results_of):
         if isinstance(sentences, (str, bytes)):
             raise TypeError("fastmtl: Predictor.%s takes a list of sentences, got a single %s; use "
                             "%s([sentence])[0]" % (what, type(sentences).__name__, what))
@@ -136,10 +132,10 @@ class Predictor:
         tokens = [_tokens(s, i) for i, s in enumerate(sentences)]
         results = [empty(t) for t in tokens]
         keep = [i for i, t in enumerate(tokens) if t]
-        keep.sort(key=lambda i: len(tokens[i]))  # length-sorted batches pad little
-        for b in range(0, len(keep), batch_size):
-            idx = keep[b:b + batch_size]
-            for i, r in zip(idx, predict_batch([tokens[i] for i in idx])):
+        for idx, sents, out in predict_batches(self.model, self.vocab, tokens, self.device, batch_size,
+                                               tasks=[s.name for s in self.specs], return_probs=return_probs,
+                                               indices=keep):
+            for i, r in zip(idx, results_of(sents, out)):
                 results[i] = r
         return results
 
@@ -154,30 +150,7 @@ class Predictor:
                     r[s.name]["spans"] = []
         return r
 
-    def _forward(self, sents, return_probs):
-        vocab, model = self.vocab, self.model
-        lengths = torch.tensor([len(t) for t in sents], dtype=torch.long)
-        ids = torch.zeros(len(sents), int(lengths.max()), dtype=torch.long)
-        for r, t in enumerate(sents):
-            ids[r, :len(t)] = torch.tensor(vocab.encode(t), dtype=torch.long)
-        chars = None
-        if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
-            chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in t] for t in sents]).to(self.device)
-        return model.predict(ids.to(self.device), lengths.to(self.device), chars=chars, return_probs=return_probs,
-                             tasks=[s.name for s in self.specs])
-
-    def _labels_batch(self, sents):
-        preds = self._forward(sents, False)
-        out = [{"tokens": list(t)} for t in sents]
-        for s in self.specs:
-            itos = self.label_vocabs[s.name].itos
-            pred = preds[s.name].tolist()
-            for r, t in enumerate(sents):
-                out[r][s.name] = itos[pred[r]] if s.level == "sequence" else [itos[c] for c in pred[r][:len(t)]]
-        return out
-
-    def _predict_batch(self, sents, top_k, token_probs):
-        preds, probs = self._forward(sents, True)
+    def _details(self, sents, preds, probs, top_k, token_probs):
         out = [{"tokens": list(t)} for t in sents]
         for s in self.specs:
             itos = self.label_vocabs[s.name].itos
@@ -202,6 +175,44 @@ class Predictor:
                     res["spans"] = _spans(t, labels, res["confidences"])
                 out[r][s.name] = res
         return out
+
+
+# -- the prediction loop (the Predictor's, and evaluation's: fastmtl.training.evaluation.predict_examples) ---------
+def predict_batches(model, vocab, sentences, device, batch_size, tasks=None, return_probs=False, indices=None):
+    """Runs ``model.predict`` (which decodes CRF and span-constrained tasks) over ``sentences`` (lists of words), the
+    ones at ``indices`` (default all), in batches of ``batch_size`` sorted by length (stable; short batches pad
+    little). Yields ``(indices of the batch, its sentences, model.predict's result)`` per batch."""
+    order = range(len(sentences)) if indices is None else indices
+    for batch in bucket_batches([len(sentences[i]) for i in order], batch_size, shuffle=False):
+        idx = [order[j] for j in batch]
+        sents = [sentences[i] for i in idx]
+        yield idx, sents, _forward(model, vocab, sents, device, tasks, return_probs)
+
+
+def _forward(model, vocab, sents, device, tasks, return_probs):
+    lengths = [len(t) for t in sents]
+    T = max(lengths)
+    ids = torch.tensor([vocab.encode(t) + [0] * (T - n) for t, n in zip(sents, lengths)], dtype=torch.long)
+    chars = None
+    if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
+        chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in t] for t in sents]).to(device)
+    return model.predict(ids.to(device), torch.tensor(lengths, dtype=torch.long).to(device), chars=chars,
+                         return_probs=return_probs, tasks=tasks)
+
+
+def label_rows(rows, specs, label_vocabs, sents, preds):
+    """Writes each task's predicted label strings into ``rows`` (one dict per sentence of ``sents``): a label for a
+    sequence task, one per word for a token task; returns ``rows``."""
+    for s in specs:
+        itos = label_vocabs[s.name].itos
+        pred = preds[s.name].tolist()
+        if s.level == "sequence":
+            for row, c in zip(rows, pred):
+                row[s.name] = itos[c]
+        else:
+            for row, t, cs in zip(rows, sents, pred):
+                row[s.name] = [itos[c] for c in cs[:len(t)]]
+    return rows
 
 
 def _positive_int(v, what):

@@ -153,13 +153,14 @@ def test_load_never_unpickles(tmp_path, monkeypatch):
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
 
-def _hand_model(scheme="bio", scale=3.0, constrained=True):
+def _hand_model(scheme="bio", scale=3.0, constrained=True, crf=False):
     tags = TAGS if scheme == "bio" else TAGS + ["E-PER", "S-PER", "E-LOC", "S-LOC"]
     words = ["<pad>", "<unk>"] + ["w%d" % i for i in range(12)]
     vocab = D.Vocab(words)
     lvs = {"ner": D.LabelVocab(tags), "cls": D.LabelVocab(["a", "b", "c"])}
-    specs = [D.TaskSpec("ner", "token", "ner"), D.TaskSpec("cls", "sequence", "cls")]
-    m = fastmtl.MultiTaskLSTM(len(words), 8, 6, [TokenTask("ner", len(tags)), SequenceTask("cls", 3)], dropout=0.3)
+    specs = [D.TaskSpec("ner", "token", "ner", crf=crf), D.TaskSpec("cls", "sequence", "cls")]
+    m = fastmtl.MultiTaskLSTM(len(words), 8, 6, [TokenTask("ner", len(tags), crf=crf), SequenceTask("cls", 3)],
+                              dropout=0.3)
     with torch.no_grad():
         for prm in m.heads.parameters():
             prm.mul_(scale).add_(torch.randn_like(prm))  # confident, varied predictions
@@ -189,6 +190,29 @@ def test_spans_follow_constrained_decoding(scheme, _fresh_seed):
             assert tags[x["start"]][0] in "BS"
         _check_result(r, p)
     assert n_spans > 0
+
+
+@pytest.mark.parametrize("crf,constrained", [(False, False), (False, True), (True, False), (True, True)])
+def test_predictor_and_evaluation_run_one_prediction_loop(crf, constrained, _fresh_seed):
+    """`fastmtl predict` (Predictor) and evaluation (predict_examples: the trainer's dev scores, `fastmtl evaluate`)
+    give the same labels for every sentence (argmax, span-constrained Viterbi, CRF Viterbi), whatever the batches."""
+    rng = random.Random(_fresh_seed)
+    m, vocab, lvs, specs = _hand_model(constrained=constrained, crf=crf)
+    sents = [["w%d" % rng.randrange(14) for _ in range(rng.randint(1, 9))] for _ in range(30)]
+    p = Predictor(m, vocab, lvs, specs, batch_size=4)
+    labels = p.predict_labels(sents)
+    details = p.predict(sents, batch_size=7)
+    assert m.training  # the predictor leaves the module's mode alone
+    for bs in (1, 5, 256):
+        got = T.predict_examples(m, vocab, lvs, specs, [{"tokens": s} for s in sents], torch.device("cpu"), bs)
+        assert not m.training  # evaluation leaves the model in eval mode
+        m.train()
+        for s, r, d, g in zip(sents, labels, details, got):
+            assert r == {"tokens": s, "ner": g["ner"], "cls": g["cls"]} and list(g) == ["ner", "cls"]
+            assert d["ner"]["labels"] == g["ner"] and d["cls"]["label"] == g["cls"]
+    assert T.predict_examples(m, vocab, lvs, specs, [], torch.device("cpu")) == []
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        T.predict_examples(m, vocab, lvs, specs, [{"tokens": ["w1"]}], torch.device("cpu"), 0)
 
 
 def test_without_constraints_probs_are_the_softmax(_fresh_seed):

@@ -2,37 +2,21 @@
 number that selects the best epoch."""
 from .. import data as D
 from .. import metrics as M
+from ..predictor import label_rows, predict_batches
 
 __all__ = ["predict_examples", "compute_metrics", "evaluate_examples", "evaluate_datasets", "dev_score",
            "main_metric", "format_metrics"]
 
 
-def _batches(encoded, batch_size):
-    return D.bucket_batches([len(x[0]) for x in encoded], batch_size, False, 0)
-
-
 def predict_examples(model, vocab, label_vocabs, specs, examples, device, batch_size=256):
-    """Predicted label strings for every example: list of ``{task: label or [labels]}``."""
+    """Predicted label strings for every example: list of ``{task: label or [labels]}`` (the prediction loop of
+    :class:`fastmtl.Predictor`, so both give the same labels). Leaves the model in eval mode."""
     model.eval()
-    encoded = [(vocab.encode(ex["tokens"]), {}) for ex in examples]
+    sentences = [ex["tokens"] for ex in examples]
     out = [None] * len(examples)
-    for idx in _batches(encoded, batch_size):
-        b = D.collate(encoded, idx, [], unk_probs=None).to(device)
-        chars = None
-        if getattr(model, "char_cnn", None) is not None:  # the real characters, also of out-of-vocabulary words
-            chars = model.char_cnn.chars_tensor([[vocab.normalize(w) for w in examples[i]["tokens"]] for i in idx])
-            chars = chars.to(device)
-        preds = model.predict(b.ids, b.lengths, chars=chars)
-        for s in specs:
-            p = preds[s.name].cpu().tolist()
-            lv = label_vocabs[s.name]
-            for r, i in enumerate(idx):
-                if out[i] is None:
-                    out[i] = {}
-                if s.level == "token":
-                    out[i][s.name] = [lv.decode(c) for c in p[r][: len(encoded[i][0])]]
-                else:
-                    out[i][s.name] = lv.decode(p[r])
+    for idx, sents, preds in predict_batches(model, vocab, sentences, device, batch_size):
+        for i, row in zip(idx, label_rows([{} for _ in idx], specs, label_vocabs, sents, preds)):
+            out[i] = row
     return out
 
 
