@@ -94,31 +94,11 @@ def viterbi_decode(scores, lengths, allowed, start=None, end=None):
     """Best allowed tag sequences. ``scores``: (B, T, C) per-token log-probabilities (or any additive scores);
     ``lengths``: (B,) real lengths (>= 1; None: all T); ``allowed``: (C, C) bool; ``start``/``end``: (C,) bool or None.
     Returns (B, T) int64 tags, -1 at padded positions. Ties go to the lowest tag index."""
-    if scores.dim() != 3:
-        raise ValueError("fastmtl: viterbi_decode: scores must be (B, T, C), got %s" % (tuple(scores.shape),))
+    lengths = _check("viterbi_decode", scores, lengths, allowed)
     B, T, C = scores.shape
-    if tuple(allowed.shape) != (C, C):
-        raise ValueError("fastmtl: viterbi_decode: allowed must be (%d, %d), got %s" % (C, C, tuple(allowed.shape)))
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long)
-    lengths = torch.as_tensor(lengths, device=scores.device).long()
-    if tuple(lengths.shape) != (B,) or (B and (int(lengths.min()) < 1 or int(lengths.max()) > T)):
-        raise ValueError("fastmtl: viterbi_decode: lengths must be (%d,) values in [1, %d]" % (B, T))
     if B == 0 or T == 0:
         return torch.full((B, T), -1, dtype=torch.long, device=scores.device)
-    return crf_decode(scores.float(), lengths, *_no_transitions(C, scores.device), allowed.to(scores.device),
-                      _mask(start, scores.device), _mask(end, scores.device))
-
-
-def _no_transitions(C, device):
-    """A CRF whose transitions all score 0: its Viterbi path and marginals are those of the scores alone (under
-    the constraints the masks add)."""
-    z = torch.zeros(C, device=device)
-    return torch.zeros(C, C, device=device), z, z
-
-
-def _mask(m, device):
-    return None if m is None else m.to(device)
+    return crf_decode(scores.float(), lengths, *_constrained_crf(C, allowed, start, end, scores.device))
 
 
 def constrained_marginals(scores, lengths, allowed, start=None, end=None):
@@ -130,19 +110,33 @@ def constrained_marginals(scores, lengths, allowed, start=None, end=None):
     padded positions. With every transition allowed they are the softmax of ``scores``, i.e. the tagger's own
     per-token probabilities; with constraints they move the mass of impossible tags (``I-X`` after ``O``) onto the
     tags of valid sequences, so the tag Viterbi picks and its probability here agree in what they call a span."""
+    lengths = _check("constrained_marginals", scores, lengths, allowed)
+    B, T, C = scores.shape
+    if B == 0 or T == 0:
+        return torch.zeros(B, T, C, device=scores.device)
+    # the forward-backward of a CRF whose transitions all score 0, in the native kernels (which normalise by Z)
+    return crf_marginals(scores.float(), lengths, *_constrained_crf(C, allowed, start, end, scores.device))
+
+
+def _check(fn, scores, lengths, allowed):
+    """Checks the arguments of ``fn`` (:func:`viterbi_decode` or :func:`constrained_marginals`); returns the lengths
+    as an int64 tensor on the scores' device."""
     if scores.dim() != 3:
-        raise ValueError("fastmtl: constrained_marginals: scores must be (B, T, C), got %s" % (tuple(scores.shape),))
+        raise ValueError("fastmtl: %s: scores must be (B, T, C), got %s" % (fn, tuple(scores.shape)))
     B, T, C = scores.shape
     if tuple(allowed.shape) != (C, C):
-        raise ValueError("fastmtl: constrained_marginals: allowed must be (%d, %d), got %s"
-                         % (C, C, tuple(allowed.shape)))
+        raise ValueError("fastmtl: %s: allowed must be (%d, %d), got %s" % (fn, C, C, tuple(allowed.shape)))
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long)
     lengths = torch.as_tensor(lengths, device=scores.device).long()
     if tuple(lengths.shape) != (B,) or (B and (int(lengths.min()) < 1 or int(lengths.max()) > T)):
-        raise ValueError("fastmtl: constrained_marginals: lengths must be (%d,) values in [1, %d]" % (B, T))
-    if B == 0 or T == 0:
-        return torch.zeros(B, T, C, device=scores.device)
-    # the forward-backward of a CRF whose transitions all score 0, in the native kernels (which normalise by Z)
-    return crf_marginals(scores.float(), lengths, *_no_transitions(C, scores.device), allowed.to(scores.device),
-                         _mask(start, scores.device), _mask(end, scores.device))
+        raise ValueError("fastmtl: %s: lengths must be (%d,) values in [1, %d]" % (fn, B, T))
+    return lengths
+
+
+def _constrained_crf(C, allowed, start, end, device):
+    """The CRF arguments (transitions, start, end, allowed, allowed_start, allowed_end) of a CRF whose transitions
+    all score 0 under the constraints: its Viterbi path and marginals are those of the scores alone."""
+    z = torch.zeros(C, device=device)
+    masks = [None if m is None else m.to(device) for m in (start, end)]
+    return (torch.zeros(C, C, device=device), z, z, allowed.to(device), *masks)

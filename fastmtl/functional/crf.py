@@ -26,6 +26,7 @@ and the NLL comes back in that compute dtype. Gradients have the dtype of each i
 import torch
 
 from .. import ops  # noqa: F401  registers fake kernels and autograd
+from ..reference.crf import reduce_nll
 
 __all__ = ["crf_nll", "crf_decode", "crf_marginals", "REDUCTIONS"]
 
@@ -100,13 +101,7 @@ def crf_nll(emissions, tags, lengths, transitions, start, end, reduction="sum", 
         raise TypeError("fastmtl: tags must hold integers (int64), got dtype %s" % tags.dtype)
     tags = tags.to(device=emissions.device, dtype=torch.long)
     nll = torch.ops.fastmtl.crf_nll_fwd(emissions, tags, lengths, transitions, start, end, *masks)[0]
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.mean()
-    return nll.sum() / lengths.sum().to(nll.dtype)
+    return reduce_nll(nll, lengths, emissions.shape[1], reduction)
 
 
 def crf_decode(emissions, lengths, transitions, start, end, allowed=None, allowed_start=None, allowed_end=None):

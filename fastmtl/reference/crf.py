@@ -88,10 +88,12 @@ def crf_nll_reference(emissions, tags, lengths, transitions, start, end, reducti
     lz = crf_log_partition_reference(emissions, lengths, transitions, start, end, allowed, allowed_start, allowed_end)
     sc = crf_score_reference(emissions, tags, lengths, transitions, start, end, allowed, allowed_start, allowed_end)
     nll = torch.where(torch.isinf(sc) & (sc < 0), torch.full_like(lz, float("inf")), lz - sc)
-    return _reduce(nll, lengths, emissions.shape[1], reduction)
+    return reduce_nll(nll, lengths, emissions.shape[1], reduction)
 
 
-def _reduce(nll, lengths, T, reduction):
+def reduce_nll(nll, lengths, T, reduction):
+    """The per-sequence NLLs (B,) reduced as pytorch-crf does (``"token_mean"``: divided by the real tokens; lengths
+    None: all T); :func:`fastmtl.functional.crf_nll` reduces its kernel's NLLs with it too."""
     if reduction == "none":
         return nll
     if reduction == "sum":
