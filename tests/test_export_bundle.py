@@ -493,6 +493,11 @@ def test_runtime_rejects_what_the_predictor_rejects(models, tmp_path):
     for kw in (dict(batch_size=0), dict(top_k=0), dict(batch_size=True)):
         with pytest.raises(ValueError):
             m.predict(["a"], **kw)
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    for bad in ("../model.onnx", "/etc/passwd", "", None):
+        (tmp_path / "b" / "meta.json").write_text(json.dumps(dict(meta, model_file=bad)))
+        with pytest.raises(ValueError, match="model_file must name a file in the bundle folder"):
+            rt.load(d)
     (tmp_path / "b" / "meta.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not the meta.json of a fastmtl bundle"):
         rt.load(d)

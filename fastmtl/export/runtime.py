@@ -68,7 +68,11 @@ class Model:
         self.encoder = Encoder(meta["vocab"], meta.get("chars"))
         self._tasks = [_Task(t) for t in meta["tasks"]]
         fmt = meta.get("model_format", "onnx")
-        model_path = os.path.join(directory, meta["model_file"])
+        name = meta.get("model_file")
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise ValueError("fastmtl runtime: %s: model_file must name a file in the bundle folder, got %r"
+                             % (path, name))
+        model_path = os.path.join(directory, name)
         if fmt == "onnx":
             self._engine = _OnnxEngine(model_path, threads, providers)
         elif fmt in ("torchscript", "pt2"):
