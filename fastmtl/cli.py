@@ -122,7 +122,7 @@ def build_parser():
     r.add_argument("--device", default="cpu")
     x = sub.add_parser("export", help="write a checkpoint as a self-contained bundle: model.onnx (standard ONNX), "
                        "meta.json and runtime.py (NumPy + ONNX Runtime only), or TorchScript / torch.export")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", help="the model: a best.pt written by fastmtl train")
     x.add_argument("directory", help="the bundle folder to create (new, or empty)")
     x.add_argument("--format", choices=["onnx", "torchscript", "pt2"], default="onnx",
                    help="onnx: model.onnx for ONNX Runtime (and any ONNX runtime); torchscript: model.pt for "
@@ -133,9 +133,9 @@ def build_parser():
                    help="torchscript: run the LSTM as torch.nn.LSTM (standard torch, default) or through fastmtl's "
                         "fused op (the loading process must load fastmtl's extension)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier bundle in DIRECTORY")
-    x.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="do not run the written bundle on example sentences against the model before it is put in "
-                        "place")
+    x.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the written bundle on example sentences and compare its scores with the model's before "
+                        "it is put in place (default: on)")
     b = sub.add_parser("bench", help="run a benchmark: python -m fastmtl.bench NAME ...")
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
