@@ -484,3 +484,26 @@ def test_one_pooling_by_hand_and_where_max_ties_go(device):
     (g_op,) = torch.autograd.grad(multitask_cross_entropy(tied, [W], [y], "sequence", **kw)[0], tied)
     (g_ref,) = torch.autograd.grad(multitask_cross_entropy_reference(tied, [W], [y], "sequence", **kw)[0], tied)
     torch.testing.assert_close(g_op, g_ref)
+
+
+def test_double_backward_at_tied_maxima_follows_the_first_order_gradient(device):
+    # the kernel's gradient of max pooling goes to the first of tied maxima; the double backward differentiates that
+    # same function, so the second derivatives at the other tied steps are zero too
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 3, dtype=torch.float64, generator=g)
+    hidden[:, 3] = hidden[:, 1] = hidden.abs().amax(dim=1) + 1.0  # steps 1 and 3 tie for the maximum
+    hidden = hidden.to(device).requires_grad_()
+    w = torch.randn(4, 3, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    y = torch.tensor([1, 3], device=device)
+    total, _ = multitask_cross_entropy(hidden, [w], [y], "sequence", poolings="max")
+    (gh,) = torch.autograd.grad(total, hidden, create_graph=True)
+    assert float(gh[:, 1].abs().sum()) > 0 and float(gh[:, 3].abs().sum()) == 0
+    (d_tied,) = torch.autograd.grad(gh[:, 3].sum(), w, retain_graph=True)
+    assert float(d_tied.abs().sum()) == 0
+    (d_first,) = torch.autograd.grad(gh[:, 1].sum(), w)
+    pooled = hidden.detach()[:, 1]  # the reference: the same first-order gradient written out, differentiated
+    wr = w.detach().clone().requires_grad_()
+    p = torch.softmax(pooled @ wr.T, dim=1)
+    ref = ((p - F.one_hot(y, 4).to(p)) @ wr).sum() / 2
+    (d_ref,) = torch.autograd.grad(ref, wr)
+    torch.testing.assert_close(d_first, d_ref)

@@ -179,7 +179,7 @@ def _reference_losses(hidden, lengths, weights, biases, targets, class_weights, 
         y = targets[k]
         ign = ignore_indices[k]
         if levels[k] == 0:
-            pooled = pool_hidden_reference(hidden, lengths, poolings[k], max_ties="split")
+            pooled = pool_hidden_reference(hidden, lengths, poolings[k], max_ties="first")
             logits = F.linear(pooled, weights[k], biases[k])
         else:
             logits = F.linear(hidden, weights[k], biases[k]).reshape(B * T, -1)
