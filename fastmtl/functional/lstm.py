@@ -5,6 +5,22 @@ already non-increasing) and unsorted at the end; each layer is one call of the f
 ``torch.ops.fastmtl.lstm_layer_forward`` (both directions at once), with dropout between layers in training. The
 same code serves eager calls, ``torch.jit.script`` of ``fastmtl.nn.LSTM`` and the exporters.
 
+Dropout between layers consumes torch's global generator exactly as torch.nn.LSTM does on the CPU, so a seed gives
+the same masks (values and generator state) in every mode. torch's CPU LSTM (aten/src/ATen/native/RNN.cpp, and the
+oneDNN path for padded input) calls ``at::dropout(layer_output, p, train=true)`` between layers: on the CPU that is
+``empty_like(x).bernoulli_(1 - p).div_(1 - p)`` times ``x`` (nothing drawn for p = 1). Padded input: the mask is
+drawn over the (T, B, D*H) layer output, as here. PackedSequence input: torch draws it over the packed data
+(sum(lengths), D*H) (time-major rows, the running sequences of each step in the packed order), so the mask is drawn
+as ``at::dropout`` draws it over a tensor of exactly that shape and dtype and then scattered to the padded layout
+the fused op uses (rows from the lengths and the packed order; zero at padding, where the output is zero).
+``lengths=`` (fastmtl's own argument) draws as torch.nn.LSTM over ``pack_padded_sequence(x, lengths,
+enforce_sorted=False)`` does (the packed order is ``torch.sort(lengths, descending=True)``'s, ties included), so
+the fast path and its torch equivalent agree too. Nothing is drawn in eval mode, for p = 0 or for one layer.
+Under ``torch.compile`` with lengths the mask is drawn over the padded layout (a graph cannot depend on the lengths'
+values): the same distribution, another stream. CUDA (unverified here): torch's cuDNN path draws its masks inside
+cuDNN from a dropout state seeded once per device from the CPU generator, which no other implementation can
+reproduce; fastmtl draws with ``torch.dropout`` on the CUDA generator over the same shapes as on the CPU.
+
 Errors follow ``torch.nn.LSTM``: the same exception types and the same leading wording for the same mistakes
 (wrong hidden size, input/weight dtype mismatch, empty sequence, wrong feature size, tensors on different devices),
 with fastmtl's detail appended. bfloat16/float16 on the CPU run the fused kernel in float32 (differentiable casts in
@@ -173,9 +189,11 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: Sequence[T
 
 def _lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tensor], num_layers: int,
           bidirectional: bool, batch_first: bool, dropout: float, training: bool,
-          lengths: Optional[Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+          lengths: Optional[Tensor], packed_order: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """:func:`lstm` with TorchScript's types: the checks, then :func:`_drive`. Eager calls, ``torch.jit.script`` of
-    fastmtl.nn.LSTM, torch.compile, torch.export and ONNX export all run this code."""
+    fastmtl.nn.LSTM, torch.compile, torch.export and ONNX export all run this code. ``packed_order``: the batch is
+    already in a PackedSequence's order (non-increasing lengths), the order in which torch draws dropout masks;
+    otherwise that order is the one ``pack_padded_sequence(enforce_sorted=False)`` would give."""
     # TorchScript compiles this code but skips what it cannot compile: the `if not torch.jit.is_scripting():` blocks
     # here and in fastmtl.nn.LSTM.forward (with the helpers only they call, out of line where TorchScript could not
     # even parse them), _standard_layer (torch.jit.unused; `standard` is never true in TorchScript) and the
@@ -255,14 +273,14 @@ def _lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], weights: List[Tens
             # The fused op runs in the dtype it is given: autocast must not recast anything inside it.
             with torch.autocast(input.device.type, enabled=False):
                 return _drive(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout, training,
-                              lengths, standard)
+                              lengths, standard, packed_order)
     return _drive(input, h0, c0, weights, num_layers, bidirectional, batch_first, dropout, training, lengths,
-                  standard)
+                  standard, packed_order)
 
 
 def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_layers: int, bidirectional: bool,
            batch_first: bool, dropout: float, training: bool, lengths: Optional[Tensor],
-           standard: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+           standard: bool, packed_order: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """The LSTM stack on checked arguments: batch-first -> time-major, lengths sorted once, one fused op per layer
     (``standard``: :func:`_standard_layer`, for ONNX), dropout between layers, and everything undone at the end."""
     D = 2 if bidirectional else 1
@@ -281,10 +299,12 @@ def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_lay
     # layers mask instead, and a traced graph must not depend on the example's order).
     inv: Optional[Tensor] = None
     layer_lengths: Optional[Tensor] = None
+    drop_rows: Optional[Tensor] = None
     T_run = T
     if lengths is not None:
         compiling = torch.compiler.is_compiling()
         lens = _check_lengths(lengths, B, T, compiling)
+        given_lens = lens
         if not standard and (compiling or (B > 0 and bool((lens[:-1] < lens[1:]).any()))):
             perm = torch.argsort(lens, descending=True, stable=True)
             inv = torch.argsort(perm)
@@ -298,6 +318,10 @@ def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_lay
             T_run = int(lens[0])
             full = T_run == T and int(lens[-1]) == T
         layer_lengths = None if full else lens  # every sequence full length: the plain path
+        if training and dropout > 0 and num_layers > 1 and not standard and not compiling and B > 0:
+            drop_rows = _packed_rows(given_lens, inv, T_run, B, packed_order)
+            if drop_rows is not None:
+                drop_rows = drop_rows.to(x.device)
     if T_run < T:
         x = x[:T_run]  # nothing runs past the longest sequence
 
@@ -320,7 +344,13 @@ def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_lay
         hys.append(hy)
         cys.append(cy)
         if layer + 1 < num_layers and dropout > 0 and training:
-            out = F.dropout(out, p=dropout, training=True)
+            if drop_rows is not None:
+                out = _packed_dropout(out, drop_rows, dropout, out_dtype)
+            elif upcast:  # the mask torch draws in the input's dtype (its kept value is 1 / (1 - p) rounded)
+                out = out * torch.dropout(torch.ones(out.shape, dtype=out_dtype, device=out.device), dropout,
+                                          True).to(out.dtype)
+            else:
+                out = torch.dropout(out, dropout, True)
         layer_in = out
     output = layer_in
     h_n = torch.cat(hys, 0) if num_layers > 1 else hys[0]
@@ -337,6 +367,45 @@ def _drive(input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor], num_lay
     if upcast:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return output, (h_n, c_n)
+
+
+def _packed_rows(lens: Tensor, inv: Optional[Tensor], T: int, B: int, packed_order: bool) -> Optional[Tensor]:
+    """The rows of the (T * B) flattened time-major layout of the fused op, one per row of torch's packed data, in
+    the packed order (time-major; at each step the running sequences in the packing's order), or None when they are
+    all the rows in order (the padded layout's own dropout then draws the same mask). ``lens`` are the lengths in
+    the caller's batch order (int64, CPU), ``inv`` the position of each of those sequences in the layout (None: the
+    same order), ``packed_order`` whether the caller's order already is the packed order (a PackedSequence);
+    otherwise it is ``pack_padded_sequence(enforce_sorted=False)``'s, ``torch.sort(lengths, descending=True)``."""
+    steps = torch.arange(T).unsqueeze(1)
+    if packed_order and inv is None:  # the layout is the packed order: its running (t, b) in row-major order
+        if int(lens[-1]) == T:
+            return None
+        return (steps < lens.unsqueeze(0)).view(-1).nonzero().view(-1)
+    if packed_order:
+        order = torch.arange(B)
+        sorted_lens = lens
+    else:
+        sorted_lens, order = torch.sort(lens, descending=True)
+    col = order if inv is None else inv.index_select(0, order)
+    if int(sorted_lens[-1]) == T and torch.equal(col, torch.arange(B)):
+        return None
+    return (steps * B + col.unsqueeze(0))[steps < sorted_lens.unsqueeze(0)]
+
+
+def _packed_dropout(out: Tensor, rows: Tensor, p: float, mask_dtype: torch.dtype) -> Tensor:
+    """Dropout of a padded (T, B, F) layer output with torch's mask for its packed data (rows.numel(), F) in the
+    input's dtype, scattered to the padded layout (zero at padding, where the output is zero already); the gradient
+    is masked and scaled the same way. On the CPU the mask is what ``at::dropout`` (the call torch's RNN makes)
+    draws there, ``empty(...).bernoulli_(1 - p).div_(1 - p)``, without multiplying it into ones (tests compare it
+    with torch's own); elsewhere, and for p = 1 (nothing drawn), it is ``torch.dropout`` of ones."""
+    T, B, Fd = out.shape[0], out.shape[1], out.shape[2]
+    if out.device.type == "cpu" and p < 1.0:
+        # at::dropout's CPU mask (_dropout_impl), without the ones it would be multiplied into
+        mask = torch.empty([rows.numel(), Fd], dtype=mask_dtype).bernoulli_(1.0 - p).div_(1.0 - p)
+    else:
+        mask = torch.dropout(torch.ones([rows.numel(), Fd], dtype=mask_dtype, device=out.device), p, True)
+    full = out.new_zeros([T * B, Fd]).index_copy_(0, rows, mask.to(out.dtype))
+    return out * full.view(T, B, Fd)
 
 
 def _needs_grad(x: Tensor, h: Tensor, c: Tensor, weights: List[Tensor]) -> bool:

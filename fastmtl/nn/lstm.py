@@ -12,6 +12,10 @@ Where a user can observe it, it behaves as torch.nn.LSTM does:
   ``torch.nn.utils.parametrize`` and weight/spectral norm see the weights they substitute;
 * mistakes raise torch.nn.LSTM's exception types with its wording, fastmtl's detail appended;
 * bfloat16/float16 run on the CPU (float32 math inside) and CPU/CUDA autocast gives torch.nn.LSTM's dtypes;
+* in training, dropout between layers draws from torch's global generator exactly as torch.nn.LSTM does on the CPU
+  (the same masks and the same generator state after a forward, padded or packed input; ``lengths=`` as torch over
+  ``pack_padded_sequence(enforce_sorted=False)``); on CUDA torch's cuDNN draws inside cuDNN, which cannot be
+  reproduced (see ``fastmtl.functional.lstm``);
 * ``torch.jit.script`` (the same code, typed; ``lengths`` must then be a tensor), ``torch.jit.trace``,
   ``torch.fx.symbolic_trace`` (it is a leaf module, as torch.nn.LSTM is), ``torch.onnx.export`` (standard ops
   while exporting), ``torch.compile(fullgraph=True)`` and ``torch.export``.
@@ -205,8 +209,9 @@ class LSTM(torch.nn.RNNBase):
                 h0 = h0.index_select(1, sorted_indices.to(h0.device))
                 c0 = c0.index_select(1, sorted_indices.to(c0.device))
             hx = (h0, c0)
+        # packed_order: dropout masks drawn over the packed data in this order, as torch.nn.LSTM draws them.
         out, (h_n, c_n) = _lstm(padded, hx, weights, self.num_layers, self.bidirectional, False, self.dropout,
-                                self.training, lengths)
+                                self.training, lengths, True)
         out_data = pack_padded_sequence(out, lengths, enforce_sorted=True).data
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices.to(h_n.device))
