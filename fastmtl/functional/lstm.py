@@ -429,7 +429,8 @@ def _standard_layer(x: Tensor, lengths: Optional[Tensor], h: Tensor, c: Tensor, 
     if lengths is None:
         out, hy, cy = torch.lstm(x, (h, c), weights, len(weights) == (8 if bidirectional else 4), 1, 0.0, False,
                                  bidirectional, False)
-        return out, hy, cy
+        # (torch 2.8's ONNX decomposition of one aten::lstm layer gives its states as (D, 1, B, H))
+        return out, hy.reshape(h.shape), cy.reshape(c.shape)
     from ..reference.lstm import lstm_reference
     out, (hy, cy) = lstm_reference(x, (h, c), weights, 1, bidirectional, False, lengths)
     return out, hy, cy
