@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl", "torchjd", "infer")
+RUNNERS = ("lstm", "heads", "crf", "train", "gemm", "train_step", "train_step_mtl", "torchjd", "infer", "flair")
 
 
 def main(argv=None):
@@ -21,8 +21,9 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.section and args.name == "all":
         p.error("--section names one runner's section; not with all")
-    # (all: not the train_step runners, nor torchjd, which needs the [torchjd] extra, nor infer, which needs onnx)
-    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl", "torchjd", "infer")
+    # (all: not the train_step runners, nor torchjd, which needs the [torchjd] extra, nor infer, which needs onnx,
+    # nor flair, which needs the [flair] extra)
+    names = [n for n in RUNNERS if n not in ("train_step", "train_step_mtl", "torchjd", "infer", "flair")
              and (n != "gemm" or args.device == "cpu")]
     if args.name != "all":
         names = [args.name]
