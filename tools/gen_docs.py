@@ -255,6 +255,14 @@ SECTIONS = {
             "user writes for variable lengths, uniform in [T/4, T]). Shapes are B,T,E,H. GFLOP/s counts the real "
             "tokens only; the GEMM rate is the fastest of torch.mm and oneDNN on a 1024^3 GEMM in the same run.",
     "lstm_infer": "the same shapes, forward only under `torch.inference_mode`.",
+    "infer": "inference of the default ATIS model, one sentence (p50/p99/p10 latency) and batches of 64 "
+             "(sentences/s), at the model level (tensors in, scores out) and the text level (sentences in, results "
+             "out): fastmtl eager, the same model in plain PyTorch, the exported ONNX bundle in ONNX Runtime and the "
+             "TorchScript exports; and one LSTM layer alone at B = 1 and 64.",
+    "flair": "one flair `ModelTrainer` epoch of a `SequenceTagger` (BiLSTM-CRF, hidden 256, SGD, batch 32, clipping "
+             "at 5) on 2,000 ATIS sentences, from the same weights and seed: stock flair, flair with only its LSTM "
+             "on `fastmtl.nn.LSTM`, and `fastmtl.integrations.flair.accelerate` (LSTMs and CRF on fastmtl's kernels); "
+             "wall clock and process CPU time, and the epoch loss of each.",
     "lstm_one_sentence": "one sentence (B = 1) forward under `inference_mode`, one thread, process CPU time.",
     "heads": "forward+backward of all task heads and the summed loss, B=64, T=32, D=512; `variable` lengths uniform in "
              "[5, 32], `full` all 32; the reference is `nn.Linear` + `F.cross_entropy` per task, summed. Peak memory "
