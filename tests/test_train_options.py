@@ -223,6 +223,7 @@ def test_output_dir_overwrite(files, tmp_path, capsys):
     (out / "sub").mkdir()
     target = tmp_path / "target.txt"
     target.write_text("keep")
+    (out / "learning_curve.png").unlink(missing_ok=True)  # (written where matplotlib is installed)
     os.symlink(str(target), str(out / "learning_curve.png"))  # a link is removed, never its target
     (out / ".best.pt.abc123.tmp").write_text("left over")
     # a bad option or bad data leaves the earlier run alone
