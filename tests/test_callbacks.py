@@ -190,6 +190,8 @@ def test_bad_callbacks_config_and_objects(files):
         Trainer(config(files), callbacks=[Typo()])
     with pytest.raises(TypeError, match="has none of the hooks"):
         Trainer(config(files), callbacks=[object()])
+    with pytest.raises(TypeError, match=r"Recorder is a class; give an instance \(Recorder\(\)\)"):
+        Trainer(config(files), callbacks=[Recorder])
 
 
 def test_cli_bad_callback_is_one_line(files, capsys):

@@ -16,7 +16,8 @@ calls each one on every callback, in the order of its list, with itself (``train
 ==========================================  =========================================================================
 
 A callback stops the run after the current epoch with ``trainer.state.should_stop = True`` (and may set
-``trainer.state.stop_reason``). Every rank of a ``torchrun`` run calls its callbacks; ``trainer.is_main`` is true on
+``trainer.state.stop_reason``; under ``torchrun`` the run stops where any rank asks). A callback's ``close()``, if it
+has one, is called when :meth:`~fastmtl.training.Trainer.fit` ends, also by an error or an interrupt. Every rank of a ``torchrun`` run calls its callbacks; ``trainer.is_main`` is true on
 the one that writes files.
 
 The run's files, messages and progress bar are built-in callbacks (:func:`default_callbacks`): :class:`ProgressBar`,
@@ -110,6 +111,8 @@ class Callback:
 def check_callback(cb, where="callback", error=TypeError):
     """``error`` for an object that is not a callback: no hook at all, a hook that is not callable, or a method
     named like a hook that is none (``on_epoch_ends``: a typo would never be called)."""
+    if isinstance(cb, type):
+        raise error("fastmtl: %s %s is a class; give an instance (%s())" % (where, cb.__name__, cb.__name__))
     names = [n for n in dir(cb) if n.startswith("on_") and not n.startswith("on__")]
     unknown = [n for n in names if n not in HOOKS and callable(getattr(cb, n, None))]
     if unknown:
@@ -264,22 +267,35 @@ class TensorBoard(Callback):
     def __init__(self, log_dir=None, every=1):
         if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise ValueError("fastmtl: TensorBoard: every must be an integer >= 1, got %r" % (every,))
+        try:
+            import tensorboard  # noqa: F401  (what torch.utils.tensorboard needs)
+        except ImportError as e:
+            raise ModuleNotFoundError("fastmtl: the tensorboard callback needs the tensorboard package (pip install "
+                                      "fastmtl[tensorboard]): %s" % e) from None
         self.log_dir, self.every, self.writer = log_dir, every, None
 
     def on_fit_start(self, trainer):
-        if not trainer.is_main:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError("fastmtl: the tensorboard callback needs the tensorboard package (pip install "
-                              "fastmtl[tensorboard]): %s" % e) from None
         log_dir = self.log_dir or (os.path.join(trainer.out_dir, "tensorboard") if trainer.out_dir else None)
-        if log_dir is None:
+        if log_dir is None:  # (on every rank: the trainer calls on_fit_start before it touches the folder)
             raise ValueError("fastmtl: the tensorboard callback writes under --output-dir; give --output-dir (or "
                              "TensorBoard(log_dir=...))")
+        if not trainer.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
         st = trainer.state
+        if not st.global_step and trainer.cfg.overwrite and os.path.isdir(log_dir):
+            # --overwrite: the earlier run's event files go with its other files (links themselves, not targets)
+            for name in os.listdir(log_dir):
+                p = os.path.join(log_dir, name)
+                if name.startswith("events.out.tfevents.") and (os.path.islink(p) or os.path.isfile(p)):
+                    os.unlink(p)
         self.writer = SummaryWriter(log_dir=log_dir, purge_step=st.global_step + 1 if st.global_step else None)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def on_step_end(self, trainer, step):
         if self.writer is None or step.global_step % self.every:
@@ -310,9 +326,7 @@ class TensorBoard(Callback):
             self.writer.add_scalar(tag, v, trainer.state.best_epoch)
 
     def on_fit_end(self, trainer, result):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.close()
 
 
 BUILTIN = {"tensorboard": TensorBoard}
@@ -337,8 +351,11 @@ def _import(name):
         cwd = os.getcwd()
         if e.name != name.partition(".")[0] or cwd in sys.path or "" in sys.path:
             raise
-    sys.path.append(cwd)  # last: the installed modules come first
-    return importlib.import_module(name)
+    sys.path.append(cwd)  # last: the installed modules come first; only for this import
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(cwd)
 
 
 def load_callback(spec):

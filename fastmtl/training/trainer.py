@@ -381,7 +381,11 @@ class Trainer:
             if self.ema is not None and ck.get("ema") is not None:
                 ema_state = {k: v.to(self.device) for k, v in ck["ema"].items()}
             set_rng_state(ck["rng"], self.device)
-            state = RunState(epoch=int(ck["epoch"]), global_step=int(ck.get("global_step", 0)),
+            # (a last.pt without global_step: the steps of its epochs as planned)
+            steps = ck.get("global_step")
+            if steps is None:
+                steps = sum(len(self.planner.plan(e)) for e in range(int(ck["epoch"])))
+            state = RunState(epoch=int(ck["epoch"]), global_step=int(steps),
                              history=list(ck["history"]), best_score=float(ck["best_score"]),
                              best_epoch=int(ck["best_epoch"]), bad_epochs=int(ck["bad_epochs"]),
                              best_state=ck.get("best_model"), train_time=float(ck.get("train_time_s", 0.0)))
@@ -580,19 +584,23 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            for cb in self.callbacks:  # (the progress bar, TensorBoard's writer: also after an error)
+                close = getattr(cb, "close", None)
+                if callable(close):
+                    close()
             self.release_output_dir()
 
     def _fit(self):
         if not self.is_setup:
             self.setup()
         cfg, st = self.cfg, self.state
+        self.callbacks.call("on_fit_start", self)  # (a callback that cannot start stops the run here)
         if self.out_dir and self.is_main and cfg.overwrite:
             # as late as possible (bad data or checkpoints leave the earlier run alone), and after the process group
             # is up (no other rank still looks at the old files)
             remove_run_files(self.out_dir)
         self.t_start = time.perf_counter() - st.train_time
         self.total_tokens, self.tok_time = 0, 0.0
-        self.callbacks.call("on_fit_start", self)
         try:
             for epoch in range(st.epoch, cfg.epochs):
                 rec = self.run_epoch(epoch)
@@ -602,7 +610,7 @@ class Trainer:
                 st.history.append(rec)
                 st.epoch = epoch + 1
                 self.callbacks.call("on_epoch_end", self, rec)
-                if st.should_stop:
+                if self.dist.any(st.should_stop, self.device):  # every rank stops where any asks
                     break
                 if self.out_of_time():
                     self.log("fastmtl: time budget of %g minutes reached" % cfg.max_minutes)
