@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..functional.lstm import _lstm
+
 __all__ = ["InferenceModule", "PredictModule", "from_model", "LSTM_BACKENDS", "POOLING_CODES", "KIND_ARGMAX",
            "KIND_CONSTRAINED", "KIND_CRF"]
 
@@ -49,26 +51,18 @@ class TorchLSTM(nn.Module):
 
 
 class FastmtlLSTM(nn.Module):
-    """The same weights (held by an ``nn.LSTM``) run layer by layer through ``torch.ops.fastmtl.lstm_layer_forward``."""
+    """The same weights (held by an ``nn.LSTM``) through fastmtl's one LSTM driver (its fused op per layer)."""
 
     def __init__(self, lstm: nn.LSTM):
         super().__init__()
         self.lstm = lstm
         self.num_layers = lstm.num_layers
         self.bidirectional = lstm.bidirectional
-        self.hidden_size = lstm.hidden_size
-        self.per_layer = len(lstm._flat_weights_names) // lstm.num_layers
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        weights = self.lstm._flat_weights
-        D = 2 if self.bidirectional else 1
-        h0 = x.new_zeros([D, x.shape[1], self.hidden_size])
-        for layer in range(self.num_layers):
-            w = weights[layer * self.per_layer:(layer + 1) * self.per_layer]
-            out = torch.ops.fastmtl.lstm_layer_forward(x.contiguous(), lengths, h0, h0, w, self.bidirectional,
-                                                        False)
-            x = out[0]
-        return x
+        out, _ = _lstm(x, None, self.lstm._flat_weights, self.num_layers, self.bidirectional, False, 0.0, False,
+                       lengths)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
