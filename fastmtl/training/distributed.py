@@ -109,10 +109,9 @@ class Distributed:
         mine = gidx[lo:hi]
         tmax = max(len(encoded[i][0]) for i in mine)
         counts = count_items(encoded, gidx, specs)
-        gb = batch
-        part = D.Batch(gb.ids[lo:hi, :tmax], gb.lengths[lo:hi],
-                       {n: (t[lo:hi, :tmax] if t.dim() == 2 else t[lo:hi]) for n, t in gb.targets.items()}, mine,
-                       gb.raw_ids[lo:hi, :tmax])
+        part = D.Batch(batch.ids[lo:hi, :tmax], batch.lengths[lo:hi],
+                       {n: (t[lo:hi, :tmax] if t.dim() == 2 else t[lo:hi]) for n, t in batch.targets.items()}, mine,
+                       batch.raw_ids[lo:hi, :tmax])
         return part, counts
 
     def scale(self, targets, counts):
