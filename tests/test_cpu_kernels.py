@@ -52,7 +52,8 @@ def test_lstm_parity_with_torch(isa, case):
 # gate, backward tiles of four vectors) and block the batch rows (3 or 6 per register tile): hidden sizes around
 # every width (partial vectors and tiles) and batch sizes around every row block.
 @pytest.mark.parametrize("B,H", [(B, 7) for B in (1, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 33)]
-                         + [(5, H) for H in (1, 2, 4, 8, 15, 16, 17, 31, 33, 64, 65)])
+                         + [(5, H) for H in (1, 2, 4, 8, 15, 16, 17, 31, 33, 64, 65)]
+                         + [(1, H) for H in (1, 2, 5, 16, 17, 33, 64, 70)])
 def test_lstm_isas_agree(B, H):
     if len(ISAS) < 2:
         pytest.skip("this CPU runs only the scalar kernels: nothing to compare")
@@ -81,6 +82,34 @@ def test_lstm_isas_agree(B, H):
     grads = torch.autograd.grad((out.sin().sum() + h.sum() + c.cos().sum()), [xx] + list(ref.parameters()))
     for a, b in zip(results["scalar"], [out, h, c] + list(grads)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H", [3, 16, 37, 64, 96])
+def test_lstm_one_sequence_matches_batched(isa, dtype, H):
+    # One sequence runs the step kernel on W_hh as it is (no packing); in a batch the tile kernel on packed W_hh:
+    # the same sequence's outputs and states agree, in both directions, with and without an initial state.
+    T, E, B = 7, 11, 5
+    torch.manual_seed(H)
+    ws = []
+    for _ in range(2):
+        ws += [torch.randn(4 * H, E, dtype=dtype) * 0.3, torch.randn(4 * H, H, dtype=dtype) * 0.3,
+               torch.randn(4 * H, dtype=dtype) * 0.1, torch.randn(4 * H, dtype=dtype) * 0.1]
+    x = torch.randn(T, B, E, dtype=dtype) * 2
+    hx, cx = torch.randn(2, B, H, dtype=dtype), torch.randn(2, B, H, dtype=dtype)
+    L = torch.full((B,), T, dtype=torch.long)
+    ops = torch.ops.fastmtl
+    out, hy, cy, res = ops.lstm_layer_forward(x, L, hx, cx, ws, True, True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for b in (0, 3):
+        for need_reserve in (True, False):
+            o1, h1, c1, r1 = ops.lstm_layer_forward(x[:, b:b + 1], L[:1], hx[:, b:b + 1].contiguous(),
+                                                    cx[:, b:b + 1].contiguous(), ws, True, need_reserve)
+            torch.testing.assert_close(o1[:, 0], out[:, b], **tol)
+            torch.testing.assert_close(h1[:, 0], hy[:, b], **tol)
+            torch.testing.assert_close(c1[:, 0], cy[:, b], **tol)
+            if need_reserve:
+                torch.testing.assert_close(r1[:, :, 0], res[:, :, b], **tol)
 
 
 def test_lstm_float64_every_isa(isa):

@@ -55,10 +55,17 @@ constexpr double kParallelMacs = 1 << 20;
 // rows the whole of B is packed for a few rows and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against
 // 0.22 ms), so ATen keeps those (the grad_hx GEMM of a step where few sequences start). The per-ISA choice
 // (GemmKernels::beats_blas) was measured against MKL on this AMD CPU only: on an Intel CPU MKL's own AVX2/AVX-512
-// paths are tuned and may match or beat these kernels.
+// paths are tuned and may match or beat these kernels. On a Zen 4 the own kernel only wins from a few hundred rows
+// (kOwnMinRows below).
+// Below this many rows of C the own GEMM (which packs all of B per call) is not used. Measured on an AMD EPYC Zen 4
+// (1 thread, torch 2.13's BLAS): X (m x 192) @ W_ih^T (192 x 2048), the LSTM's input projection, took 1.54x
+// torch's time at 32 rows, 1.10x at 128, 1.05x at 256 and 0.88x at 704 (and 512 x 2048: 1.68x, 1.24x, 1.00x,
+// 0.96x); on the Zen 5 of the note above it won from 14 rows, so this gives up that gain below 256 rows there.
+constexpr int64_t kOwnMinRows = 256;
+
 bool use_own_gemm_f32(int64_t m, int64_t n, int64_t k) {
   const cpu_kernels::GemmKernels& t = cpu_kernels::gemm_kernels();
-  return t.beats_blas && m >= t.mr && n > 0 && k > 0;
+  return t.beats_blas && m >= std::max<int64_t>(t.mr, kOwnMinRows) && n > 0 && k > 0;
 }
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,

@@ -61,6 +61,11 @@ FwdFn<T> fwd_kernel(const cpu_kernels::LstmCellKernels& k) {
   else return k.fwd_f64;
 }
 template <typename T>
+FwdFn<T> fwd_gemv_kernel(const cpu_kernels::LstmCellKernels& k) {
+  if constexpr (std::is_same_v<T, float>) return k.fwd_gemv_f32;
+  else return k.fwd_gemv_f64;
+}
+template <typename T>
 BwdFn<T> bwd_kernel(const cpu_kernels::LstmCellKernels& k) {
   if constexpr (std::is_same_v<T, float>) return k.bwd_f32;
   else return k.bwd_f64;
@@ -290,6 +295,9 @@ const T* ptr_or_null(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
+// Up to this many rows (sequences) the forward step reads W_hh unpacked (LstmCellKernels::fwd_gemv_*).
+constexpr int64_t kGemvRows = 1;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx_,
     const at::Tensor& cx, at::TensorList weights, bool bidirectional, bool need_reserve) {
@@ -329,11 +337,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   const Team tm = make_team(D);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
-    const FwdFn<T_> kernel = fwd_kernel<T_>(kernels);
+    // Few rows: the step kernel reads W_hh as it is (kGemvRows); otherwise it is packed once per call for the tile
+    // kernel, whose panels pay for the pack from a few rows on.
+    const bool gemv = B <= kGemvRows;
+    const FwdFn<T_> kernel = gemv ? fwd_gemv_kernel<T_>(kernels) : fwd_kernel<T_>(kernels);
     const int W = lanes<T_>(kernels);
     const int64_t PF = cpu_kernels::fwd_blocks(H, W), psize = cpu_kernels::fwd_packed_size(H, W);
-    at::Tensor packed = scratch(kPackW, {D, psize}, input.options());
-    T_* wp = packed.data_ptr<T_>();
+    at::Tensor packed = gemv ? at::Tensor() : scratch(kPackW, {D, psize}, input.options());
+    T_* wp = gemv ? nullptr : packed.data_ptr<T_>();
     const T_* gxp = gx.const_data_ptr<T_>();
     T_* outp = output.data_ptr<T_>();
     const T_* hxp = hx.const_data_ptr<T_>();
@@ -341,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
     const T_* biasp = ptr_or_null<T_>(bias);
     auto setup = [&](int dir, int rank, int g) {
+      if (gemv) return;
       const auto [p0, p1] = share(PF, rank, g);
       cpu_kernels::pack_fwd<T_>(w_hh[dir].const_data_ptr<T_>(), H, W, wp + dir * psize, p0, p1);
     };
@@ -371,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
         a.out = out_t;
         a.out_ld = DH;
         a.reserve = res_t;
-        a.wp = wp + dir * psize;
+        a.wp = gemv ? w_hh[dir].const_data_ptr<T_>() : wp + dir * psize;
         a.H = H;
         a.n = n;
         kernel(a, p0, p1);

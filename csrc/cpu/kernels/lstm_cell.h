@@ -121,6 +121,9 @@ struct LstmCellKernels {
   int lanes_f64;
   void (*fwd_f32)(const FwdStep<float>&, int64_t p0, int64_t p1);
   void (*fwd_f64)(const FwdStep<double>&, int64_t p0, int64_t p1);
+  // The forward for few rows on W_hh unpacked (FwdStep::wp = W_hh itself, 4H x H row-major), same blocks p of W.
+  void (*fwd_gemv_f32)(const FwdStep<float>&, int64_t p0, int64_t p1);
+  void (*fwd_gemv_f64)(const FwdStep<double>&, int64_t p0, int64_t p1);
   void (*bwd_f32)(const BwdStep<float>&, int64_t q0, int64_t q1);
   void (*bwd_f64)(const BwdStep<double>&, int64_t q0, int64_t q1);
 };

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "simd_math.h"  // first: its diagnostic settings cover the instantiations below
 #include "fastmtl/lstm_math.h"
@@ -96,21 +97,14 @@ FASTMTL_KERNEL_INLINE void tile_gemm(const T* const* a, int64_t K, const T* pane
   }
 }
 
-// Forward: rows [b0, b0 + M) of unit block p.
-template <typename L, int M, typename T>
-FASTMTL_KERNEL_INLINE void fwd_tile(const FwdStep<T>& a, int64_t p, int64_t b0) {
+// The forward epilogue of row b and units [j, j + cnt): the gate pre-activations acc (the recurrent product of
+// the W units) plus gx_t and the bias, then the cell, writing c_t, h_t and (for backward) the activated gates.
+template <typename L, typename T>
+FASTMTL_KERNEL_INLINE void fwd_epilogue(const FwdStep<T>& a, int64_t j, int cnt, int64_t b,
+                                        const typename L::type (&acc)[4]) {
   using V = typename L::type;
   using Act = typename L::Act;
-  constexpr int W = L::W;
-  const int64_t H = a.H, j = p * W;
-  const int cnt = H - j < W ? int(H - j) : W;
-  const T* rows[M];
-  for (int m = 0; m < M; ++m) {
-    const int64_t b = b0 + m;
-    rows[m] = b < a.split ? a.hp_a + b * a.hp_a_ld : a.hp_b + b * a.hp_b_ld;
-  }
-  V acc[M][4];
-  tile_gemm<L, M>(rows, H, a.wp + p * H * 4 * W, acc);
+  const int64_t H = a.H;
   V bi = L::splat(T(0)), bf = bi, bg = bi, bo = bi;
   if (a.bias) {
     bi = L::load_n(a.bias + j, cnt);
@@ -118,25 +112,42 @@ FASTMTL_KERNEL_INLINE void fwd_tile(const FwdStep<T>& a, int64_t p, int64_t b0) 
     bg = L::load_n(a.bias + 2 * H + j, cnt);
     bo = L::load_n(a.bias + 3 * H + j, cnt);
   }
-  for (int m = 0; m < M; ++m) {
-    const int64_t b = b0 + m;
-    const T* gx = a.gx + b * a.gx_ld + j;
-    T* c = a.c + b * H + j;
-    V i, f, g, o, cn, h;
-    lm::cell_forward<Act>(acc[m][0] + L::load_n(gx, cnt) + bi, acc[m][1] + L::load_n(gx + H, cnt) + bf,
-                          acc[m][2] + L::load_n(gx + 2 * H, cnt) + bg, acc[m][3] + L::load_n(gx + 3 * H, cnt) + bo,
-                          L::load_n(c, cnt), i, f, g, o, cn, h);
-    L::store_n(c, cn, cnt);
-    L::store_n(a.out + b * a.out_ld + j, h, cnt);
-    if (a.reserve) {
-      T* r = a.reserve + b * 5 * H + j;
-      L::store_n(r, i, cnt);
-      L::store_n(r + H, f, cnt);
-      L::store_n(r + 2 * H, g, cnt);
-      L::store_n(r + 3 * H, o, cnt);
-      L::store_n(r + 4 * H, cn, cnt);
-    }
+  const T* gx = a.gx + b * a.gx_ld + j;
+  T* c = a.c + b * H + j;
+  V i, f, g, o, cn, h;
+  lm::cell_forward<Act>(acc[0] + L::load_n(gx, cnt) + bi, acc[1] + L::load_n(gx + H, cnt) + bf,
+                        acc[2] + L::load_n(gx + 2 * H, cnt) + bg, acc[3] + L::load_n(gx + 3 * H, cnt) + bo,
+                        L::load_n(c, cnt), i, f, g, o, cn, h);
+  L::store_n(c, cn, cnt);
+  L::store_n(a.out + b * a.out_ld + j, h, cnt);
+  if (a.reserve) {
+    T* r = a.reserve + b * 5 * H + j;
+    L::store_n(r, i, cnt);
+    L::store_n(r + H, f, cnt);
+    L::store_n(r + 2 * H, g, cnt);
+    L::store_n(r + 3 * H, o, cnt);
+    L::store_n(r + 4 * H, cn, cnt);
   }
+}
+
+// h_{t-1} of row b.
+template <typename T>
+FASTMTL_KERNEL_INLINE const T* fwd_prev_row(const FwdStep<T>& a, int64_t b) {
+  return b < a.split ? a.hp_a + b * a.hp_a_ld : a.hp_b + b * a.hp_b_ld;
+}
+
+// Forward: rows [b0, b0 + M) of unit block p.
+template <typename L, int M, typename T>
+FASTMTL_KERNEL_INLINE void fwd_tile(const FwdStep<T>& a, int64_t p, int64_t b0) {
+  using V = typename L::type;
+  constexpr int W = L::W;
+  const int64_t H = a.H, j = p * W;
+  const int cnt = H - j < W ? int(H - j) : W;
+  const T* rows[M];
+  for (int m = 0; m < M; ++m) rows[m] = fwd_prev_row(a, b0 + m);
+  V acc[M][4];
+  tile_gemm<L, M>(rows, H, a.wp + p * H * 4 * W, acc);
+  for (int m = 0; m < M; ++m) fwd_epilogue<L>(a, j, cnt, b0 + m, acc[m]);
 }
 
 template <typename L, int MR, typename T>
@@ -154,6 +165,83 @@ FASTMTL_KERNEL_INLINE void fwd_step_impl(const FwdStep<T>& a, int64_t p0, int64_
     int64_t b0 = 0;
     for (; b0 + MR <= a.n; b0 += MR) fwd_tile<L, MR>(a, p, b0);
     if (b0 < a.n) fwd_rows_rest<L, MR>(a, p, b0, a.n - b0);
+  }
+}
+
+// Forward for few rows, straight from W_hh's own layout (4H x H row-major; FwdStep::wp points at it, nothing is
+// packed): the weights are read once per row and step, as the tile kernel reads its panels, but without the pack per
+// call, which at B = 1 costs as much as several steps. Per unit block p (units j .. j + W - 1) and gate k, the W
+// weight rows of those units are dotted with h_{t-1}: one accumulator per row, a K loop of W-lane chunks (W
+// independent FMA chains), then a pairwise reduction turns the W accumulators into one vector whose lane u is unit
+// j + u's pre-activation, and the epilogue is the tile kernel's.
+#ifdef FASTMTL_HAVE_VECTOR_EXT
+template <typename V, std::size_t... I>
+FASTMTL_KERNEL_INLINE V pair_sums(const V& x, const V& y, std::index_sequence<I...>) {
+  // lanes 0 .. W/2-1: x's neighbouring lanes summed; lanes W/2 .. W-1: y's
+  return __builtin_shufflevector(x, y, int(2 * I)...) + __builtin_shufflevector(x, y, int(2 * I + 1)...);
+}
+#endif
+
+// acc[u] (W lanes each) -> one vector whose lane u is the sum of acc[u]'s lanes (acc is overwritten).
+template <typename L>
+FASTMTL_KERNEL_INLINE typename L::type row_sums(typename L::type (&acc)[L::W]) {
+  constexpr int W = L::W;
+#ifdef FASTMTL_HAVE_VECTOR_EXT
+  if constexpr (W > 1) {
+#pragma GCC unroll 8
+    for (int s = W; s > 1; s /= 2)
+#pragma GCC unroll 16
+      for (int i = 0; i < s / 2; ++i) acc[i] = pair_sums(acc[2 * i], acc[2 * i + 1], std::make_index_sequence<W>());
+  }
+#endif
+  return acc[0];
+}
+
+// Lane u: the dot product of row u of w (rows of ld H; u < cnt, the other lanes 0) with h (H values). Each row is
+// read start to end (one sequential stream over the block's rows, which the prefetchers follow at full speed; a
+// column walk over W rows at once ran 20-40 % slower), with four partial sums for independent FMA chains.
+template <typename L, typename T>
+FASTMTL_KERNEL_INLINE typename L::type rows_dot(const T* w, int64_t H, const T* h, int cnt) {
+  using V = typename L::type;
+  constexpr int W = L::W;
+  V acc[W];
+  for (int u = 0; u < W; ++u) {
+    V s0 = L::splat(T(0)), s1 = s0, s2 = s0, s3 = s0;
+    if (u < cnt) {
+      const T* r = w + u * H;
+      int64_t k = 0;
+      for (; k + 4 * W <= H; k += 4 * W) {
+        s0 += L::load(r + k) * L::load(h + k);
+        s1 += L::load(r + k + W) * L::load(h + k + W);
+        s2 += L::load(r + k + 2 * W) * L::load(h + k + 2 * W);
+        s3 += L::load(r + k + 3 * W) * L::load(h + k + 3 * W);
+      }
+      for (; k + W <= H; k += W) s0 += L::load(r + k) * L::load(h + k);
+      if (k < H) s1 += L::load_n(r + k, int(H - k)) * L::load_n(h + k, int(H - k));
+    }
+    acc[u] = (s0 + s1) + (s2 + s3);
+  }
+  return row_sums<L>(acc);
+}
+
+template <typename T, int VB>
+FASTMTL_KERNEL_INLINE void fwd_gemv_impl(const FwdStep<T>& a, int64_t p0, int64_t p1) {
+  using L = LanesOf<T, VB>;
+  using V = typename L::type;
+  constexpr int W = L::W;
+  const int64_t H = a.H;
+  for (int64_t b = 0; b < a.n; ++b) {
+    const T* h = fwd_prev_row(a, b);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t j = p * W;
+      const int cnt = H - j < W ? int(H - j) : W;
+      V acc[4];
+      for (int k = 0; k < 4; ++k) {
+        const T* w = a.wp + (k * H + j) * H;
+        acc[k] = rows_dot<L>(w, H, h, cnt);
+      }
+      fwd_epilogue<L>(a, j, cnt, b, acc);
+    }
   }
 }
 
@@ -242,6 +330,12 @@ FASTMTL_KERNEL_INLINE void bwd_step_impl(const BwdStep<T>& a, int64_t q0, int64_
   ATTR void lstm_fwd_f64_##isa(const FwdStep<double>& a, int64_t p0, int64_t p1) {                       \
     fwd_step_impl<double, VB, 4>(a, p0, p1);                                                              \
   }                                                                                                       \
+  ATTR void lstm_fwd_gemv_f32_##isa(const FwdStep<float>& a, int64_t p0, int64_t p1) {                   \
+    fwd_gemv_impl<float, VB>(a, p0, p1);                                                                  \
+  }                                                                                                       \
+  ATTR void lstm_fwd_gemv_f64_##isa(const FwdStep<double>& a, int64_t p0, int64_t p1) {                  \
+    fwd_gemv_impl<double, VB>(a, p0, p1);                                                                 \
+  }                                                                                                       \
   ATTR void lstm_bwd_f32_##isa(const BwdStep<float>& a, int64_t q0, int64_t q1) {                         \
     bwd_step_impl<float, VB, MR>(a, q0, q1);                                                              \
   }                                                                                                       \
@@ -249,7 +343,8 @@ FASTMTL_KERNEL_INLINE void bwd_step_impl(const BwdStep<T>& a, int64_t q0, int64_
     bwd_step_impl<double, VB, 4>(a, q0, q1);                                                              \
   }                                                                                                       \
   const LstmCellKernels kTable_##isa{LanesOf<float, VB>::W, LanesOf<double, VB>::W, &lstm_fwd_f32_##isa,   \
-                                     &lstm_fwd_f64_##isa, &lstm_bwd_f32_##isa, &lstm_bwd_f64_##isa};        \
+                                     &lstm_fwd_f64_##isa, &lstm_fwd_gemv_f32_##isa, &lstm_fwd_gemv_f64_##isa,    \
+                                     &lstm_bwd_f32_##isa, &lstm_bwd_f64_##isa};                            \
   }                                                                                                       \
   const LstmCellKernels* lstm_cell_kernels_##isa() { return &kTable_##isa; }                              \
   }                                                                                                       \
