@@ -150,6 +150,31 @@ def _words(V=40):
                                  for _ in range(V - 2)]
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_char_cnn_inference_path_matches_training_path(kernel_size):
+    # Without gradients the CPU forward runs the convolution as one GEMM over the windows: the same features as
+    # Conv1d (with gradients), also for words without characters.
+    words = ["<pad>", "<unk>", "a", "boston", "bos", "x" * 30, "denver", "to"]
+    torch.manual_seed(kernel_size)
+    enc = CharCNN(words, char_dim=6, filters=7, kernel_size=kernel_size, max_word_len=20)
+    ids = torch.tensor([[3, 4, 2, 5, 6], [1, 0, 7, 2, 0]])
+    chars = enc.chars_tensor([["boston", "bos", "a", "x" * 30, "q"], ["zzq", "", "to", "a", "denver"]])
+    for c in (None, chars):
+        train = enc(ids, c)
+        assert train.requires_grad
+        with torch.no_grad():
+            assert enc._inference(enc.embedding(torch.zeros(1, 1, dtype=torch.long)))
+            infer = enc(ids, c)
+        torch.testing.assert_close(infer, train.detach(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # against a direct computation: Conv1d, ReLU, max over the real characters only
+            cc = c.reshape(-1, c.shape[2]) if c is not None else enc.char_ids[ids.reshape(-1)]
+            for n in range(cc.shape[0]):
+                real = cc[n][cc[n] != 0]
+                want = (torch.zeros(7) if real.numel() == 0 else
+                        torch.relu(enc.conv(enc.embedding(real)[None].transpose(1, 2))).amax(dim=2)[0])
+                torch.testing.assert_close(infer.reshape(-1, 7)[n], want, rtol=1e-5, atol=1e-6)
+
+
 def test_char_cnn_shape_padding_and_specials():
     words = ["<pad>", "<unk>", "a", "boston", "bos", "x" * 30]
     enc = CharCNN(words, char_dim=4, filters=5, kernel_size=3, max_word_len=20)
