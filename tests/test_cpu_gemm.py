@@ -115,7 +115,8 @@ LSTM_CASES = [
     (2, True, False, True, 37, 45, 20, 9, "var", "kw", True),
     (1, False, True, False, 70, 33, 17, 12, "full", "kw", False),
     (1, True, False, True, 300, 20, 40, 8, "var", "packed", True),
-    # 324 rows and 4H = 280: every GEMM of the op, forward and backward, at least 256 rows (the own GEMM's minimum)
+    # 324 rows and 4H = 280: the input projection, grad_input and the weight gradients have at least 256 rows (the
+    # own GEMM's minimum)
     (1, True, False, True, 45, 70, 36, 9, "full", "kw", True),
 ]
 

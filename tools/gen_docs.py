@@ -259,6 +259,7 @@ SECTIONS = {
              "(sentences/s), at the model level (tensors in, scores out) and the text level (sentences in, results "
              "out): fastmtl eager, the same model in plain PyTorch, the exported ONNX bundle in ONNX Runtime and the "
              "TorchScript exports; and one LSTM layer alone at B = 1 and 64.",
+    "infer_2threads": "`infer` with two threads for torch and ONNX Runtime (both cores of the machine).",
     "flair": "one flair `ModelTrainer` epoch of a `SequenceTagger` (BiLSTM-CRF, hidden 256, SGD, batch 32, clipping "
              "at 5) on 2,000 ATIS sentences, from the same weights and seed: stock flair, flair with only its LSTM "
              "on `fastmtl.nn.LSTM`, and `fastmtl.integrations.flair.accelerate` (LSTMs and CRF on fastmtl's kernels); "

@@ -51,9 +51,8 @@ constexpr double kParallelMacs = 1 << 20;
 
 // Measured (1 and 2 threads, AMD EPYC Zen 5, torch's MKL): the AVX-512 kernel about 2x torch (190-210 against
 // 90-98 GFLOP/s per core) on the large LSTM GEMMs and from one register tile of rows up (14 x 512 x 2048: 0.21
-// against 0.42 ms), the AVX2 one 1.05-1.25x on the large ones and on par from 6 rows. Below one register tile of
-// rows the whole of B is packed for a few rows and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against
-// 0.22 ms), so ATen keeps those (the grad_hx GEMM of a step where few sequences start). The per-ISA choice
+// against 0.42 ms), the AVX2 one 1.05-1.25x on the large ones and on par from 6 rows. For a few rows the whole of
+// B is packed and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against 0.22 ms). The per-ISA choice
 // (GemmKernels::beats_blas) was measured against MKL on this AMD CPU only: on an Intel CPU MKL's own AVX2/AVX-512
 // paths are tuned and may match or beat these kernels. On a Zen 4 the own kernel only wins from a few hundred rows
 // (kOwnMinRows below).

@@ -9,6 +9,7 @@
 //     the CPU's features): per step and direction a register-blocked GEMM h_{t-1} @ W_hh^T against W_hh packed
 //     once per call into the micro-kernel's panel layout, whose epilogue adds gx_t and the bias, applies the gates
 //     and the cell update while the tile is in registers and writes h_t into the output rows, c_t and the reserve.
+//     One sequence (B <= kGemvRows) skips the pack: its step kernel (fwd_gemv_*) reads W_hh as it is.
 //     h_{t-1} is read from the previous step's output rows (or hx where a sequence starts), so nothing is copied
 //     or transposed per step. The hidden units are split over the threads of one parallel region for the whole
 //     loop (both directions concurrently, a barrier per step among the threads of a direction; none at all with

@@ -87,7 +87,7 @@ struct FwdStep {
   T* out;            // h_t rows (the op's output)
   int64_t out_ld;
   T* reserve;        // this step's rows of 5H: i, f, g, o, c (activated); or nullptr (inference)
-  const T* wp;       // W_hh packed by pack_fwd
+  const T* wp;       // W_hh packed by pack_fwd (fwd_*), or W_hh itself, 4H x H row-major (fwd_gemv_*)
   int64_t H, n;
 };
 

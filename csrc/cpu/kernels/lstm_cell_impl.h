@@ -178,7 +178,12 @@ FASTMTL_KERNEL_INLINE void fwd_step_impl(const FwdStep<T>& a, int64_t p0, int64_
 template <typename V, std::size_t... I>
 FASTMTL_KERNEL_INLINE V pair_sums(const V& x, const V& y, std::index_sequence<I...>) {
   // lanes 0 .. W/2-1: x's neighbouring lanes summed; lanes W/2 .. W-1: y's
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(x, y, int(2 * I)...) + __builtin_shufflevector(x, y, int(2 * I + 1)...);
+#else  // GCC before 12 has no __builtin_shufflevector (V is a float vector: int32 lane indices)
+  typedef int32_t M __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(x, y, M{int(2 * I)...}) + __builtin_shuffle(x, y, M{int(2 * I + 1)...});
+#endif
 }
 #endif
 
