@@ -54,17 +54,11 @@ constexpr double kParallelMacs = 1 << 20;
 // against 0.42 ms), the AVX2 one 1.05-1.25x on the large ones and on par from 6 rows. For a few rows the whole of
 // B is packed and torch's GEMV-like path wins (1 x 512 x 2048: 0.06 against 0.22 ms). The per-ISA choice
 // (GemmKernels::beats_blas) was measured against MKL on this AMD CPU only: on an Intel CPU MKL's own AVX2/AVX-512
-// paths are tuned and may match or beat these kernels. On a Zen 4 the own kernel only wins from a few hundred rows
-// (kOwnMinRows below).
-// Below this many rows of C the own GEMM (which packs all of B per call) is not used. Measured on an AMD EPYC Zen 4
-// (1 thread, torch 2.13's BLAS): X (m x 192) @ W_ih^T (192 x 2048), the LSTM's input projection, took 1.54x
-// torch's time at 32 rows, 1.10x at 128, 1.05x at 256 and 0.88x at 704 (and 512 x 2048: 1.68x, 1.24x, 1.00x,
-// 0.96x); on the Zen 5 of the note above it won from 14 rows, so this gives up that gain below 256 rows there.
-constexpr int64_t kOwnMinRows = 256;
-
+// paths are tuned and may match or beat these kernels. On a Zen 4 the LSTM's input projection with few rows is
+// the exception (matmul.h: kInputProjectionMinRows).
 bool use_own_gemm_f32(int64_t m, int64_t n, int64_t k) {
   const cpu_kernels::GemmKernels& t = cpu_kernels::gemm_kernels();
-  return t.beats_blas && m >= std::max<int64_t>(t.mr, kOwnMinRows) && n > 0 && k > 0;
+  return t.beats_blas && m >= t.mr && n > 0 && k > 0;
 }
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
@@ -136,7 +130,8 @@ static bool gemm_operand(const at::Tensor& t, bool& trans, int64_t& ld) {
 // at::mm_out) directly: torch's BLAS without a dispatcher round trip per call (the LSTM's per-step GEMMs are many
 // and small, and in its concurrent-directions path they run on worker threads where every dispatcher call would
 // go through the autograd layers again).
-void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta) {
+void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, float beta,
+                 int64_t min_own_rows) {
   if (c.numel() == 0) return;
   if (a.size(1) == 0) {
     if (beta == 0.f) c.zero_();
@@ -146,7 +141,7 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
   bool ta = false, tb = false;
   int64_t lda = 0, ldb = 0;
   if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-      (n <= 1 || c.stride(1) == 1) && cpu::use_own_gemm_f32(m, n, k) && gemm_operand(a, ta, lda) &&
+      (n <= 1 || c.stride(1) == 1) && m >= min_own_rows && cpu::use_own_gemm_f32(m, n, k) && gemm_operand(a, ta, lda) &&
       gemm_operand(b, tb, ldb)) {
     cpu::gemm_f32(ta, tb, m, n, k, a.const_data_ptr<float>(), lda, b.const_data_ptr<float>(), ldb, beta,
                   c.data_ptr<float>(), c.stride(0));

@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   at::Tensor bias = d.bias ? at::empty({D, G4}, input.options()) : at::Tensor();
   std::vector<at::Tensor> w_hh(D);
   for (int64_t dir = 0; dir < D; ++dir) {
-    matmul_into(Xp, weights[dir * per].t(), gx.narrow(1, dir * G4, G4), 0.f);
+    matmul_into(Xp, weights[dir * per].t(), gx.narrow(1, dir * G4, G4), 0.f, cpu::kInputProjectionMinRows);
     if (d.bias) {
       at::Tensor bd = bias[dir];
       at::add_out(bd, weights[dir * per + 2], weights[dir * per + 3]);
