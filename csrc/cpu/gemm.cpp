@@ -141,8 +141,8 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
   bool ta = false, tb = false;
   int64_t lda = 0, ldb = 0;
   if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-      (n <= 1 || c.stride(1) == 1) && m >= min_own_rows && cpu::use_own_gemm_f32(m, n, k) && gemm_operand(a, ta, lda) &&
-      gemm_operand(b, tb, ldb)) {
+      (n <= 1 || c.stride(1) == 1) && m >= min_own_rows && cpu::use_own_gemm_f32(m, n, k) &&
+      gemm_operand(a, ta, lda) && gemm_operand(b, tb, ldb)) {
     cpu::gemm_f32(ta, tb, m, n, k, a.const_data_ptr<float>(), lda, b.const_data_ptr<float>(), ldb, beta,
                   c.data_ptr<float>(), c.stride(0));
     return;
