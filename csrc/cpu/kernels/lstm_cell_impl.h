@@ -171,9 +171,8 @@ FASTMTL_KERNEL_INLINE void fwd_step_impl(const FwdStep<T>& a, int64_t p0, int64_
 // Forward for few rows, straight from W_hh's own layout (4H x H row-major; FwdStep::wp points at it, nothing is
 // packed): the weights are read once per row and step, as the tile kernel reads its panels, but without the pack per
 // call, which at B = 1 costs as much as several steps. Per unit block p (units j .. j + W - 1) and gate k, the W
-// weight rows of those units are dotted with h_{t-1}: one accumulator per row, a K loop of W-lane chunks (W
-// independent FMA chains), then a pairwise reduction turns the W accumulators into one vector whose lane u is unit
-// j + u's pre-activation, and the epilogue is the tile kernel's.
+// weight rows of those units are dotted with h_{t-1} (rows_dot), a pairwise reduction turns the W per-row sums
+// into one vector whose lane u is unit j + u's pre-activation, and the epilogue is the tile kernel's.
 #ifdef FASTMTL_HAVE_VECTOR_EXT
 template <typename V, std::size_t... I>
 FASTMTL_KERNEL_INLINE V pair_sums(const V& x, const V& y, std::index_sequence<I...>) {
