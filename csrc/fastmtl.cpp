@@ -93,6 +93,11 @@ TORCH_LIBRARY(fastmtl, m) {
       "crf_decode(Tensor emissions, Tensor lengths, Tensor transitions, Tensor start, Tensor end, Tensor? allowed, "
       "Tensor? allowed_start, Tensor? allowed_end) -> Tensor");
   m.def(
+      "tagger_forward(Tensor ids, Tensor lengths, Tensor? chars, Tensor word_weight, Tensor? char_weight, "
+      "Tensor? conv_weight, Tensor? conv_bias, Tensor[] lstm_weights, int num_layers, bool bidirectional, "
+      "Tensor[] head_weights, Tensor[] head_biases, int[] head_layers, int[] levels, int[] poolings, int[] outputs) "
+      "-> Tensor[]");
+  m.def(
       "crf_marginals(Tensor emissions, Tensor lengths, Tensor transitions, Tensor start, Tensor end, "
       "Tensor? allowed, Tensor? allowed_start, Tensor? allowed_end) -> Tensor");
 }

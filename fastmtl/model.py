@@ -1,4 +1,5 @@
 """``fastmtl.MultiTaskLSTM``: word embeddings -> shared (Bi)LSTM (``fastmtl.nn.LSTM``) -> ``fastmtl.nn.MultiTaskHeads``."""
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
@@ -7,11 +8,19 @@ import torch
 
 from .decoding import constrained_marginals, viterbi_decode
 from .functional.dropout import dropout
-from .functional.heads import pool_hidden
-from .nn import MultiTaskHeads
+from .functional.heads import POOLINGS, pool_hidden
+from .nn import LSTM, MultiTaskHeads
+from .ops.tagger import tagger_forward
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
 __all__ = ["MultiTaskLSTM", "ModelOutput", "CharCNN"]
+
+
+def _global_hooks():
+    """Whether global module forward hooks are registered (``torch.nn.modules.module.register_module_forward_hook``):
+    a fused op would skip them."""
+    return bool(getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 class CharCNN(torch.nn.Module):
@@ -333,6 +342,205 @@ class MultiTaskLSTM(torch.nn.Module):
             total = total + penalty
         return ModelOutput(total, losses, penalty)
 
+    def scores(self, ids, lengths, chars=None, tasks=None):
+        """``{task: scores}`` of the heads, at inference: the log-probabilities of each task ((B, C) for a sequence
+        task, (B, T, C) for a token task, padded positions computed too), the emission scores of a CRF task: what
+        the exported ONNX graph returns. Runs in eval mode under ``torch.no_grad()`` (restoring the training mode);
+        on the CPU the whole model is one fused op (:mod:`fastmtl.ops.tagger`) where it can be."""
+        names = self._wanted(tasks, "scores")
+        crf = {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
+        kinds = {n: "logits" if n in crf else "log_probs" for n in names}
+        with torch.no_grad():
+            if not torch.jit.is_scripting():
+                fused = self._fused_args(ids)  # (no dropout, whatever the submodules' modes: eval mode's result)
+                if fused is not None:
+                    return self._fused_scores(fused, ids, lengths, chars, names, kinds)
+            with self._eval_mode():
+                return self._scores(ids, lengths, chars, names, kinds)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _wanted(self, tasks, what):
+        names = self.task_names if tasks is None else list(tasks)
+        unknown = [n for n in names if n not in self.task_names]
+        if unknown:
+            raise ValueError("fastmtl: MultiTaskLSTM.%s: unknown tasks %s (the model has %s)"
+                             % (what, unknown, self.task_names))
+        return names
+
+    def _scores(self, ids, lengths, chars, names, kinds):
+        """``{task: logits or log-probabilities}`` (``kinds[task]``: ``"logits"`` / ``"log_probs"``) of ``names``,
+        through the fused op where :meth:`_fused_args` allows it, else through :meth:`encode` and the heads."""
+        if not torch.jit.is_scripting():
+            fused = self._fused_args(ids)
+            if fused is not None:
+                return self._fused_scores(fused, ids, lengths, chars, names, kinds)
+            if any(m.training for m in self.modules()):
+                with self._eval_mode():
+                    hidden = self.encode(ids, lengths, chars)
+            else:
+                hidden = self.encode(ids, lengths, chars)
+        else:
+            hidden = self.encode(ids, lengths, chars)
+        out = {}
+        for key, group in self.groups:
+            for kind in ("logits", "log_probs"):
+                sel = [n for n in group if n in names and kinds[n] == kind]
+                if sel:
+                    out.update(self.heads[key].predict(hidden[key], lengths, tasks=sel, output=kind))
+        return {n: out[n] for n in names}
+
+    @torch.jit.unused
+    def _fused_modules(self):
+        """Every module the fused op stands in for (read from ``_modules``: attribute access on a module is slow at
+        this scale); their identities key the cached plan."""
+        mods = self._modules
+        enc = mods["encoder"]
+        out = [mods["embedding"], enc]
+        cc = mods.get("char_cnn")
+        if cc is not None:
+            out += [cc, cc._modules["embedding"], cc._modules["conv"]]
+        em = enc._modules
+        out += list(em["layers"]._modules.values()) if "layers" in em else [em["lstm"]]
+        for key, group in self.groups:
+            heads = mods["heads"]._modules[key]
+            out.append(heads)
+            out += [heads._modules[n] for n in group]
+        return tuple(out)
+
+    @torch.jit.unused
+    def _fused_plan(self, mods):
+        """What the fused op needs that changes only with the modules (None where it does not apply): the LSTMs and
+        their weight names, the layer each heads group reads, the character CNN."""
+        emb, enc = mods[0], mods[1]
+        if type(emb) is not torch.nn.Embedding or emb.max_norm is not None or type(enc) is not Encoder:
+            return None
+        char = None
+        if self.char_cnn is not None:
+            cc, cemb, conv = mods[2:5]
+            if (type(cc) is not CharCNN or type(cemb) is not torch.nn.Embedding or cemb.max_norm is not None
+                    or type(conv) is not torch.nn.Conv1d or conv.padding_mode != "zeros" or conv.bias is None
+                    or conv.stride != (1,) or conv.dilation != (1,) or conv.groups != 1
+                    or conv.padding != (conv.kernel_size[0] // 2,)):
+                return None
+            char = (cemb, conv)
+        lstms = list(enc.layers) if enc.layerwise else [enc.lstm]
+        for m in lstms:
+            if type(m) is not LSTM or m.proj_size != 0 or not m.batch_first:
+                return None
+            if m.bidirectional != lstms[0].bidirectional or m.bias != lstms[0].bias:
+                return None
+        if enc.layerwise:
+            num_layers = len(lstms)
+            layer_of = {key: int(key[5:]) - 1 for key, _ in self.groups}
+        else:
+            num_layers = lstms[0].num_layers
+            layer_of = {key: num_layers - 1 for key, _ in self.groups}
+        for key, _ in self.groups:
+            if type(self.heads[key]) is not MultiTaskHeads:
+                return None
+        lstm_params = [(m._parameters, list(m._flat_weights_names)) for m in lstms]
+        return dict(char=char, lstm_params=lstm_params, num_layers=num_layers, bidir=lstms[0].bidirectional,
+                    layer_of=layer_of, heads={})
+
+    @torch.jit.unused
+    def _fused_args(self, ids):
+        """The fused op's plan and parameters, or None where it does not apply: it needs eval mode, no gradient,
+        eager CPU execution without autocast, float32 or float64 parameters, hard sharing without token_context or
+        hierarchical sharing, and the model's own modules without hooks (the op calls none of them)."""
+        if self.training or self.sharing == "soft" or self.token_context:
+            return None
+        if not isinstance(ids, torch.Tensor) or not ids.is_cpu or ids.dtype != torch.long or ids.dim() != 2:
+            return None
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return None
+        if torch.is_autocast_enabled("cpu") or _global_hooks():
+            return None
+        mods = self._fused_modules()
+        cached = self.__dict__.get("_fused_cache")
+        if cached is None or cached[0] != tuple(map(id, mods)):
+            cached = (tuple(map(id, mods)), self._fused_plan(mods))
+            self.__dict__["_fused_cache"] = cached
+        plan = cached[1]
+        if plan is None:
+            return None
+        for m in mods:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        word = mods[0]._parameters["weight"]
+        weights = [ps[n] for ps, names in plan["lstm_params"] for n in names]
+        params = list(weights)
+        char = None
+        if plan["char"] is not None:
+            cemb, conv = plan["char"]
+            char = (cemb._parameters["weight"], conv._parameters["weight"], conv._parameters["bias"])
+            params += char
+        if word.dtype not in (torch.float32, torch.float64) or not word.is_cpu:
+            return None
+        if any(p is None or p.dtype != word.dtype or not p.is_cpu for p in params):
+            return None
+        if torch.is_grad_enabled() and (word.requires_grad or any(p.requires_grad for p in params)
+                                        or any(p.requires_grad for m in mods for p in m._parameters.values()
+                                               if p is not None)):
+            return None
+        return plan, word, char, weights
+
+    @torch.jit.unused
+    def _fused_scores(self, fused, ids, lengths, chars, names, kinds):
+        plan, word, char, weights = fused
+        B, T = ids.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long)
+        elif not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.long or not lengths.is_cpu:
+            lengths = torch.as_tensor(lengths).to(device="cpu", dtype=torch.long)
+        if char is not None:
+            if chars is None:
+                chars = self.char_cnn.char_ids[ids]
+            elif chars.dim() != 3 or tuple(chars.shape[:2]) != (B, T):
+                raise ValueError("fastmtl: CharCNN: chars must be (B, T, L) = (%d, %d, L), got %s"
+                                 % (B, T, tuple(chars.shape)))
+            elif chars.dtype != torch.long or not chars.is_cpu:
+                chars = chars.to(device="cpu", dtype=torch.long)
+        else:
+            chars = None
+        # the heads' part of the plan, per task selection
+        sel = (tuple(names), tuple(kinds[n] for n in names))
+        heads_plan = plan["heads"].get(sel)
+        if heads_plan is None:
+            order, lins, layers, levels, pools, outs = [], [], [], [], [], []
+            for key, group in self.groups:
+                heads = self.heads[key]
+                for n in group:
+                    if n in names:
+                        spec = heads.task_specs[n]
+                        order.append(n)
+                        lins.append(heads[n])
+                        layers.append(plan["layer_of"][key])
+                        levels.append(0 if spec.level == "sequence" else 1)
+                        pools.append(POOLINGS.index(spec.pooling or "last") if spec.level == "sequence" else 0)
+                        outs.append(1 if kinds[n] == "log_probs" else 0)
+            heads_plan = plan["heads"][sel] = (order, lins, layers, levels, pools, outs)
+        order, lins, layers, levels, pools, outs = heads_plan
+        head_w, head_b = [], []
+        for lin in lins:
+            w, b = lin._parameters["weight"], lin._parameters.get("bias")
+            if w.dtype != word.dtype or (b is not None and b.dtype != word.dtype):
+                raise TypeError("fastmtl: MultiTaskLSTM: the heads' parameters have dtype %s, the embeddings %s"
+                                % (w.dtype, word.dtype))
+            head_w.append(w)
+            head_b.append(b if b is not None else w.new_zeros(w.shape[:1]))
+        res = tagger_forward(ids, lengths, chars, word, *(char or (None, None, None)), weights, plan["num_layers"],
+                             plan["bidir"], head_w, head_b, layers, levels, pools, outs)
+        got = dict(zip(order, res))
+        return {n: got[n] for n in names}
+
     def predict(self, ids, lengths, chars=None, return_probs=False, tasks=None):
         """``{task: predictions}``: sequence tasks (B,) labels, token tasks (B, T) labels with -1 at padding.
         Token tasks named in :attr:`decode_constraints` (``{task: (allowed, start, end)}`` from
@@ -346,52 +554,47 @@ class MultiTaskLSTM(torch.nn.Module):
         softmax of the head, and for constrained token tasks the per-token marginals over the allowed tag
         sequences (:func:`fastmtl.decoding.constrained_marginals`), for CRF tasks the CRF's per-token marginals
         (:func:`fastmtl.functional.crf_marginals`). The labels are the same as without it."""
-        names = self.task_names if tasks is None else list(tasks)
-        unknown = [n for n in names if n not in self.task_names]
-        if unknown:
-            raise ValueError("fastmtl: MultiTaskLSTM.predict: unknown tasks %s (the model has %s)"
-                             % (unknown, self.task_names))
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self._predict(ids, lengths, chars, return_probs, set(names))
-        finally:
-            self.train(was_training)
+        names = self._wanted(tasks, "predict")
+        with torch.no_grad():
+            if self.training:
+                with self._eval_mode():
+                    return self._predict(ids, lengths, chars, return_probs, list(dict.fromkeys(names)))
+            return self._predict(ids, lengths, chars, return_probs, list(dict.fromkeys(names)))
 
-    def _predict(self, ids, lengths, chars, return_probs, wanted):
-        hidden = self.encode(ids, lengths, chars)
+    def _predict(self, ids, lengths, chars, return_probs, names):
+        crf = {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
+        # CRF tasks decode their emission scores, constrained tasks the log-probabilities, the others the logits
+        kinds = {n: "log_probs" if n in self.decode_constraints and n not in crf else "logits" for n in names}
+        scores = self._scores(ids, lengths, chars, names, kinds)
+        B, T = ids.shape[0], ids.shape[1]
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=ids.device)
         preds, probs = {}, {}
-        for key, names in self.groups:
-            names = [n for n in names if n in wanted]
+        for key, group in self.groups:
             heads = self.heads[key]
-            crf = [n for n in names if heads.is_crf(n)]
-            if crf:  # Viterbi over the CRF (under the span constraints, if any); marginals as probabilities
-                emissions = heads.predict(hidden[key], lengths, tasks=crf, output="logits")
-                for n in crf:
-                    cons = self.decode_constraints.get(n)
-                    preds[n] = heads.crf_predict(n, emissions[n], lengths, "labels", cons)
+            for n in group:
+                if n not in names:
+                    continue
+                z = scores[n]
+                cons = self.decode_constraints.get(n)
+                if n in crf:  # Viterbi over the CRF (under the span constraints, if any); marginals as probabilities
+                    preds[n] = heads.crf_predict(n, z, lengths, "labels", cons)
                     if return_probs:
-                        probs[n] = heads.crf_predict(n, emissions[n], lengths, "probs", cons)
-            names = [n for n in names if n not in crf]
-            constrained = [n for n in names if n in self.decode_constraints]
-            free = [n for n in names if n not in self.decode_constraints]
-            if free:
-                preds.update(self.heads[key].predict(hidden[key], lengths, tasks=free))
-                if return_probs:
-                    lp = self.heads[key].predict(hidden[key], lengths, tasks=free, output="log_probs")
-                    for n in free:
-                        p = lp[n].float().exp()
+                        probs[n] = heads.crf_predict(n, z, lengths, "probs", cons)
+                elif cons is not None:
+                    allowed, start, end = cons
+                    preds[n] = viterbi_decode(z, lengths, allowed, start, end)
+                    if return_probs:
+                        probs[n] = constrained_marginals(z, lengths, allowed, start, end)
+                else:
+                    labels = z.argmax(-1)
+                    if z.dim() == 3:
+                        valid = torch.arange(T, device=z.device)[None] < lengths.to(z.device)[:, None]
+                        labels = labels.masked_fill(~valid, -1)
+                    preds[n] = labels
+                    if return_probs:
+                        p = z.float().log_softmax(-1).exp()
                         if p.dim() == 3:
-                            T = p.shape[1]
-                            valid = torch.arange(T, device=p.device)[None] < lengths.to(p.device)[:, None]
                             p = p * valid.unsqueeze(2)
                         probs[n] = p
-            if constrained:
-                lp = self.heads[key].predict(hidden[key], lengths, tasks=constrained, output="log_probs")
-                for n in constrained:
-                    allowed, start, end = self.decode_constraints[n]
-                    preds[n] = viterbi_decode(lp[n], lengths, allowed, start, end)
-                    if return_probs:
-                        probs[n] = constrained_marginals(lp[n], lengths, allowed, start, end)
         return (preds, probs) if return_probs else preds

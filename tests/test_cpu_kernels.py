@@ -112,6 +112,26 @@ def test_lstm_one_sequence_matches_batched(isa, dtype, H):
                 torch.testing.assert_close(r1[:, :, 0], res[:, :, b], **tol)
 
 
+@pytest.mark.parametrize("I", [1, 3, 5, 16, 17, 35, 64])
+@pytest.mark.parametrize("T,B", [(1, 1), (2, 1), (31, 1), (32, 1), (33, 1), (8, 4), (11, 3)])
+def test_lstm_input_projection_few_rows(isa, I, T, B):
+    # Up to 32 active rows the float32 input projection is the unpacked dot-product kernel (DotRows) inside the time
+    # loop's workers, above that a GEMM: both against torch.nn.LSTM, for input sizes around every vector width and
+    # hidden units that leave a partial block.
+    H = 21
+    torch.manual_seed(I * 100 + T)
+    ref = torch.nn.LSTM(I, H, bidirectional=True)
+    x = torch.randn(T, B, I)
+    lengths = torch.full((B,), T, dtype=torch.long)
+    lengths[1:] = torch.randint(1, T + 1, (B - 1,)).sort(descending=True).values
+    w = list(ref._flat_weights)
+    h0 = torch.zeros(2, B, H)
+    out = torch.ops.fastmtl.lstm_layer_forward(x, lengths, h0, h0, w, True, False)[0]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+    expect = torch.nn.utils.rnn.pad_packed_sequence(ref(packed)[0], total_length=T)[0]
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
 def test_lstm_float64_every_isa(isa):
     test_lstm.test_gradcheck_float64("cpu")
 

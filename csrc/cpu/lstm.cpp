@@ -45,6 +45,7 @@
 #include "fastmtl/lstm_checks.h"
 #include "kernels/gemm.h"
 #include "kernels/lstm_cell.h"
+#include "lstm.h"
 #include "matmul.h"
 
 namespace fastmtl {
@@ -298,6 +299,8 @@ const T* ptr_or_null(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------------------
 // Up to this many rows (sequences) the forward step reads W_hh unpacked (LstmCellKernels::fwd_gemv_*).
 constexpr int64_t kGemvRows = 1;
+// Up to this many active rows (all steps) the float32 input projection is DotRows in the time loop's workers.
+constexpr int64_t kProjRowsMax = 32;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cpu(
     const at::Tensor& input_, const std::optional<at::Tensor>& lengths, const at::Tensor& hx_,
@@ -322,11 +325,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
   auto Xp = pack_rows(input, s);
   // gx (N, D*4H): the input projection of every active row, one GEMM per direction into its columns (the biases
   // are added in the step kernel). Step t's rows are [off_t, off_t + n_t).
+  // A few float32 rows (with a vector ISA): each worker of the time loop projects its own units' columns first
+  // (DotRows, W_ih unpacked); otherwise one GEMM per direction here.
+  const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
+  const bool proj_rows = input.scalar_type() == at::kFloat && N <= kProjRowsMax && kernels.lanes_f32 >= 4;
   at::Tensor gx = scratch(kGates, {N, D * G4}, input.options());
   at::Tensor bias = d.bias ? at::empty({D, G4}, input.options()) : at::Tensor();
-  std::vector<at::Tensor> w_hh(D);
+  std::vector<at::Tensor> w_hh(D), w_ih(D);
   for (int64_t dir = 0; dir < D; ++dir) {
-    matmul_into(Xp, weights[dir * per].t(), gx.narrow(1, dir * G4, G4), 0.f, cpu::kInputProjectionMinRows);
+    if (proj_rows) w_ih[dir] = weights[dir * per].contiguous();
+    else matmul_into(Xp, weights[dir * per].t(), gx.narrow(1, dir * G4, G4), 0.f, cpu::kInputProjectionMinRows);
     if (d.bias) {
       at::Tensor bd = bias[dir];
       at::add_out(bd, weights[dir * per + 2], weights[dir * per + 3]);
@@ -334,7 +342,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     w_hh[dir] = weights[dir * per + 1].contiguous();
   }
 
-  const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
   const Team tm = make_team(D);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward_cpu", [&] {
     using T_ = scalar_t;
@@ -353,8 +360,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward_cp
     T_* resp = need_reserve ? reserve.data_ptr<T_>() : nullptr;
     const T_* biasp = ptr_or_null<T_>(bias);
     auto setup = [&](int dir, int rank, int g) {
-      if (gemv) return;
       const auto [p0, p1] = share(PF, rank, g);
+      if constexpr (std::is_same_v<T_, float>) {
+        const int64_t j0 = std::min(H, p0 * W), j1 = std::min(H, p1 * W);
+        if (proj_rows && j0 < j1) {
+          const int64_t I = Xp.size(1);
+          for (int64_t g4 = 0; g4 < 4; ++g4) {  // gate g4's columns of this worker's units
+            cpu_kernels::DotRows<float> dr{Xp.const_data_ptr<float>(), I, N, I,
+                                           w_ih[dir].const_data_ptr<float>() + g4 * H * I, nullptr,
+                                           gx.data_ptr<float>() + dir * G4 + g4 * H, D * G4};
+            kernels.dot_rows_f32(dr, j0, j1);
+          }
+        }
+      }
+      if (gemv) return;
       cpu_kernels::pack_fwd<T_>(w_hh[dir].const_data_ptr<T_>(), H, W, wp + dir * psize, p0, p1);
     };
     auto step = [&](int dir, int rank, int g, int64_t st) {
@@ -649,6 +668,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> lstm_lay
 }
 
 }  // namespace
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& lengths, const at::Tensor& hx, const at::Tensor& cx,
+    at::TensorList weights, bool bidirectional, bool need_reserve) {
+  return lstm_layer_forward_cpu(input, lengths, hx, cx, weights, bidirectional, need_reserve);
+}
+}  // namespace cpu
 }  // namespace fastmtl
 
 namespace fastmtl {

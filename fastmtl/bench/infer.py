@@ -4,7 +4,8 @@ The model is the one ``fastmtl train`` builds for ATIS by default (word embeddin
 256 per direction, max-pooled intent, CRF slots under BIO constraints), or ``--checkpoint``'s; the inputs are the
 ATIS test sentences. Providers:
 
-* ``fastmtl`` (eager): the ``MultiTaskLSTM`` itself, ``model.encode`` + the heads' scores (its fused LSTM kernel);
+* ``fastmtl`` (eager): the ``MultiTaskLSTM`` itself, ``model.scores`` (on the CPU one fused op for the whole model:
+  embeddings, character CNN, the LSTM kernel, every head);
 * ``plain PyTorch`` (eager): the same model in ``torch.nn.LSTM`` over packed sequences and torch ops
   (:class:`fastmtl.export.module.InferenceModule` with ``lstm="torch"``, run as Python);
 * ``onnxruntime``: the exported ``model.onnx`` (``fastmtl export``) in an ONNX Runtime session;
@@ -66,24 +67,13 @@ def _default_model():
 
 
 def _fastmtl_scores(model, names):
-    """The model's own path to the scores of the exported graph: encode, then each heads group's log-probabilities
-    (a CRF task: its emission scores)."""
+    """The model's own path to the scores of the exported graph: :meth:`MultiTaskLSTM.scores` (each task's log-
+    probabilities, a CRF task's emission scores; on the CPU one fused op for the whole model)."""
+    crf = {n for key, group in model.groups for n in group if model.heads[key].is_crf(n)}
+    keys = {n: n + (".emissions" if n in crf else ".log_probs") for n in names}
+
     def run(ids, lengths, chars):
-        with torch.no_grad():
-            hidden = model.encode(ids, lengths, chars)
-            out = {}
-            for key, group in model.groups:
-                heads = model.heads[key]
-                group = [n for n in group if n in names]
-                crf = [n for n in group if heads.is_crf(n)]
-                plain = [n for n in group if n not in crf]
-                if plain:
-                    for n, v in heads.predict(hidden[key], lengths, tasks=plain, output="log_probs").items():
-                        out[n + ".log_probs"] = v
-                if crf:
-                    for n, v in heads.predict(hidden[key], lengths, tasks=crf, output="logits").items():
-                        out[n + ".emissions"] = v
-            return out
+        return {keys[n]: v for n, v in model.scores(ids, lengths, chars, tasks=names).items()}
     return run
 
 

@@ -116,6 +116,21 @@ struct BwdStep {
   int64_t rep = 1;
 };
 
+// A product of a few rows with a weight matrix as it is (nothing packed): out[r * out_ld + c] = x_r . w_c (+ bias[c])
+// for the n rows x_r (I values, ld x_ld) and the weight rows w_c (I values, ld I) of the columns asked for. The LSTM
+// op's input projection of few rows (each worker of the time loop computes its own units' gate columns, so no
+// barrier separates the projection from the first step) and the small GEMMs of the whole-model inference op
+// (csrc/cpu/tagger.cpp: the character CNN and the heads).
+template <typename T>
+struct DotRows {
+  const T* x;
+  int64_t x_ld, n, I;
+  const T* w;
+  const T* bias;     // or nullptr
+  T* out;
+  int64_t out_ld;
+};
+
 struct LstmCellKernels {
   int lanes_f32;  // W of the float kernels (units per forward block; the backward block is 4W)
   int lanes_f64;
@@ -124,6 +139,8 @@ struct LstmCellKernels {
   // The forward for few rows on W_hh unpacked (FwdStep::wp = W_hh itself, 4H x H row-major), same blocks p of W.
   void (*fwd_gemv_f32)(const FwdStep<float>&, int64_t p0, int64_t p1);
   void (*fwd_gemv_f64)(const FwdStep<double>&, int64_t p0, int64_t p1);
+  // DotRows, float32 only: columns [c0, c1).
+  void (*dot_rows_f32)(const DotRows<float>&, int64_t c0, int64_t c1);
   void (*bwd_f32)(const BwdStep<float>&, int64_t q0, int64_t q1);
   void (*bwd_f64)(const BwdStep<double>&, int64_t q0, int64_t q1);
 };

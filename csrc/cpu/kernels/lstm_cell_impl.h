@@ -249,6 +249,79 @@ FASTMTL_KERNEL_INLINE void fwd_gemv_impl(const FwdStep<T>& a, int64_t p0, int64_
   }
 }
 
+// DotRows: W weight rows (in L1 for every input row) are dotted with two input rows at a time, four weight rows per
+// pass, so each load of a weight chunk serves two rows and each load of an input chunk four weight rows; the
+// per-row sums are then reduced pairwise into one vector of W columns (row_sums), as in the one-sequence step
+// kernel.
+template <typename L, int NX, typename T>
+FASTMTL_KERNEL_INLINE void proj_dot(const T* w, int64_t I, const T* const (&x)[NX], int cnt,
+                                    typename L::type (&out)[NX]) {
+  using V = typename L::type;
+  constexpr int W = L::W;
+  constexpr int R = W >= 4 ? 4 : W;
+  V acc[NX][W];
+  for (int u0 = 0; u0 < W; u0 += R) {
+    V s[R][NX];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < NX; ++i) s[r][i] = L::splat(T(0));
+    const int rows = cnt - u0 >= R ? R : (cnt - u0 > 0 ? cnt - u0 : 0);
+    if (rows > 0) {
+      const T* w0 = w + u0 * I;
+      int64_t k = 0;
+      for (; k + W <= I; k += W) {
+        V xv[NX];
+        for (int i = 0; i < NX; ++i) xv[i] = L::load(x[i] + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          if (r < rows) {
+            const V wv = L::load(w0 + r * I + k);
+            for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+          }
+        }
+      }
+      if (k < I) {
+        const int rest = int(I - k);
+        V xv[NX];
+        for (int i = 0; i < NX; ++i) xv[i] = L::load_n(x[i] + k, rest);
+        for (int r = 0; r < rows; ++r) {
+          const V wv = L::load_n(w0 + r * I + k, rest);
+          for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < NX; ++i) acc[i][u0 + r] = s[r][i];
+  }
+  for (int i = 0; i < NX; ++i) out[i] = row_sums<L>(acc[i]);
+}
+
+template <typename T, int VB>
+FASTMTL_KERNEL_INLINE void dot_rows_impl(const DotRows<T>& a, int64_t c0, int64_t c1) {
+  using L = LanesOf<T, VB>;
+  using V = typename L::type;
+  constexpr int W = L::W;
+  const int64_t I = a.I;
+  for (int64_t j = c0; j < c1; j += W) {
+    const int cnt = c1 - j < W ? int(c1 - j) : W;
+    const T* w = a.w + j * I;
+    const V b = a.bias ? L::load_n(a.bias + j, cnt) : L::splat(T(0));
+    int64_t r = 0;
+    for (; r + 2 <= a.n; r += 2) {
+      const T* const x[2] = {a.x + r * a.x_ld, a.x + (r + 1) * a.x_ld};
+      V o[2];
+      proj_dot<L, 2>(w, I, x, cnt, o);
+      L::store_n(a.out + r * a.out_ld + j, o[0] + b, cnt);
+      L::store_n(a.out + (r + 1) * a.out_ld + j, o[1] + b, cnt);
+    }
+    if (r < a.n) {
+      const T* const x[1] = {a.x + r * a.x_ld};
+      V o[1];
+      proj_dot<L, 1>(w, I, x, cnt, o);
+      L::store_n(a.out + r * a.out_ld + j, o[0] + b, cnt);
+    }
+  }
+}
+
 // Backward: rows [b0, b0 + M) of unit block q (4W units); rows below np take dh from the recurrent product,
 // the others (carry) from a.carry. The saved forward values of gradient row b are those of forward row b / rep.
 template <typename L, int M, bool kCarry, typename T>
@@ -340,6 +413,9 @@ FASTMTL_KERNEL_INLINE void bwd_step_impl(const BwdStep<T>& a, int64_t q0, int64_
   ATTR void lstm_fwd_gemv_f64_##isa(const FwdStep<double>& a, int64_t p0, int64_t p1) {                  \
     fwd_gemv_impl<double, VB>(a, p0, p1);                                                                 \
   }                                                                                                       \
+  ATTR void lstm_dot_rows_f32_##isa(const DotRows<float>& a, int64_t c0, int64_t c1) {                  \
+    dot_rows_impl<float, VB>(a, c0, c1);                                                                  \
+  }                                                                                                       \
   ATTR void lstm_bwd_f32_##isa(const BwdStep<float>& a, int64_t q0, int64_t q1) {                         \
     bwd_step_impl<float, VB, MR>(a, q0, q1);                                                              \
   }                                                                                                       \
@@ -348,7 +424,7 @@ FASTMTL_KERNEL_INLINE void bwd_step_impl(const BwdStep<T>& a, int64_t q0, int64_
   }                                                                                                       \
   const LstmCellKernels kTable_##isa{LanesOf<float, VB>::W, LanesOf<double, VB>::W, &lstm_fwd_f32_##isa,   \
                                      &lstm_fwd_f64_##isa, &lstm_fwd_gemv_f32_##isa, &lstm_fwd_gemv_f64_##isa,    \
-                                     &lstm_bwd_f32_##isa, &lstm_bwd_f64_##isa};                            \
+                                     &lstm_dot_rows_f32_##isa, &lstm_bwd_f32_##isa, &lstm_bwd_f64_##isa};                            \
   }                                                                                                       \
   const LstmCellKernels* lstm_cell_kernels_##isa() { return &kTable_##isa; }                              \
   }                                                                                                       \
