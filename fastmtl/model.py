@@ -10,10 +10,12 @@ from .decoding import constrained_marginals, viterbi_decode
 from .functional.dropout import dropout
 from .functional.heads import POOLINGS, pool_hidden
 from .nn import LSTM, MultiTaskHeads
-from .ops.tagger import tagger_forward
+from .ops import tagger as _tagger  # noqa: F401  (the op's fake kernel)
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
 __all__ = ["MultiTaskLSTM", "ModelOutput", "CharCNN"]
+
+tagger_forward = torch.ops.fastmtl.tagger_forward  # the whole-model inference op (fastmtl.ops.tagger)
 
 
 def _global_hooks():

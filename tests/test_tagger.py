@@ -180,9 +180,13 @@ def test_op_opcheck():
 def test_op_has_no_gradient():
     args = _op_args()
     args[3] = args[3].requires_grad_(True)
-    out = torch.ops.fastmtl.tagger_forward(*args)
-    with pytest.raises(RuntimeError, match="inference op"):
-        out[0].sum().backward()
+    with pytest.raises(RuntimeError, match="inference op and has no gradient"):
+        torch.ops.fastmtl.tagger_forward(*args)
+    with torch.no_grad():
+        out = torch.ops.fastmtl.tagger_forward(*args)
+    assert not out[0].requires_grad
+    args[3] = args[3].detach()
+    torch.ops.fastmtl.tagger_forward(*args)
 
 
 def test_op_errors():

@@ -16,6 +16,7 @@
 //     (B, C) from the pooled real states (last, first, mean, max, last_first); log-softmax where outputs[k] = 1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,14 +45,20 @@ inline T relu(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// out (n x C) = x (n x I, rows of ld x.stride(0)) @ w^T (w: C x I) + bias. Float32 with a vector ISA: the
-// unpacked dot-product kernel (DotRows; these products are a few rows against a small weight, where a GEMM's
-// packing and call overhead are most of the cost), the columns split over the threads when there is enough work;
-// otherwise ATen's addmm.
+// Up to this many rows linear_rows uses the dot-product kernel. Measured on a Zen 4 (1 thread, the default ATIS
+// model): one sentence (the character CNN's ~60-100 rows, the heads' ~11) 0.85 against 0.95 ms for the whole op
+// with ATen's addmm; batches of 64 (thousands of rows) 3400 against 3650 sentences/s.
+constexpr int64_t kDotRowsMax = 128;
+
+// out (n x C) = x (n x I, rows of ld x.stride(0)) @ w^T (w: C x I) + bias. A few float32 rows with a vector ISA:
+// the unpacked dot-product kernel (DotRows; a few rows against a small weight, where a GEMM's packing and call
+// overhead are most of the cost), the columns split over the threads when there is enough work; otherwise ATen's
+// addmm.
 void linear_rows(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& bias, const at::Tensor& out) {
   const int64_t n = x.size(0), I = x.size(1), C = w_.size(0);
   const cpu_kernels::LstmCellKernels& kernels = cpu_kernels::lstm_cell_kernels();
-  if (x.scalar_type() != at::kFloat || kernels.lanes_f32 < 4 || x.stride(1) != 1 || out.stride(1) != 1) {
+  if (x.scalar_type() != at::kFloat || kernels.lanes_f32 < 4 || n > kDotRowsMax || x.stride(1) != 1 ||
+      out.stride(1) != 1) {
     at::addmm_out(const_cast<at::Tensor&>(out), bias, x, w_.t());
     return;
   }
@@ -347,9 +354,42 @@ std::vector<at::Tensor> tagger_forward_cpu(
   return out;
 }
 
+// The op has no gradient: with grad mode on, an input that requires one is an error here, at the call (rather than
+// a missing gradient later); otherwise the call goes on to the backend below autograd. In C++, so an inference call
+// pays no Python autograd layer.
+std::vector<at::Tensor> tagger_forward_autograd(
+    const at::Tensor& ids, const at::Tensor& lengths, const std::optional<at::Tensor>& chars,
+    const at::Tensor& word_weight, const std::optional<at::Tensor>& char_weight,
+    const std::optional<at::Tensor>& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    at::TensorList lstm_weights, int64_t num_layers, bool bidirectional, at::TensorList head_weights,
+    at::TensorList head_biases, at::IntArrayRef head_layers, at::IntArrayRef levels, at::IntArrayRef poolings,
+    at::IntArrayRef outputs) {
+  if (at::GradMode::is_enabled()) {
+    auto needs = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+    bool any = needs(word_weight) || (char_weight && needs(*char_weight)) || (conv_weight && needs(*conv_weight)) ||
+               (conv_bias && needs(*conv_bias));
+    for (const auto& t : lstm_weights) any = any || needs(t);
+    for (const auto& t : head_weights) any = any || needs(t);
+    for (const auto& t : head_biases) any = any || needs(t);
+    FASTMTL_CHECK(!any, kOp, " is an inference op and has no gradient, but an input requires one: call it under "
+                  "torch.no_grad() (or on detached tensors), or run the model's modules (MultiTaskLSTM.encode and "
+                  "its heads) to differentiate");
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastmtl::tagger_forward", "")
+                             .typed<decltype(tagger_forward_autograd)>();
+  return op.call(ids, lengths, chars, word_weight, char_weight, conv_weight, conv_bias, lstm_weights, num_layers,
+                 bidirectional, head_weights, head_biases, head_layers, levels, poolings, outputs);
+}
+
 }  // namespace
 }  // namespace fastmtl
 
 TORCH_LIBRARY_IMPL(fastmtl, CPU, m) {
   m.impl("tagger_forward", &fastmtl::tagger_forward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastmtl, Autograd, m) {
+  m.impl("tagger_forward", &fastmtl::tagger_forward_autograd);
 }

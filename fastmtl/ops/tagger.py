@@ -3,7 +3,8 @@
 Word embeddings and the character CNN, the LSTM layers and every head's scores (logits or log-probabilities) from
 prepared tensors. It is what :meth:`fastmtl.MultiTaskLSTM.scores` and ``predict`` run on the CPU at inference
 (no gradient, eval mode, hard or hierarchical sharing); anything else takes the modules' own path, which is also
-its reference in the tests. The op has no gradient: differentiating through it raises.
+its reference in the tests. The op has no gradient: with grad mode on, an input that requires one is an error at the
+call (its autograd kernel is C++, csrc/cpu/tagger.cpp, so an inference call pays no Python autograd layer).
 """
 import torch
 
@@ -19,18 +20,6 @@ def _tagger_forward_fake(ids, lengths, chars, word_weight, char_weight, conv_wei
     B, T = ids.shape
     return [word_weight.new_empty((B, T, w.shape[0]) if lv == 1 else (B, w.shape[0]))
             for w, lv in zip(head_weights, levels)]
-
-
-def _no_gradient(ctx, *grads):
-    raise RuntimeError("fastmtl: tagger_forward is an inference op and has no gradient; run the model's modules "
-                       "(MultiTaskLSTM.encode and its heads) to differentiate")
-
-
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd("fastmtl::tagger_forward", _no_gradient, setup_context=_setup_context)
 
 
 def tagger_forward(ids, lengths, chars, word_weight, char_weight, conv_weight, conv_bias, lstm_weights, num_layers,

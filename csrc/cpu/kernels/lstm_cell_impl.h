@@ -186,18 +186,24 @@ FASTMTL_KERNEL_INLINE V pair_sums(const V& x, const V& y, std::index_sequence<I.
 }
 #endif
 
+// One level of row_sums: acc[0 .. S/2) from the pairs of acc[0 .. S), then the next level (unrolled at compile
+// time, so acc stays in registers).
+template <typename L, int S>
+FASTMTL_KERNEL_INLINE void row_sums_level(typename L::type (&acc)[L::W]) {
+#ifdef FASTMTL_HAVE_VECTOR_EXT
+  if constexpr (S > 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < S / 2; ++i)
+      acc[i] = pair_sums(acc[2 * i], acc[2 * i + 1], std::make_index_sequence<L::W>());
+    row_sums_level<L, S / 2>(acc);
+  }
+#endif
+}
+
 // acc[u] (W lanes each) -> one vector whose lane u is the sum of acc[u]'s lanes (acc is overwritten).
 template <typename L>
 FASTMTL_KERNEL_INLINE typename L::type row_sums(typename L::type (&acc)[L::W]) {
-  constexpr int W = L::W;
-#ifdef FASTMTL_HAVE_VECTOR_EXT
-  if constexpr (W > 1) {
-#pragma GCC unroll 8
-    for (int s = W; s > 1; s /= 2)
-#pragma GCC unroll 16
-      for (int i = 0; i < s / 2; ++i) acc[i] = pair_sums(acc[2 * i], acc[2 * i + 1], std::make_index_sequence<W>());
-  }
-#endif
+  row_sums_level<L, L::W>(acc);
   return acc[0];
 }
 
@@ -268,12 +274,23 @@ FASTMTL_KERNEL_INLINE void proj_dot(const T* w, int64_t I, const T* const (&x)[N
     if (rows > 0) {
       const T* w0 = w + u0 * I;
       int64_t k = 0;
-      for (; k + W <= I; k += W) {
-        V xv[NX];
-        for (int i = 0; i < NX; ++i) xv[i] = L::load(x[i] + k);
+      if (rows == R) {  // (the common case: no per-row condition in the loop)
+        for (; k + W <= I; k += W) {
+          V xv[NX];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          if (r < rows) {
+          for (int i = 0; i < NX; ++i) xv[i] = L::load(x[i] + k);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const V wv = L::load(w0 + r * I + k);
+#pragma GCC unroll 4
+            for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+          }
+        }
+      } else {
+        for (; k + W <= I; k += W) {
+          V xv[NX];
+          for (int i = 0; i < NX; ++i) xv[i] = L::load(x[i] + k);
+          for (int r = 0; r < rows; ++r) {
             const V wv = L::load(w0 + r * I + k);
             for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
           }
@@ -306,6 +323,15 @@ FASTMTL_KERNEL_INLINE void dot_rows_impl(const DotRows<T>& a, int64_t c0, int64_
     const T* w = a.w + j * I;
     const V b = a.bias ? L::load_n(a.bias + j, cnt) : L::splat(T(0));
     int64_t r = 0;
+    if constexpr (VB >= 64) {  // 32 vector registers: four input rows per weight load
+      for (; r + 4 <= a.n; r += 4) {
+        const T* const x[4] = {a.x + r * a.x_ld, a.x + (r + 1) * a.x_ld, a.x + (r + 2) * a.x_ld,
+                               a.x + (r + 3) * a.x_ld};
+        V o[4];
+        proj_dot<L, 4>(w, I, x, cnt, o);
+        for (int i = 0; i < 4; ++i) L::store_n(a.out + (r + i) * a.out_ld + j, o[i] + b, cnt);
+      }
+    }
     for (; r + 2 <= a.n; r += 2) {
       const T* const x[2] = {a.x + r * a.x_ld, a.x + (r + 1) * a.x_ld};
       V o[2];
