@@ -34,6 +34,8 @@ What is here has no public equivalent on the supported releases (fastmtl._suppor
 ``qconfig_propagation_spec``           a warning when torch.ao.quantization is asked to quantize torch.nn.LSTM
                                        and skips a fastmtl.nn.LSTM (reads the propagating frame; best effort)
 ``mkldnn_linear``                      benchmarks only: oneDNN's linear as one of the GEMM baselines
+``global_forward_hooks``               whether global module forward hooks are registered: the whole-model
+                                       inference op (MultiTaskLSTM.scores) calls no module, so it stands aside
 =====================================  ==========================================================================
 
 Each entry names where it lives per torch release (``_API``: the newest entry whose first release is not newer
@@ -71,6 +73,7 @@ _API: Dict[str, Tuple[Tuple[Tuple[Tuple[int, int], str], ...], bool]] = {
     "add_batch_dim": ((((2, 8), "torch._add_batch_dim"),), False),
     "remove_batch_dim": ((((2, 8), "torch._remove_batch_dim"),), False),
     "mkldnn_linear": ((((2, 8), "torch._C._nn.mkldnn_linear"),), False),
+    "_nn_module_module": ((((2, 8), "torch.nn.modules.module"),), True),  # holds the global hook registries
 }
 
 # The frame of torch.ao.quantization that propagates a qconfig spec to the modules, and its local holding the spec.
@@ -142,6 +145,17 @@ overload_method = _resolved["overload_method"]
 def forward_ad_level() -> int:
     """The innermost active forward-AD level (-1: none). A module global that torch rebinds, so read at each call."""
     return getattr(_resolved["_forward_ad_module"], "_current_level")
+
+
+def global_forward_hooks() -> bool:
+    """Whether global module forward hooks or pre-hooks are registered (``register_module_forward_hook``,
+    ``register_module_forward_pre_hook``; their registries are module globals with private names, read at each
+    call). True where this torch keeps them elsewhere: a caller that would skip hooks then assumes there are some."""
+    mod = _resolved["_nn_module_module"]
+    hooks, pre = getattr(mod, "_global_forward_hooks", None), getattr(mod, "_global_forward_pre_hooks", None)
+    if hooks is None or pre is None:
+        return True
+    return bool(hooks or pre)
 
 
 def has_kernel(qualname: str, dispatch_key: str) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _torch_private as _priv
 from .decoding import constrained_marginals, viterbi_decode
 from .functional.dropout import dropout
 from .functional.heads import POOLINGS, pool_hidden
@@ -18,11 +19,6 @@ __all__ = ["MultiTaskLSTM", "ModelOutput", "CharCNN"]
 tagger_forward = torch.ops.fastmtl.tagger_forward  # the whole-model inference op (fastmtl.ops.tagger)
 
 
-def _global_hooks():
-    """Whether global module forward hooks are registered (``torch.nn.modules.module.register_module_forward_hook``):
-    a fused op would skip them."""
-    return bool(getattr(torch.nn.modules.module, "_global_forward_hooks", None)
-                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 class CharCNN(torch.nn.Module):
@@ -456,14 +452,15 @@ class MultiTaskLSTM(torch.nn.Module):
     def _fused_args(self, ids):
         """The fused op's plan and parameters, or None where it does not apply: it needs eval mode, no gradient,
         eager CPU execution without autocast, float32 or float64 parameters, hard sharing without token_context or
-        hierarchical sharing, and the model's own modules without hooks (the op calls none of them)."""
+        hierarchical sharing, and the model's own modules without hooks or a forward replaced on an instance (the op
+        calls none of them)."""
         if self.training or self.sharing == "soft" or self.token_context:
             return None
         if not isinstance(ids, torch.Tensor) or not ids.is_cpu or ids.dtype != torch.long or ids.dim() != 2:
             return None
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             return None
-        if torch.is_autocast_enabled("cpu") or _global_hooks():
+        if torch.is_autocast_enabled("cpu") or _priv.global_forward_hooks():
             return None
         mods = self._fused_modules()
         cached = self.__dict__.get("_fused_cache")
@@ -473,8 +470,8 @@ class MultiTaskLSTM(torch.nn.Module):
         plan = cached[1]
         if plan is None:
             return None
-        for m in mods:
-            if m._forward_hooks or m._forward_pre_hooks:
+        for m in mods:  # hooks, or a forward replaced on the instance: the module must run
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
                 return None
         word = mods[0]._parameters["weight"]
         weights = [ps[n] for ps, names in plan["lstm_params"] for n in names]

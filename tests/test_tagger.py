@@ -139,14 +139,26 @@ def test_where_the_fused_op_does_not_apply(monkeypatch):
     h.remove()
     m.scores(ids, lengths)
     assert count.calls == 1
+    # a global hook, or a forward replaced on an instance: the modules too
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(2))
+    m.scores(ids, lengths)
+    h.remove()
+    assert 2 in seen and count.calls == 1
+    orig = m.char_cnn.forward
+    m.char_cnn.forward = lambda ids, chars=None: seen.append(3) or orig(ids, chars)
+    m.scores(ids, lengths)
+    del m.char_cnn.forward
+    assert 3 in seen and count.calls == 1
+    m.scores(ids, lengths)
+    assert count.calls == 2
     # soft sharing, token context, autocast, a gradient: the modules
     for other in (_model(sharing="soft"), _model(token_context=True)):
         other.scores(ids, lengths)
         other.predict(ids, lengths)
-    assert count.calls == 1
+    assert count.calls == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m.scores(ids, lengths)
-    assert count.calls == 1
+    assert count.calls == 2
     with torch.enable_grad():
         assert m._fused_args(ids) is None  # parameters that need a gradient
         out = m.encode(ids, lengths)["top"]
@@ -154,7 +166,7 @@ def test_where_the_fused_op_does_not_apply(monkeypatch):
     # a replaced module is seen (the cached plan is keyed on the modules)
     m.encoder.lstm = fastmtl.nn.LSTM(m.encoder.lstm.input_size, 12, batch_first=True, bidirectional=True).eval()
     got = m.scores(ids, lengths)
-    assert count.calls == 2
+    assert count.calls == 3
     ref = _modules_path(m, lambda: m.scores(ids, lengths))
     for n in ref:
         _close(got[n], ref[n], torch.float32)

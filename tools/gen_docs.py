@@ -401,6 +401,15 @@ def _lstm(section, lengths, key):
     return f
 
 
+def _infer_rows(S, **match):
+    return [r for sec in ("infer", "infer_2threads") for r in _rows(S, sec, **match)]
+
+
+def _infer_latency(S):
+    return _span(r.get("ratio") for r in _infer_rows(S, level="targets", batch=1)
+                 if str(r.get("provider", "")).startswith("fastmtl model p50"))
+
+
 def _heads_memory(S):
     rows = _rows(S, "heads")
     if not rows:
@@ -448,6 +457,11 @@ HEADLINE = [
      _lstm("lstm_infer", "var", "speedup_vs_packed")),
     ("LSTM, one sentence, inference, 1 thread", "torch.nn.LSTM", _lstm("lstm_one_sentence", "equal",
                                                                          "speedup_vs_torch")),
+    ("ATIS model inference, batches of 64, 1-2 threads", "the same model in plain PyTorch (nn.LSTM + packing)",
+     lambda S: _span(r.get("throughput_vs_plain") for r in _infer_rows(S, level="model", provider="fastmtl (eager)",
+                                                                        batch=64))),
+    ("ATIS model, one sentence, p50 latency, 1-2 threads (lower is better)", "ONNX Runtime on the exported bundle",
+     _infer_latency),
     ("all task heads + summed loss, forward+backward", "`nn.Linear` + `F.cross_entropy` per task",
      lambda S: _span(r.get("speedup") for r in _rows(S, "heads"))),
     ("heads' peak memory, largest vocabulary (lower is better)", "`nn.Linear` + `F.cross_entropy` per task",

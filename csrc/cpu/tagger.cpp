@@ -373,10 +373,10 @@ std::vector<at::Tensor> tagger_forward_cpu(
 }
 
 // The op has no gradient: with grad mode on, an input that requires one is an error here, at the call (rather than
-// a missing gradient later); otherwise the call goes on to the backend below autograd. In C++, so an inference call
-// pays no Python autograd layer.
+// a missing gradient later); otherwise the call goes on to the backend below autograd (a redispatch with the keys
+// after autograd: no thread-local guard). In C++, so an inference call pays no Python autograd layer.
 std::vector<at::Tensor> tagger_forward_autograd(
-    const at::Tensor& ids, const at::Tensor& lengths, const std::optional<at::Tensor>& chars,
+    c10::DispatchKeySet ks, const at::Tensor& ids, const at::Tensor& lengths, const std::optional<at::Tensor>& chars,
     const at::Tensor& word_weight, const std::optional<at::Tensor>& char_weight,
     const std::optional<at::Tensor>& conv_weight, const std::optional<at::Tensor>& conv_bias,
     at::TensorList lstm_weights, int64_t num_layers, bool bidirectional, at::TensorList head_weights,
@@ -393,12 +393,12 @@ std::vector<at::Tensor> tagger_forward_autograd(
                   "torch.no_grad() (or on detached tensors), or run the model's modules (MultiTaskLSTM.encode and "
                   "its heads) to differentiate");
   }
-  at::AutoDispatchBelowADInplaceOrView guard;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastmtl::tagger_forward", "")
-                             .typed<decltype(tagger_forward_autograd)>();
-  return op.call(ids, lengths, chars, word_weight, char_weight, conv_weight, conv_bias, lstm_weights, num_layers,
-                 bidirectional, head_weights, head_biases, head_layers, levels, poolings, outputs);
+                             .typed<decltype(tagger_forward_cpu)>();
+  return op.redispatch(ks & c10::after_autograd_keyset, ids, lengths, chars, word_weight, char_weight, conv_weight,
+                       conv_bias, lstm_weights, num_layers, bidirectional, head_weights, head_biases, head_layers,
+                       levels, poolings, outputs);
 }
 
 }  // namespace
