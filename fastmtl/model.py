@@ -64,12 +64,10 @@ class CharCNN(torch.nn.Module):
         enc = [self.encode_words(s) for s in sentences]
         T = max([1] + [len(s) for s in enc])
         L = max([1] + [len(w) for s in enc for w in s])
-        out = torch.zeros(len(enc), T, L, dtype=torch.long)
-        for b, s in enumerate(enc):
-            for t, w in enumerate(s):
-                if w:
-                    out[b, t, : len(w)] = torch.tensor(w, dtype=torch.long)
-        return out
+        pad_word = [0] * L
+        # one tensor from nested lists (a tensor per word cost more than the model's forward at one sentence)
+        rows = [[w + [0] * (L - len(w)) for w in s] + [pad_word] * (T - len(s)) for s in enc]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(enc), T, L)
 
     def forward(self, ids, chars=None):
         B, T = ids.shape
