@@ -33,6 +33,7 @@ struct Lanes {
   static FASTMTL_KERNEL_INLINE T bcast(const T* p, int64_t k) { return p[k]; }
   static FASTMTL_KERNEL_INLINE T load_n(const T* p, int) { return *p; }
   static FASTMTL_KERNEL_INLINE void store_n(T* p, const T& v, int) { *p = v; }
+  static FASTMTL_KERNEL_INLINE T zero_first(const T& v, int skip) { return skip > 0 ? T(0) : v; }
 };
 
 #ifdef FASTMTL_HAVE_VECTOR_EXT
@@ -70,6 +71,12 @@ struct Lanes<float, VB, true> {
   static FASTMTL_KERNEL_INLINE void store_n(float* p, const type& v, int cnt) {
     if (cnt == W) F::store(p, v);
     else std::memcpy(p, &v, sizeof(float) * cnt);
+  }
+  // v with its first `skip` lanes zeroed (bitwise, so no inf or NaN there leaks into a product).
+  static FASTMTL_KERNEL_INLINE type zero_first(const type& v, int skip) {
+    typename F::itype keep;
+    for (int u = 0; u < W; ++u) keep[u] = u < skip ? 0 : -1;
+    return (type)((typename F::itype)v & keep);
   }
 };
 #endif
@@ -299,10 +306,25 @@ FASTMTL_KERNEL_INLINE void proj_dot(const T* w, int64_t I, const T* const (&x)[N
       if (k < I) {
         const int rest = int(I - k);
         V xv[NX];
-        for (int i = 0; i < NX; ++i) xv[i] = L::load_n(x[i] + k, rest);
-        for (int r = 0; r < rows; ++r) {
-          const V wv = L::load_n(w0 + r * I + k, rest);
-          for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+        if constexpr (W > 1) {
+          if (I >= W) {
+            // The last W values of each row (overlapping the previous chunk; in bounds, unlike a partial load,
+            // which would cost a copy per row), against x's last W values with the overlap masked to zero.
+            const int64_t kt = I - W;
+            for (int i = 0; i < NX; ++i) xv[i] = L::zero_first(L::load(x[i] + kt), W - rest);
+            for (int r = 0; r < rows; ++r) {
+              const V wv = L::load(w0 + r * I + kt);
+              for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+            }
+            k = I;
+          }
+        }
+        if (k < I) {
+          for (int i = 0; i < NX; ++i) xv[i] = L::load_n(x[i] + k, rest);
+          for (int r = 0; r < rows; ++r) {
+            const V wv = L::load_n(w0 + r * I + k, rest);
+            for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
+          }
         }
       }
     }
