@@ -11,6 +11,7 @@ from .decoding import constrained_marginals, viterbi_decode
 from .functional.dropout import dropout
 from .functional.heads import POOLINGS, pool_hidden
 from .nn import LSTM, MultiTaskHeads
+from .nn.heads import CRFLinear
 from .ops import tagger as _tagger  # noqa: F401  (the op's fake kernel)
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
@@ -418,6 +419,10 @@ class MultiTaskLSTM(torch.nn.Module):
         emb, enc = mods[0], mods[1]
         if type(emb) is not torch.nn.Embedding or emb.max_norm is not None or type(enc) is not Encoder:
             return None
+        cls = type(self)  # a subclass may compute the encoding its own way: the modules' path then
+        if (cls.encode is not MultiTaskLSTM.encode or cls._embed is not MultiTaskLSTM._embed
+                or cls._drop is not MultiTaskLSTM._drop):
+            return None
         char = None
         if self.char_cnn is not None:
             cc, cemb, conv = mods[2:5]
@@ -439,9 +444,13 @@ class MultiTaskLSTM(torch.nn.Module):
         else:
             num_layers = lstms[0].num_layers
             layer_of = {key: num_layers - 1 for key, _ in self.groups}
-        for key, _ in self.groups:
-            if type(self.heads[key]) is not MultiTaskHeads:
+        for key, group in self.groups:
+            heads = self.heads[key]
+            if type(heads) is not MultiTaskHeads:
                 return None
+            for n in group:  # plain (or CRF) linear heads with their own weight parameter (no parametrization)
+                if type(heads[n]) not in (torch.nn.Linear, CRFLinear) or "weight" not in heads[n]._parameters:
+                    return None
         lstm_params = [(m._parameters, list(m._flat_weights_names)) for m in lstms]
         return dict(char=char, lstm_params=lstm_params, num_layers=num_layers, bidir=lstms[0].bidirectional,
                     layer_of=layer_of, heads={})
@@ -461,11 +470,15 @@ class MultiTaskLSTM(torch.nn.Module):
         if torch.is_autocast_enabled("cpu") or _priv.global_forward_hooks():
             return None
         mods = self._fused_modules()
+        # the plan holds the modules it was made for (so none of them can be freed and another one take its place)
+        # and their types (a parametrization swaps the class of a module in place)
         cached = self.__dict__.get("_fused_cache")
-        if cached is None or cached[0] != tuple(map(id, mods)):
-            cached = (tuple(map(id, mods)), self._fused_plan(mods))
+        types = tuple(map(type, mods))
+        if (cached is None or len(cached[0]) != len(mods) or cached[1] != types
+                or not all(a is b for a, b in zip(cached[0], mods))):
+            cached = (mods, types, self._fused_plan(mods))
             self.__dict__["_fused_cache"] = cached
-        plan = cached[1]
+        plan = cached[2]
         if plan is None:
             return None
         for m in mods:  # hooks, or a forward replaced on the instance: the module must run
@@ -562,6 +575,8 @@ class MultiTaskLSTM(torch.nn.Module):
         crf = {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
         # CRF tasks decode their emission scores, constrained tasks the log-probabilities, the others the logits
         kinds = {n: "log_probs" if n in self.decode_constraints and n not in crf else "logits" for n in names}
+        if lengths is not None and not isinstance(lengths, torch.Tensor):
+            lengths = torch.as_tensor(lengths, dtype=torch.long, device=ids.device)
         scores = self._scores(ids, lengths, chars, names, kinds)
         B, T = ids.shape[0], ids.shape[1]
         if lengths is None:
@@ -590,7 +605,7 @@ class MultiTaskLSTM(torch.nn.Module):
                         labels = labels.masked_fill(~valid, -1)
                     preds[n] = labels
                     if return_probs:
-                        p = z.float().log_softmax(-1).exp()
+                        p = z.log_softmax(-1).float().exp()
                         if p.dim() == 3:
                             p = p * valid.unsqueeze(2)
                         probs[n] = p

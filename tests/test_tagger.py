@@ -236,3 +236,47 @@ def test_op_errors():
         call(4, torch.randn(6, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="head_layers\\[0\\] = 1"):
         call(12, [1, 0])
+
+
+def test_plan_follows_the_modules(monkeypatch):
+    ids, lengths = _batch(4)
+    count = _Count(monkeypatch)
+    m = _model()
+    # a parametrized head: the modules' path (its weight is no longer a parameter of the head)
+    torch.nn.utils.parametrize.register_parametrization(m.heads["top"]["tags"], "weight", _Double())
+    got = m.scores(ids, lengths)
+    assert count.calls == 0
+    torch.nn.utils.parametrize.remove_parametrizations(m.heads["top"]["tags"], "weight")
+    assert count.calls == 0 and torch.equal(got["tags"], _modules_path(m, lambda: m.scores(ids, lengths))["tags"])
+    m.scores(ids, lengths)
+    assert count.calls == 1
+    # two replacements in a row (a freed module's address may be reused): the new weights are read
+    for _ in range(2):
+        m.encoder.lstm = fastmtl.nn.LSTM(m.encoder.lstm.input_size, 12, batch_first=True, bidirectional=True).eval()
+    got = m.scores(ids, lengths)
+    ref = _modules_path(m, lambda: m.scores(ids, lengths))
+    for n in ref:
+        _close(got[n], ref[n], torch.float32)
+    # list lengths, as the modules take them
+    a = m.predict(ids, lengths.tolist())
+    b = m.predict(ids, lengths)
+    assert all(torch.equal(a[n], b[n]) for n in b)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+class _OwnEncoding(fastmtl.MultiTaskLSTM):
+    def _embed(self, ids, chars=None):
+        return super()._embed(ids, chars) * 0.5
+
+
+def test_a_subclass_with_its_own_encoding_runs_its_modules(monkeypatch):
+    torch.manual_seed(0)
+    m = _OwnEncoding(V, 10, 12, _tasks(), char_words=WORDS, char_dim=6, char_filters=7).eval()
+    ids, lengths = _batch(3)
+    count = _Count(monkeypatch)
+    m.scores(ids, lengths)
+    assert count.calls == 0

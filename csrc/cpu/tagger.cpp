@@ -46,9 +46,10 @@ inline T relu(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// Up to this many rows linear_rows uses the dot-product kernel. Measured on a Zen 4 (1 thread, the default ATIS
-// model): one sentence (the character CNN's ~60-100 rows, the heads' ~11) 0.85 against 0.95 ms for the whole op
-// with ATen's addmm; batches of 64 (thousands of rows) 3400 against 3650 sentences/s.
+// Up to this many rows linear_rows (the heads) uses the dot-product kernel. Measured on a Zen 4 (1 thread, the
+// default ATIS model, when the character CNN's convolution went through linear_rows too): one sentence (~60-100
+// rows there, the heads' ~11) 0.85 against 0.95 ms for the whole op with ATen's addmm; batches of 64 (thousands of
+// rows) 3400 against 3650 sentences/s.
 constexpr int64_t kDotRowsMax = 128;
 
 // out (n x C) = x (n x I, rows of ld x.stride(0)) @ w^T (w: C x I) + bias. A few float32 rows with a vector ISA:
@@ -353,7 +354,7 @@ std::vector<at::Tensor> tagger_forward_cpu(
       // every position's scores, computed in the LSTM's layout, then (B, T, C)
       z = at::empty({T * B, w.size(0)}, opts);
       linear_rows(hidden.view({T * B, DH}), w, bias, z);
-      z = z.view({T, B, -1});
+      z = z.view({T, B, w.size(0)});
       z = sorted ? z.transpose(0, 1) : z.index_select(1, inv).transpose(0, 1);
       z = z.contiguous();
     } else {

@@ -119,8 +119,8 @@ struct BwdStep {
 // A product of a few rows with a weight matrix as it is (nothing packed): out[r * out_ld + c] = x_r . w_c (+ bias[c])
 // for the n rows x_r (I values, ld x_ld) and the weight rows w_c (I values, ld I) of the columns asked for. The LSTM
 // op's input projection of few rows (each worker of the time loop computes its own units' gate columns, so no
-// barrier separates the projection from the first step) and the small GEMMs of the whole-model inference op
-// (csrc/cpu/tagger.cpp: the character CNN and the heads).
+// barrier separates the projection from the first step) and the heads' small products in the whole-model
+// inference op (csrc/cpu/tagger.cpp).
 template <typename T>
 struct DotRows {
   const T* x;

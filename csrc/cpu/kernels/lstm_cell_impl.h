@@ -262,8 +262,9 @@ FASTMTL_KERNEL_INLINE void fwd_gemv_impl(const FwdStep<T>& a, int64_t p0, int64_
   }
 }
 
-// DotRows: W weight rows (in L1 for every input row) are dotted with two input rows at a time, four weight rows per
-// pass, so each load of a weight chunk serves two rows and each load of an input chunk four weight rows; the
+// DotRows: W weight rows (in L1 for every input row) are dotted with two input rows at a time (four with 32 vector
+// registers), four weight rows per pass, so each load of a weight chunk serves several rows and each load of an
+// input chunk four weight rows; the
 // per-row sums are then reduced pairwise into one vector of W columns (row_sums), as in the one-sequence step
 // kernel.
 template <typename L, int NX, typename T>
@@ -309,11 +310,11 @@ FASTMTL_KERNEL_INLINE void proj_dot(const T* w, int64_t I, const T* const (&x)[N
         if constexpr (W > 1) {
           if (I >= W) {
             // The last W values of each row (overlapping the previous chunk; in bounds, unlike a partial load,
-            // which would cost a copy per row), against x's last W values with the overlap masked to zero.
+            // which would cost a copy per row), against x's last W values, the overlap masked to zero in both.
             const int64_t kt = I - W;
             for (int i = 0; i < NX; ++i) xv[i] = L::zero_first(L::load(x[i] + kt), W - rest);
-            for (int r = 0; r < rows; ++r) {
-              const V wv = L::load(w0 + r * I + kt);
+            for (int r = 0; r < rows; ++r) {  // (the weights masked too: an inf there must not meet a 0)
+              const V wv = L::zero_first(L::load(w0 + r * I + kt), W - rest);
               for (int i = 0; i < NX; ++i) s[r][i] += wv * xv[i];
             }
             k = I;
