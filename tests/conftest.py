@@ -18,9 +18,11 @@ def pytest_configure(config):
 
 # The core suite (`pytest -m core`), what .ci/torch_window.sh runs on the oldest and the newest supported torch: op
 # parity of the LSTM and the heads, the drop-in LSTM with torch's own nn.LSTM tests, the transforms (torch.func,
-# vmap, double backward, compile), the private-torch-API checks, the build truth and a short train/evaluate/predict.
+# vmap, double backward, compile), the private-torch-API checks, the build truth, the whole-model inference op (its
+# autograd kernel redispatches in C++, its fake kernel meets opcheck) and a short train/evaluate/predict.
 CORE_MODULES = {"test_lstm.py", "test_heads.py", "test_lstm_dropin.py", "test_lstm_torch_port.py",
-                "test_transforms.py", "test_lstm_multi.py", "test_build.py", "test_torch_support.py", "test_crf.py"}
+                "test_transforms.py", "test_lstm_multi.py", "test_build.py", "test_torch_support.py", "test_crf.py",
+                "test_tagger.py"}
 CORE_TESTS = {"test_train.py::test_cli_train_evaluate_predict"}
 
 
