@@ -20,7 +20,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -29,7 +28,6 @@
 #include "kernels/gemm.h"
 #include "kernels/lstm_cell.h"
 #include "lstm.h"
-#include "matmul.h"
 
 namespace fastmtl {
 namespace {

@@ -264,9 +264,9 @@ FASTMTL_KERNEL_INLINE void fwd_gemv_impl(const FwdStep<T>& a, int64_t p0, int64_
 
 // DotRows: W weight rows (in L1 for every input row) are dotted with two input rows at a time (four with 32 vector
 // registers), four weight rows per pass, so each load of a weight chunk serves several rows and each load of an
-// input chunk four weight rows; the
-// per-row sums are then reduced pairwise into one vector of W columns (row_sums), as in the one-sequence step
-// kernel.
+// input chunk four weight rows; the per-row sums are then reduced pairwise into one vector of W columns
+// (row_sums), as in the one-sequence step kernel (whose rows_dot keeps one row per pass with four partial sums:
+// sharing each load of h over four rows measured slower there, where the stream of W_hh is the limit).
 template <typename L, int NX, typename T>
 FASTMTL_KERNEL_INLINE void proj_dot(const T* w, int64_t I, const T* const (&x)[NX], int cnt,
                                     typename L::type (&out)[NX]) {
