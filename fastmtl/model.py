@@ -12,12 +12,11 @@ from .functional.dropout import dropout
 from .functional.heads import POOLINGS, pool_hidden
 from .nn import LSTM, MultiTaskHeads
 from .nn.heads import CRFLinear
-from .ops import tagger as _tagger  # noqa: F401  (the op's fake kernel)
+from .ops.tagger import tagger_forward  # the whole-model inference op (registers its fake kernel)
 from .sharing import SHARING, Encoder, soft_sharing_penalty
 
 __all__ = ["MultiTaskLSTM", "ModelOutput", "CharCNN"]
 
-tagger_forward = torch.ops.fastmtl.tagger_forward  # the whole-model inference op (fastmtl.ops.tagger)
 
 
 
@@ -345,15 +344,16 @@ class MultiTaskLSTM(torch.nn.Module):
         the exported ONNX graph returns. Runs in eval mode under ``torch.no_grad()`` (restoring the training mode);
         on the CPU the whole model is one fused op (:mod:`fastmtl.ops.tagger`) where it can be."""
         names = self._wanted(tasks, "scores")
-        crf = {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
+        crf = self._crf_tasks()
         kinds = {n: "logits" if n in crf else "log_probs" for n in names}
         with torch.no_grad():
-            if not torch.jit.is_scripting():
-                fused = self._fused_args(ids)  # (no dropout, whatever the submodules' modes: eval mode's result)
-                if fused is not None:
-                    return self._fused_scores(fused, ids, lengths, chars, names, kinds)
-            with self._eval_mode():
-                return self._scores(ids, lengths, chars, names, kinds)
+            if self.training:
+                with self._eval_mode():
+                    return self._scores(ids, lengths, chars, names, kinds)
+            return self._scores(ids, lengths, chars, names, kinds)
+
+    def _crf_tasks(self):
+        return {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -376,7 +376,7 @@ class MultiTaskLSTM(torch.nn.Module):
         """``{task: logits or log-probabilities}`` (``kinds[task]``: ``"logits"`` / ``"log_probs"``) of ``names``,
         through the fused op where :meth:`_fused_args` allows it, else through :meth:`encode` and the heads."""
         if not torch.jit.is_scripting():
-            fused = self._fused_args(ids)
+            fused = self._fused_args(ids)  # (no dropout, whatever the submodules' modes: eval mode's result)
             if fused is not None:
                 return self._fused_scores(fused, ids, lengths, chars, names, kinds)
             if any(m.training for m in self.modules()):
@@ -572,7 +572,7 @@ class MultiTaskLSTM(torch.nn.Module):
             return self._predict(ids, lengths, chars, return_probs, list(dict.fromkeys(names)))
 
     def _predict(self, ids, lengths, chars, return_probs, names):
-        crf = {n for key, group in self.groups for n in group if self.heads[key].is_crf(n)}
+        crf = self._crf_tasks()
         # CRF tasks decode their emission scores, constrained tasks the log-probabilities, the others the logits
         kinds = {n: "log_probs" if n in self.decode_constraints and n not in crf else "logits" for n in names}
         if lengths is not None and not isinstance(lengths, torch.Tensor):

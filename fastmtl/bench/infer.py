@@ -69,7 +69,7 @@ def _default_model():
 def _fastmtl_scores(model, names):
     """The model's own path to the scores of the exported graph: :meth:`MultiTaskLSTM.scores` (each task's log-
     probabilities, a CRF task's emission scores; on the CPU one fused op for the whole model)."""
-    crf = {n for key, group in model.groups for n in group if model.heads[key].is_crf(n)}
+    crf = model._crf_tasks()
     keys = {n: n + (".emissions" if n in crf else ".log_probs") for n in names}
 
     def run(ids, lengths, chars):
